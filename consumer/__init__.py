@@ -1,0 +1,1 @@
+"""The poslake consumer: Redis Stream consumer group -> Delta Lake, exactly once."""

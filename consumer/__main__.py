@@ -1,0 +1,5 @@
+"""``python -m consumer``: run one consumer process."""
+
+from consumer.cli import main
+
+raise SystemExit(main())

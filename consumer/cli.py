@@ -1,0 +1,41 @@
+"""Command line of the consumer process (``python -m consumer`` / ``poslake consume``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from consumer.runner import Consumer
+from shared.errors import ConfigError
+from shared.logs import configure_logging
+from shared.settings import load_settings
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(
+        prog="python -m consumer",
+        description="Consume position updates from the Redis Stream into Delta Lake.",
+        epilog="All settings come from POSLAKE_* environment variables (see README).",
+    )
+    parser.add_argument(
+        "--drain",
+        action="store_true",
+        help="process until nothing is new or pending for the group, then exit",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"poslake consumer: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    consumer = Consumer(settings)
+    consumer.install_signal_handlers()
+    return consumer.run(drain=bool(args.drain))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))

@@ -1,0 +1,178 @@
+"""The consumer's side of the Redis consumer group: reading, claiming, counting deliveries.
+
+Order of reading, as a restarted consumer needs it: first its own pending
+entries (delivered before a crash, never acknowledged), then entries other
+consumers left pending longer than the claim idle time, then new ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.exceptions import ResponseError
+
+from shared.settings import Settings
+from shared.wire import EntryFields
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One stream entry as delivered to this consumer."""
+
+    entry_id: bytes
+    fields: EntryFields
+    deliveries: int
+
+
+@dataclass(slots=True)
+class Page:
+    """Entries read in one call, plus pending IDs whose entries were trimmed away."""
+
+    deliveries: list[Delivery]
+    vanished: list[bytes]
+
+
+class ConsumerGroup:
+    """Reads for one named consumer of one group."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self._client = client
+        self.stream = settings.stream
+        self.group = settings.group
+        self.consumer = settings.consumer_name
+        self._claim_min_idle_ms = int(settings.claim_min_idle_s * 1000)
+        self._claim_page = settings.claim_page_size
+        self._pending_cursor: bytes | None = b"0-0"
+        self._claim_cursor = b"0-0"
+
+    def ensure_group(self) -> None:
+        """Create the stream and group if missing; the group starts at the stream's start."""
+        try:
+            self._client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            log.info("created consumer group", extra={"stream": self.stream, "group": self.group})
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    @property
+    def own_pending_done(self) -> bool:
+        return self._pending_cursor is None
+
+    def restart_own_pending(self) -> None:
+        """Read the own pending list from its start again (after a reconnect)."""
+        self._pending_cursor = b"0-0"
+
+    def read_own_pending(self, count: int) -> Page:
+        """The next page of this consumer's own pending entries; empty once all were read."""
+        if self._pending_cursor is None:
+            return Page([], [])
+        reply = self._client.xreadgroup(
+            self.group, self.consumer, {self.stream: self._pending_cursor}, count=count
+        )
+        entries = _entries_of(reply)
+        if not entries:
+            self._pending_cursor = None
+            return Page([], [])
+        self._pending_cursor = entries[-1][0]
+        live = [(i, f) for i, f in entries if f]
+        vanished = [i for i, f in entries if not f]
+        counts = self._delivery_counts([i for i, _ in live])
+        return Page([Delivery(i, f, counts.get(i, 1)) for i, f in live], vanished)
+
+    def read_new(self, count: int, block_ms: int | None) -> Page:
+        """Entries never delivered to the group, waiting up to ``block_ms`` for the first."""
+        reply = self._client.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
+        )
+        return Page([Delivery(i, f, 1) for i, f in _entries_of(reply)], [])
+
+    def claim_page(self) -> tuple[Page, bool]:
+        """One XAUTOCLAIM page of entries idle longer than the claim idle time.
+
+        Returns the page and whether the scan has more pages (the cursor is kept
+        between calls, so a scan continues where it stopped).
+        """
+        reply: Any = self._client.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self._claim_min_idle_ms,
+            start_id=self._claim_cursor,
+            count=self._claim_page,
+        )
+        # 6.2 replies [cursor, entries]; 7.x adds the IDs of entries deleted meanwhile.
+        cursor: bytes = reply[0]
+        raw_entries = reply[1] or []
+        vanished = list(reply[2]) if len(reply) > 2 and reply[2] else []
+        live: list[tuple[bytes, EntryFields]] = []
+        for item in raw_entries:
+            if item is None or item[0] is None:
+                continue  # 6.2: a trimmed entry comes back as (nil, nil)
+            entry_id, fields = item[0], item[1]
+            if fields:
+                live.append((entry_id, fields))
+            else:
+                vanished.append(entry_id)
+        self._claim_cursor = cursor
+        more = cursor not in (b"0-0", "0-0")
+        counts = self._delivery_counts([i for i, _ in live])
+        if live:
+            log.info(
+                "claimed idle entries",
+                extra={
+                    "consumer": self.consumer,
+                    "first_id": live[0][0].decode(),
+                    "last_id": live[-1][0].decode(),
+                    "entries": len(live),
+                },
+            )
+        return Page([Delivery(i, f, counts.get(i, 1)) for i, f in live], vanished), more
+
+    def _delivery_counts(self, ids: list[bytes]) -> dict[bytes, int]:
+        """Times delivered, from the pending list (XREADGROUP and XAUTOCLAIM do not say)."""
+        if not ids:
+            return {}
+        pipe = self._client.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+        counts: dict[bytes, int] = {}
+        for rows in pipe.execute():
+            for row in rows:
+                counts[row["message_id"]] = int(row["times_delivered"])
+        return counts
+
+    def group_pending(self) -> int:
+        """Entries delivered to any consumer of the group and not yet acknowledged."""
+        summary: Any = self._client.xpending(self.stream, self.group)
+        return int(summary["pending"])
+
+    def has_undelivered(self) -> bool:
+        """Whether the stream holds entries after the group's last delivered ID."""
+        info: Any = self._client.xinfo_groups(self.stream)
+        for group in info:
+            name = group["name"]
+            if (name.decode() if isinstance(name, bytes) else name) != self.group:
+                continue
+            last = group["last-delivered-id"]
+            newer = self._client.xrange(self.stream, min=b"(" + _as_bytes(last), count=1)
+            return bool(newer)
+        return False
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _entries_of(reply: Any) -> list[tuple[bytes, EntryFields]]:
+    if not reply:
+        return []
+    # redis-py (RESP2) returns [[stream, [(id, fields), ...]]].
+    entries: list[tuple[bytes, EntryFields]] = reply[0][1]
+    return entries
+
+

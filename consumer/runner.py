@@ -1,0 +1,288 @@
+"""One consumer process: read a batch, validate, dedup, commit to Delta, then settle.
+
+The loop keeps at most one batch in hand. Redis errors are retried with backoff
+around each call (the batch in hand stays in hand); a failed Delta commit is
+retried with backoff without acknowledging anything. SIGTERM/SIGINT stop the
+reading; the batch in hand is committed and settled before exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TypeVar
+
+import redis
+
+from consumer.group import ConsumerGroup, Delivery, Page
+from consumer.maintenance import TableMaintainer
+from consumer.settle import DeadLetter, Settler
+from consumer.sink import CommitOutcome, DeltaSink
+from shared.errors import CommitConflict, CommitFailed
+from shared.publisher import TRANSIENT_REDIS_ERRORS
+from shared.settings import Settings
+from shared.wire import decode_entries
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_IDLE_BLOCK_S = 0.5  # longest blocking read, so a stop request is seen promptly
+_DRAIN_BLOCK_MS = 50
+
+
+@dataclass(slots=True)
+class Batch:
+    deliveries: list[Delivery] = field(default_factory=list)
+    vanished: list[bytes] = field(default_factory=list)
+    opened_at: float = 0.0
+
+    def add(self, page: Page) -> None:
+        if page.deliveries and not self.deliveries:
+            self.opened_at = time.monotonic()
+        self.deliveries.extend(page.deliveries)
+        self.vanished.extend(page.vanished)
+
+    def __len__(self) -> int:
+        return len(self.deliveries)
+
+    @property
+    def empty(self) -> bool:
+        return not self.deliveries and not self.vanished
+
+
+@dataclass(slots=True)
+class ConsumerStats:
+    batches: int = 0
+    entries: int = 0
+    rows_written: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    commit_retries: int = 0
+    redis_retries: int = 0
+
+
+class Consumer:
+    """A member of the consumer group writing to the Delta table."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.client = client or redis.Redis.from_url(
+            settings.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30
+        )
+        self.group = ConsumerGroup(self.client, settings)
+        self.settler = Settler(self.client, settings.stream, settings.group, settings.consumer_name)
+        self.stats = ConsumerStats()
+        self._stopping = False
+        self._next_claim_at = 0.0
+        self._claim_scan_open = False
+        self._claim_pages = 0
+
+    def request_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
+        if not self._stopping:
+            log.info("stop requested", extra={"signal": signum, "consumer": self.settings.consumer_name})
+        self._stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def run(self, drain: bool = False) -> int:
+        """Consume until stopped (or, with ``drain``, until the group has nothing left)."""
+        s = self.settings
+        self._redis(self.group.ensure_group)
+        sink = self._open_sink()
+        maintainer = TableMaintainer(s, self.client)
+        log.info(
+            "consumer started",
+            extra={"consumer": s.consumer_name, "stream": s.stream, "group": s.group, "drain": drain},
+        )
+        exit_code = 0
+        while not self._stopping:
+            batch = self._collect(drain)
+            if not batch.empty:
+                if not self._process(batch, sink):
+                    exit_code = 1
+                    break
+                maintainer.after_commit(sink.commits)
+                continue
+            if drain and self._drained():
+                break
+        maintainer.wait()
+        log.info(
+            "consumer stopped",
+            extra={"consumer": s.consumer_name, "exit_code": exit_code, **_as_fields(self.stats)},
+        )
+        return exit_code
+
+    # -- reading -------------------------------------------------------------
+
+    def _collect(self, drain: bool) -> Batch:
+        s = self.settings
+        batch = Batch()
+        while len(batch) < s.batch_max_entries and not self._stopping:
+            room = min(s.read_count, s.batch_max_entries - len(batch))
+            if not self.group.own_pending_done:
+                batch.add(self._redis(lambda: self.group.read_own_pending(room)))
+                continue
+            if self._claim_scan_open or time.monotonic() >= self._next_claim_at:
+                self._claim_once(batch)
+                continue
+            if batch.deliveries:
+                remaining = s.batch_max_wait_s - (time.monotonic() - batch.opened_at)
+                if remaining <= 0:
+                    break
+                block_s = min(remaining, _IDLE_BLOCK_S)
+            else:
+                block_s = min(s.batch_max_wait_s, _IDLE_BLOCK_S)
+            block_ms = _DRAIN_BLOCK_MS if drain else max(1, int(block_s * 1000))
+            page = self._redis(lambda: self.group.read_new(room, block_ms))
+            if not page.deliveries and drain:
+                break  # nothing new: commit what is in hand, then check if drained
+            batch.add(page)
+        return batch
+
+    def _claim_once(self, batch: Batch) -> None:
+        page, more = self._redis(self.group.claim_page)
+        batch.add(page)
+        self._claim_pages += 1
+        self._claim_scan_open = more
+        if not more:
+            self._next_claim_at = time.monotonic() + self.settings.claim_interval_s
+        elif self._crash_point("mid_claim", self._claim_pages):
+            pass
+
+    def _drained(self) -> bool:
+        if self._redis(self.group.group_pending) > 0:
+            # Someone else's entries: claimable once idle long enough.
+            self._next_claim_at = 0.0
+            time.sleep(min(0.2, max(0.01, self.settings.claim_min_idle_s / 4)))
+            return False
+        return not self._redis(self.group.has_undelivered)
+
+    # -- processing ----------------------------------------------------------
+
+    def _process(self, batch: Batch, sink: DeltaSink) -> bool:
+        s = self.settings
+        self.stats.batches += 1
+        dead: list[DeadLetter] = []
+        fresh: list[Delivery] = []
+        for d in batch.deliveries:
+            if d.deliveries > s.max_deliveries:
+                reason = f"delivered {d.deliveries} times (limit {s.max_deliveries})"
+                dead.append(DeadLetter(d.entry_id, d.fields, reason, d.deliveries))
+            else:
+                fresh.append(d)
+        decoded = decode_entries((d.entry_id, d.fields) for d in fresh)
+        counts = {d.entry_id: d.deliveries for d in fresh}
+        dead.extend(DeadLetter(p.entry_id, p.fields, p.reason, counts[p.entry_id]) for p in decoded.poison)
+        self._crash_point("after_read", self.stats.batches)
+
+        outcome = self._commit_with_retry(sink, decoded.updates, decoded.entry_ids)
+        if outcome is None:
+            return False
+        self._crash_point("after_commit", self.stats.batches)
+
+        ids = [d.entry_id for d in batch.deliveries] + batch.vanished
+        self._redis(lambda: self.settler.settle(ids, dead))
+        self.stats.entries += len(batch.deliveries)
+        self.stats.rows_written += outcome.rows_written
+        self.stats.duplicates += outcome.duplicates
+        self.stats.dead_letters += len(dead)
+        log.info(
+            "batch settled",
+            extra={
+                "consumer": s.consumer_name,
+                "first_id": ids[0].decode() if ids else "",
+                "last_id": ids[-1].decode() if ids else "",
+                "entries": len(batch.deliveries),
+                "rows": outcome.rows_written,
+                "duplicates": outcome.duplicates,
+                "dead_letters": len(dead),
+                "max_delivery_count": max((d.deliveries for d in batch.deliveries), default=0),
+                "table_version": outcome.table_version,
+                "commit_s": round(outcome.seconds, 4),
+            },
+        )
+        return True
+
+    def _commit_with_retry(self, sink: DeltaSink, updates: list, entry_ids: list[bytes]) -> CommitOutcome | None:  # type: ignore[type-arg]
+        s = self.settings
+        failures = 0
+        while True:
+            try:
+                return sink.commit(updates, entry_ids)
+            except CommitConflict as exc:
+                # Lost a race with another consumer: re-check against its rows right away.
+                self.stats.commit_retries += 1
+                log.info("commit conflict, retrying", extra={"error": str(exc)})
+                time.sleep(random.uniform(0, 0.05))
+            except CommitFailed as exc:
+                self.stats.commit_retries += 1
+                failures += 1
+                if self._stopping and failures > 3:
+                    log.error("giving up on stop; batch stays pending", extra={"error": str(exc)})
+                    return None
+                delay = _backoff(s, failures)
+                log.error("commit failed, will retry", extra={"error": str(exc), "delay_s": delay})
+                time.sleep(delay)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _open_sink(self) -> DeltaSink:
+        failures = 0
+        while True:
+            try:
+                return DeltaSink(self.settings)
+            except (CommitFailed, OSError, Exception) as exc:  # noqa: BLE001 - the lake may be down
+                failures += 1
+                if self._stopping:
+                    raise
+                delay = _backoff(self.settings, failures)
+                log.error("cannot open table, retrying", extra={"error": str(exc), "delay_s": delay})
+                time.sleep(delay)
+
+    def _redis(self, call: Callable[[], T]) -> T:
+        """Run a Redis call, reconnecting with backoff while the server is away."""
+        failures = 0
+        while True:
+            try:
+                result = call()
+                if failures:
+                    log.info("redis reachable again", extra={"consumer": self.settings.consumer_name})
+                    self._ensure_group_quietly()
+                return result
+            except TRANSIENT_REDIS_ERRORS as exc:
+                failures += 1
+                self.stats.redis_retries += 1
+                delay = _backoff(self.settings, failures)
+                log.warning("redis unavailable, retrying", extra={"error": str(exc), "delay_s": delay})
+                time.sleep(delay)
+
+    def _ensure_group_quietly(self) -> None:
+        try:
+            self.group.ensure_group()
+        except TRANSIENT_REDIS_ERRORS:
+            pass
+
+    def _crash_point(self, point: str, count: int) -> bool:
+        if self.settings.fault_crash_at == point and count == self.settings.fault_crash_on_batch:
+            log.warning("fault injection: SIGKILL", extra={"point": point, "count": count})
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return False
+
+
+def _backoff(settings: Settings, failures: int) -> float:
+    base = min(settings.retry_max_s, settings.retry_initial_s * 2 ** (failures - 1))
+    return float(base * random.uniform(0.5, 1.0))
+
+
+def _as_fields(stats: ConsumerStats) -> dict[str, int]:
+    return {name: getattr(stats, name) for name in stats.__slots__}  # type: ignore[attr-defined]

@@ -1,0 +1,1 @@
+"""poslake's operator command line."""

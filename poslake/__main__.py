@@ -1,0 +1,3 @@
+from poslake.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The poslake producer: IB positions through ib_async into the Redis Stream."""

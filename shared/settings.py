@@ -1,0 +1,132 @@
+"""Settings: one typed model, read from ``POSLAKE_*`` environment variables once at start.
+
+Only the entry points call :func:`load_settings`; everything else gets the
+:class:`Settings` object passed in. A wrong value stops the program with a
+message that names the environment variable.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from shared.errors import ConfigError
+
+ENV_PREFIX = "POSLAKE_"
+
+CrashPoint = Literal["after_read", "after_commit", "mid_claim"]
+
+
+def _default_consumer_name() -> str:
+    # Stable per host, so a restarted consumer finds its own pending entries.
+    return f"consumer-{socket.gethostname()}"
+
+
+class Settings(BaseSettings):
+    """Everything the producer and consumer can be told, with defaults that run locally."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", frozen=True
+    )
+
+    # Redis Stream and consumer group.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    stream: Annotated[str, Field(min_length=1)] = "positions"
+    group: Annotated[str, Field(min_length=1)] = "lake"
+    consumer_name: Annotated[str, Field(min_length=1)] = Field(
+        default_factory=_default_consumer_name
+    )
+
+    # Delta Lake.
+    lake_uri: Annotated[str, Field(min_length=1)] = "./lake"
+    storage_options: dict[str, str] = Field(default_factory=dict)
+
+    # Batching: a batch closes at this many entries or this long after its first entry.
+    batch_max_entries: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    batch_max_wait_s: Annotated[float, Field(gt=0, le=60)] = 3.0
+    read_count: Annotated[int, Field(ge=1, le=100_000)] = 2_000
+
+    # Recovery of other consumers' entries and poison handling.
+    claim_min_idle_s: Annotated[float, Field(ge=0)] = 60.0
+    claim_interval_s: Annotated[float, Field(gt=0)] = 15.0
+    claim_page_size: Annotated[int, Field(ge=1, le=100_000)] = 1_000
+    max_deliveries: Annotated[int, Field(ge=1)] = 10
+
+    # Retry backoff for Redis reconnects and failed Delta commits.
+    retry_initial_s: Annotated[float, Field(gt=0)] = 0.2
+    retry_max_s: Annotated[float, Field(gt=0)] = 30.0
+
+    # Dedup index: keys kept in memory before the oldest are dropped (older ones
+    # are then checked against the table instead).
+    dedup_index_max_keys: Annotated[int, Field(ge=1_000)] = 2_000_000
+
+    # Table upkeep done by the consumer itself.
+    compact_min_small_files: Annotated[int, Field(ge=2)] = 32
+    compact_small_file_bytes: Annotated[int, Field(ge=1)] = 16 * 1024 * 1024
+    compact_target_file_bytes: Annotated[int, Field(ge=1024)] = 128 * 1024 * 1024
+    maintenance_every_commits: Annotated[int, Field(ge=1)] = 25
+    checkpoint_interval: Annotated[int, Field(ge=1)] = 100
+
+    # Producer side: optional approximate trimming of the stream on XADD.
+    stream_maxlen: Annotated[int, Field(ge=1)] | None = None
+    stream_min_age_s: Annotated[float, Field(gt=0)] | None = None
+    publish_chunk: Annotated[int, Field(ge=1, le=100_000)] = 500
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = False
+
+    # Testing only: the consumer SIGKILLs itself at this point of the given batch.
+    fault_crash_at: CrashPoint | None = None
+    fault_crash_on_batch: Annotated[int, Field(ge=1)] = 1
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("POSLAKE_RETRY_MAX_S must be at least POSLAKE_RETRY_INITIAL_S")
+        return self
+
+    @property
+    def dlq_stream(self) -> str:
+        """The dead-letter stream beside the main one."""
+        return f"{self.stream}:dlq"
+
+    @property
+    def table_uri(self) -> str:
+        """Where the ``position_updates`` table lives."""
+        return f"{self.lake_uri.rstrip('/')}/position_updates"
+
+
+def _env_name(location: tuple[int | str, ...]) -> str:
+    name = str(location[0]) if location else "?"
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings once; raise :class:`ConfigError` naming each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = error.get("loc", ())
+            where = _env_name(loc) if loc else "settings"
+            value = error.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            problems.append(f"{where}: {error['msg']}{shown}")
+        raise ConfigError("invalid setting: " + "; ".join(problems)) from None
+    except SettingsError as exc:
+        # Raised for values that are not even parseable, e.g. bad JSON for a dict.
+        match = re.search(r'field "(\w+)"', str(exc))
+        where = _env_name((match.group(1),)) if match else "settings"
+        raise ConfigError(f"invalid setting: {where}: {exc}") from None

