@@ -112,8 +112,9 @@ class CommittedKeyIndex:
                 if last < first:
                     continue
             reader = table.load_cdf(starting_version=first, ending_version=last, columns=_KEY_COLUMNS)
-            added = pa.Table.from_batches(reader)  # type: ignore[arg-type]
-            added = added.filter(pc.field("_change_type") == "insert")
+            added = pa.RecordBatchReader.from_stream(reader).read_all()
+            if "_change_type" in added.column_names:
+                added = added.filter(pc.equal(added.column("_change_type"), "insert"))
             rows_read += added.num_rows
             self.add(keys_of(added))
         self.version = target

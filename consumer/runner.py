@@ -42,11 +42,17 @@ class Batch:
     deliveries: list[Delivery] = field(default_factory=list)
     vanished: list[bytes] = field(default_factory=list)
     opened_at: float = 0.0
+    _ids: set[bytes] = field(default_factory=set)
 
     def add(self, page: Page) -> None:
         if page.deliveries and not self.deliveries:
             self.opened_at = time.monotonic()
-        self.deliveries.extend(page.deliveries)
+        ids = self._ids
+        for delivery in page.deliveries:
+            # A claim scan can hand back an entry this batch already holds.
+            if delivery.entry_id not in ids:
+                ids.add(delivery.entry_id)
+                self.deliveries.append(delivery)
         self.vanished.extend(page.vanished)
 
     def __len__(self) -> int:

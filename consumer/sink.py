@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -53,6 +53,8 @@ class DeltaSink:
         self.index.bootstrap(self.table)
         self._own_commit_ids: set[str] = set()
         self.commits = 0
+        # Test hook: runs between the dedup check and the write, to force a race.
+        self.before_write: Callable[[], object] | None = None
 
     def commit(self, updates: Sequence[PositionUpdate], entry_ids: Sequence[bytes]) -> CommitOutcome:
         """Append the updates whose keys the table lacks, in one commit.
@@ -89,11 +91,15 @@ class DeltaSink:
                 "poslake.last_entry": entry_ids[-1].decode() if entry_ids else "",
             },
         )
+        if self.before_write is not None:
+            self.before_write()
         try:
             write_deltalake(self.table, rows, mode="append", commit_properties=properties)
         except CommitFailedError as exc:
-            # Our commit did not land: the winner's rows are read on the next try.
-            raise CommitConflict(f"concurrent commit: {exc}") from exc
+            if _is_conflict(exc):
+                # Our commit did not land: the winner's rows are read on the next try.
+                raise CommitConflict(f"concurrent commit: {exc}") from exc
+            raise CommitFailed(f"commit failed: {exc}") from exc
         except (DeltaError, OSError) as exc:
             # Outcome unknown in general; the next sync reads our commit back if it landed.
             raise CommitFailed(f"commit failed: {exc}") from exc
@@ -111,3 +117,8 @@ class DeltaSink:
             },
         )
         return CommitOutcome(rows.num_rows, duplicates, self.table.version(), elapsed)
+
+
+def _is_conflict(exc: CommitFailedError) -> bool:
+    text = str(exc).lower()
+    return "concurrent" in text or "conflict" in text
