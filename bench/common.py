@@ -1,3 +1,4 @@
+# mypy: disable-error-code="import-untyped"
 """Shared benchmark code: deterministic data, cached prefilled tables, a private Redis.
 
 Every generated row is a pure function of its *index* ``i``: its timestamp is
@@ -289,10 +290,13 @@ def checkpoint_summary(uri: str) -> str:
     commits = len(list(log_dir.glob("*.json")))
     if not checkpoints:
         return f"no checkpoint ({commits} commit files)"
-    newest = int(checkpoints[-1].name.split(".")[0])
+    newest = max(int(p.name.split(".")[0]) for p in checkpoints)
+    size_mb = sum(p.stat().st_size for p in checkpoints if p.name.startswith(f"{newest:020d}."))
+    behind = DeltaTable(uri).version() - newest
     return (
-        f"{len(checkpoints)} checkpoint file(s), newest at version {newest}, "
-        f"_last_checkpoint={'yes' if last.exists() else 'no'} ({commits} commit files)"
+        f"checkpoints: {len(checkpoints)}, newest at v{newest} ({size_mb / 1e6:.1f} MB), "
+        f"{behind} commits after it, _last_checkpoint={'yes' if last.exists() else 'no'}, "
+        f"{commits} commit files"
     )
 
 
@@ -338,7 +342,9 @@ def work_dir(name: str, keep: bool = False) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def consumer_env(redis_url: str, lake: Path, name: str, stream: str, **settings: object) -> dict[str, str]:
+def consumer_env(
+    redis_url: str, lake: Path, name: str, stream: str, **settings: object
+) -> dict[str, str]:
     """The environment of a consumer process: only POSLAKE_* settings are ours."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSLAKE_")}
     env.update(
@@ -368,7 +374,9 @@ def median(values: Sequence[float]) -> float:
 
 def timed_median(samples: Sequence[float]) -> str:
     """``median (min..max, n=N)`` in seconds."""
-    return f"{median(samples):.4f}s (min {min(samples):.4f}, max {max(samples):.4f}, n={len(samples)})"
+    return (
+        f"{median(samples):.4f}s (min {min(samples):.4f}, max {max(samples):.4f}, n={len(samples)})"
+    )
 
 
 def ratio(numerator: float, denominator: float) -> float:

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="import-untyped"
 """Dedup cost: one 5,000-entry batch with 20% replays through ``DeltaSink.commit``.
 
 Steady state: the sink has been running, so the replays are keys it committed
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 
 from bench.common import (
@@ -115,7 +115,10 @@ def steady_state(commit: CommitFn, first_index: int, shape: Shape, seed: int) ->
         elapsed = time.perf_counter() - began
         if (written, duplicates) != (len(new), len(replays)):
             series.wrong += 1
-            log(f"batch {n}: wrote {written} dropped {duplicates}, expected {len(new)}/{len(replays)}")
+            log(
+                f"batch {n}: wrote {written} dropped {duplicates}, "
+                f"expected {len(new)}/{len(replays)}"
+            )
         if n >= shape.warmups:
             series.seconds.append(elapsed)
         previous = new
@@ -174,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     seed_source = prefilled_table(args.seed_size)
     with work_dir("dedup", keep=args.keep) as scratch:
         log("steady state, empty table")
-        empty = steady_state(sink_commit(DeltaSink(sink_settings(scratch / "empty"))), first, shape, 1)
+        empty = steady_state(
+            sink_commit(DeltaSink(sink_settings(scratch / "empty"))), first, shape, 1
+        )
 
         log(f"steady state, {args.big:,} rows")
         copy_table(big_source, scratch / "big")
@@ -184,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         copy_table(big_source, scratch / "cold")
         recent_pool = range(max(0, args.big - shape.batch), args.big)
         cold_recent, opens = cold_path(scratch / "cold", recent_pool, first, shape, 2)
-        cold_spread, _ = cold_path(
-            scratch / "cold", range(args.big), first + 1_000_000, shape, 3
-        )
+        cold_spread, _ = cold_path(scratch / "cold", range(args.big), first + 1_000_000, shape, 3)
 
         log(f"sink vs seed plan, {args.seed_size:,} rows")
         copy_table(seed_source, scratch / "seed-sink")
@@ -220,8 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         f"cold-spread/steady-empty: {ratio(median(cold_spread.seconds), median(empty.seconds)):.2f}"
     )
     print(f"seed plan vs sink at {args.seed_size:,} rows (steady state, compacted table):")
-    print(f"  DeltaSink.commit:                           {timed_median(at_seed.seconds)}{_wrong(at_seed)}")
-    print(f"  read all keys + polars anti-join + append:  {timed_median(seed.seconds)}{_wrong(seed)}")
+    print(
+        f"  DeltaSink.commit:                          "
+        f" {timed_median(at_seed.seconds)}{_wrong(at_seed)}"
+    )
+    print(
+        f"  read all keys + polars anti-join + append:  {timed_median(seed.seconds)}{_wrong(seed)}"
+    )
     print(
         f"  DeltaSink is {ratio(median(seed.seconds), median(at_seed.seconds)):.1f}x faster "
         "(the seed plan here reads only the 3 key columns: a lower bound on its cost)"

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="import-untyped"
 """Drain throughput: N stream entries through one ``python -m consumer --drain`` process.
 
 The table starts with ``--prefill`` rows (older timestamps, compacted); the stream
@@ -19,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -80,10 +82,10 @@ def raw_read_ack(url: str, group: str, count: int) -> tuple[int, float]:
         entries_read = 0
         began = time.perf_counter()
         while True:
-            reply = client.xreadgroup(group, "raw", {STREAM: ">"}, count=count)
+            reply: Any = client.xreadgroup(group, "raw", {STREAM: ">"}, count=count)
             if not reply:
                 break
-            entries = reply[0][1]  # type: ignore[index]
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = reply[0][1]
             if not entries:
                 break
             client.xack(STREAM, group, *[entry_id for entry_id, _ in entries])
@@ -193,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             f"settings: batch_max_entries={args.batch_max_entries} "
             f"read_count={args.read_count}; {os.cpu_count()} CPUs"
         )
-        print(f"publish (pipelined XADD, 500/round trip): {args.entries / publish_s:,.0f} entries/s")
+        print(
+            f"publish (pipelined XADD, 500/round trip): {args.entries / publish_s:,.0f} entries/s"
+        )
         for count, rate in raw.items():
             print(f"raw XREADGROUP COUNT {count} + XACK (sync redis-py): {rate:,.0f} entries/s")
         print(
@@ -205,14 +209,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"consumer own loop (log 'started'..'stopped'): {rate_loop:,.0f} entries/s")
         print(
             f"ratio consumer/raw (end to end, vs COUNT {best_count}): "
-            f"{ratio(rate_wall, baseline):.3f}  {verdict(ratio(rate_wall, baseline), GOAL_RATIO, True)}"
+            f"{ratio(rate_wall, baseline):.3f}  "
+            f"{verdict(ratio(rate_wall, baseline), GOAL_RATIO, True)}"
         )
         print(
             f"ratio consumer/raw (own loop): {ratio(rate_loop, baseline):.3f}  "
             f"{verdict(ratio(rate_loop, baseline), GOAL_RATIO, True)}"
         )
         print(f"absolute (end to end): {verdict(rate_wall, GOAL_RATE, True)}")
-        print(f"consumer peak RSS: {run.peak_rss_mb:.0f} MB  {verdict(run.peak_rss_mb, GOAL_RSS_MB, False)}")
+        print(
+            f"consumer peak RSS: {run.peak_rss_mb:.0f} MB  "
+            f"{verdict(run.peak_rss_mb, GOAL_RSS_MB, False)}"
+        )
         print(
             f"table rows at end: {rows:,} (expected {expected:,}): "
             f"{'OK' if rows == expected else 'MISMATCH'}"

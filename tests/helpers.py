@@ -127,10 +127,14 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def wait_until(condition: Any, timeout: float = 30, interval: float = 0.05) -> None:
+    """Poll ``condition``; a Redis error (group not created yet) counts as not yet."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():
-            return
+        try:
+            if condition():
+                return
+        except redis.ResponseError:
+            pass
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
 
