@@ -106,12 +106,11 @@ class CommittedKeyIndex:
             if _adds_rows(commit):
                 to_read.append(version)
         rows_read = 0
+        # Never version 0: sync starts after the version the index was bootstrapped at.
         for first, last in _ranges(sorted(to_read)):
-            if first == 0:
-                first = 1  # version 0 creates the table: no rows, and no change feed
-                if last < first:
-                    continue
-            reader = table.load_cdf(starting_version=first, ending_version=last, columns=_KEY_COLUMNS)
+            reader = table.load_cdf(
+                starting_version=first, ending_version=last, columns=_KEY_COLUMNS
+            )
             added = pa.RecordBatchReader.from_stream(reader).read_all()
             if "_change_type" in added.column_names:
                 added = added.filter(pc.equal(added.column("_change_type"), "insert"))

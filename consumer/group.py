@@ -174,5 +174,3 @@ def _entries_of(reply: Any) -> list[tuple[bytes, EntryFields]]:
     # redis-py (RESP2) returns [[stream, [(id, fields), ...]]].
     entries: list[tuple[bytes, EntryFields]] = reply[0][1]
     return entries
-
-

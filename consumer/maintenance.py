@@ -39,7 +39,9 @@ def partitions_to_compact(table: DeltaTable, small_bytes: int, min_files: int) -
     return sorted(s for s, n in small.items() if n >= min_files)
 
 
-def compact_partitions(table: DeltaTable, symbols: list[str], target_bytes: int) -> dict[str, object]:
+def compact_partitions(
+    table: DeltaTable, symbols: list[str], target_bytes: int
+) -> dict[str, object]:
     """Compact the given symbol partitions in one commit (insertion order is kept)."""
     metrics: dict[str, object] = table.optimize.compact(
         partition_filters=[("symbol", "in", symbols)], target_size=target_bytes

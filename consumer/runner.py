@@ -8,6 +8,7 @@ reading; the batch in hand is committed and settled before exit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -15,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from types import FrameType
 from typing import TypeVar
 
@@ -25,6 +27,7 @@ from consumer.maintenance import TableMaintainer
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
 from shared.errors import CommitConflict, CommitFailed
+from shared.model import PositionUpdate
 from shared.publisher import TRANSIENT_REDIS_ERRORS
 from shared.settings import Settings
 from shared.wire import decode_entries
@@ -80,7 +83,10 @@ class Consumer:
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.client = client or redis.Redis.from_url(
-            settings.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30
+            settings.redis_url,
+            socket_timeout=30,
+            socket_connect_timeout=5,
+            health_check_interval=30,
         )
         self.group = ConsumerGroup(self.client, settings)
         self.settler = Settler(self.client, settings.stream, settings.group, settings.consumer_name)
@@ -92,7 +98,9 @@ class Consumer:
 
     def request_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
         if not self._stopping:
-            log.info("stop requested", extra={"signal": signum, "consumer": self.settings.consumer_name})
+            log.info(
+                "stop requested", extra={"signal": signum, "consumer": self.settings.consumer_name}
+            )
         self._stopping = True
 
     def install_signal_handlers(self) -> None:
@@ -107,7 +115,12 @@ class Consumer:
         maintainer = TableMaintainer(s, self.client)
         log.info(
             "consumer started",
-            extra={"consumer": s.consumer_name, "stream": s.stream, "group": s.group, "drain": drain},
+            extra={
+                "consumer": s.consumer_name,
+                "stream": s.stream,
+                "group": s.group,
+                "drain": drain,
+            },
         )
         exit_code = 0
         while not self._stopping:
@@ -135,7 +148,7 @@ class Consumer:
         while len(batch) < s.batch_max_entries and not self._stopping:
             room = min(s.read_count, s.batch_max_entries - len(batch))
             if not self.group.own_pending_done:
-                batch.add(self._redis(lambda: self.group.read_own_pending(room)))
+                batch.add(self._redis(partial(self.group.read_own_pending, room)))
                 continue
             if self._claim_scan_open or time.monotonic() >= self._next_claim_at:
                 self._claim_once(batch)
@@ -148,7 +161,7 @@ class Consumer:
             else:
                 block_s = min(s.batch_max_wait_s, _IDLE_BLOCK_S)
             block_ms = _DRAIN_BLOCK_MS if drain else max(1, int(block_s * 1000))
-            page = self._redis(lambda: self.group.read_new(room, block_ms))
+            page = self._redis(partial(self.group.read_new, room, block_ms))
             if not page.deliveries and drain:
                 break  # nothing new: commit what is in hand, then check if drained
             batch.add(page)
@@ -187,7 +200,9 @@ class Consumer:
                 fresh.append(d)
         decoded = decode_entries((d.entry_id, d.fields) for d in fresh)
         counts = {d.entry_id: d.deliveries for d in fresh}
-        dead.extend(DeadLetter(p.entry_id, p.fields, p.reason, counts[p.entry_id]) for p in decoded.poison)
+        dead.extend(
+            DeadLetter(p.entry_id, p.fields, p.reason, counts[p.entry_id]) for p in decoded.poison
+        )
         self._crash_point("after_read", self.stats.batches)
 
         outcome = self._commit_with_retry(sink, decoded.updates, decoded.entry_ids)
@@ -218,7 +233,9 @@ class Consumer:
         )
         return True
 
-    def _commit_with_retry(self, sink: DeltaSink, updates: list, entry_ids: list[bytes]) -> CommitOutcome | None:  # type: ignore[type-arg]
+    def _commit_with_retry(
+        self, sink: DeltaSink, updates: list[PositionUpdate], entry_ids: list[bytes]
+    ) -> CommitOutcome | None:
         s = self.settings
         failures = 0
         while True:
@@ -246,12 +263,14 @@ class Consumer:
         while True:
             try:
                 return DeltaSink(self.settings)
-            except (CommitFailed, OSError, Exception) as exc:  # noqa: BLE001 - the lake may be down
+            except (CommitFailed, OSError, Exception) as exc:
                 failures += 1
                 if self._stopping:
                     raise
                 delay = _backoff(self.settings, failures)
-                log.error("cannot open table, retrying", extra={"error": str(exc), "delay_s": delay})
+                log.error(
+                    "cannot open table, retrying", extra={"error": str(exc), "delay_s": delay}
+                )
                 time.sleep(delay)
 
     def _redis(self, call: Callable[[], T]) -> T:
@@ -261,21 +280,23 @@ class Consumer:
             try:
                 result = call()
                 if failures:
-                    log.info("redis reachable again", extra={"consumer": self.settings.consumer_name})
+                    log.info(
+                        "redis reachable again", extra={"consumer": self.settings.consumer_name}
+                    )
                     self._ensure_group_quietly()
                 return result
             except TRANSIENT_REDIS_ERRORS as exc:
                 failures += 1
                 self.stats.redis_retries += 1
                 delay = _backoff(self.settings, failures)
-                log.warning("redis unavailable, retrying", extra={"error": str(exc), "delay_s": delay})
+                log.warning(
+                    "redis unavailable, retrying", extra={"error": str(exc), "delay_s": delay}
+                )
                 time.sleep(delay)
 
     def _ensure_group_quietly(self) -> None:
-        try:
-            self.group.ensure_group()
-        except TRANSIENT_REDIS_ERRORS:
-            pass
+        with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
+            self.group.ensure_group()  # the next call retries anyway
 
     def _crash_point(self, point: str, count: int) -> bool:
         if self.settings.fault_crash_at == point and count == self.settings.fault_crash_on_batch:
@@ -291,4 +312,4 @@ def _backoff(settings: Settings, failures: int) -> float:
 
 
 def _as_fields(stats: ConsumerStats) -> dict[str, int]:
-    return {name: getattr(stats, name) for name in stats.__slots__}  # type: ignore[attr-defined]
+    return {name: getattr(stats, name) for name in stats.__slots__}

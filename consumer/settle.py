@@ -55,7 +55,7 @@ class Settler:
         pipe = self._client.pipeline(transaction=True)
         failed_at = str(time.time()).encode()
         for letter in dead:
-            fields: dict[bytes | str, bytes | str] = dict(letter.fields)
+            fields: dict[bytes | str, bytes | str] = {k: v for k, v in letter.fields.items()}
             fields.update(
                 {
                     f"{DLQ_PREFIX}reason": letter.reason,

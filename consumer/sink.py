@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import CommitProperties, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 
 from consumer.dedup import CommittedKeyIndex, keys_of
@@ -56,7 +56,9 @@ class DeltaSink:
         # Test hook: runs between the dedup check and the write, to force a race.
         self.before_write: Callable[[], object] | None = None
 
-    def commit(self, updates: Sequence[PositionUpdate], entry_ids: Sequence[bytes]) -> CommitOutcome:
+    def commit(
+        self, updates: Sequence[PositionUpdate], entry_ids: Sequence[bytes]
+    ) -> CommitOutcome:
         """Append the updates whose keys the table lacks, in one commit.
 
         Raises :class:`CommitConflict` when another consumer committed first (call

@@ -47,9 +47,7 @@ POSITION_UPDATES_SCHEMA = pa.schema(
 )
 
 # Fields copied straight from the update, in schema order.
-_UPDATE_FIELDS = [
-    f.name for f in POSITION_UPDATES_SCHEMA if f.name not in ("date", "stream_id")
-]
+_UPDATE_FIELDS = [f.name for f in POSITION_UPDATES_SCHEMA if f.name not in ("date", "stream_id")]
 
 
 def table_configuration(checkpoint_interval: int) -> dict[str, str | None]:
@@ -99,4 +97,5 @@ def updates_to_arrow(updates: Sequence[PositionUpdate], stream_ids: Sequence[byt
 
 
 def _index(name: str) -> int:
-    return POSITION_UPDATES_SCHEMA.get_field_index(name)
+    index: int = POSITION_UPDATES_SCHEMA.get_field_index(name)
+    return index

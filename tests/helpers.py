@@ -103,7 +103,9 @@ def consumer_env(
     return env
 
 
-def start_consumer(env: dict[str, str], *, drain: bool = False, log: Path | None = None) -> subprocess.Popen[bytes]:
+def start_consumer(
+    env: dict[str, str], *, drain: bool = False, log: Path | None = None
+) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "consumer"] + (["--drain"] if drain else [])
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     return subprocess.Popen(args, env=env, cwd=REPO_ROOT, stdout=out, stderr=out)
@@ -147,7 +149,7 @@ _COMPARED = [
 
 
 def _sorted_rows(table: pa.Table) -> list[dict[str, Any]]:
-    rows = table.select(_COMPARED).to_pylist()
+    rows: list[dict[str, Any]] = table.select(_COMPARED).to_pylist()
     rows.sort(key=lambda r: (r["account"], r["conid"], r["timestamp"]))
     return rows
 
@@ -181,6 +183,6 @@ def assert_table_exact(lake: Path, updates: Iterable[PositionUpdate]) -> None:
 def group_pending(url: str, stream: str, group: str = "lake") -> int:
     client = redis.Redis.from_url(url)
     try:
-        return int(client.xpending(stream, group)["pending"])  # type: ignore[index]
+        return int(client.xpending(stream, group)["pending"])
     finally:
         client.close()

@@ -18,7 +18,9 @@ from tests.helpers import (
 )
 
 
-def test_drain_lands_every_update_once(redis_url: str, lake: Path, stream: str, tmp_path: Path) -> None:
+def test_drain_lands_every_update_once(
+    redis_url: str, lake: Path, stream: str, tmp_path: Path
+) -> None:
     updates = make_updates(3_000)
     publish(redis_url, stream, updates)
     env = consumer_env(redis_url, lake, "c1", stream, batch_max_entries=700)

@@ -45,11 +45,15 @@ def _crash_then_recover(
     assert group_pending(redis_url, stream) == 0
 
 
-def test_kill_after_read_before_commit(redis_url: str, lake: Path, stream: str, tmp_path: Path) -> None:
+def test_kill_after_read_before_commit(
+    redis_url: str, lake: Path, stream: str, tmp_path: Path
+) -> None:
     _crash_then_recover(redis_url, lake, stream, tmp_path, "after_read", on=3)
 
 
-def test_kill_after_commit_before_ack(redis_url: str, lake: Path, stream: str, tmp_path: Path) -> None:
+def test_kill_after_commit_before_ack(
+    redis_url: str, lake: Path, stream: str, tmp_path: Path
+) -> None:
     _crash_then_recover(redis_url, lake, stream, tmp_path, "after_commit", on=3)
 
 
@@ -66,9 +70,11 @@ def test_kill_in_the_middle_of_a_multi_page_claim(
     assert group_pending(url, stream) == 1_000
 
     claim = {"claim_min_idle_s": 0, "claim_page_size": 150, "batch_max_entries": 2_000}
-    faulty = consumer_env(url, lake, "c1", stream, fault_crash_at="mid_claim", fault_crash_on_batch=2, **claim)
+    faulty = consumer_env(
+        url, lake, "c1", stream, fault_crash_at="mid_claim", fault_crash_on_batch=2, **claim
+    )
     assert run_consumer(faulty, log=tmp_path / "crash.log") == -signal.SIGKILL
-    owners = {c["name"]: c["pending"] for c in client.xpending(stream, "lake")["consumers"]}  # type: ignore[index]
+    owners = {c["name"]: c["pending"] for c in client.xpending(stream, "lake")["consumers"]}
     assert owners[b"c1"] == 300 and owners[b"ghost"] == 700  # two pages claimed, then killed
 
     healthy = consumer_env(url, lake, "c1", stream, **claim)
@@ -97,7 +103,9 @@ def test_three_consumers_one_killed_for_good(
             time.sleep(0.05)
         assert procs["c2"].wait(timeout=60) == -signal.SIGKILL
         client = redis.Redis.from_url(redis_url)
-        wait_until(lambda: group_pending(redis_url, stream) == 0 and _all_delivered(client, stream), 90)
+        wait_until(
+            lambda: group_pending(redis_url, stream) == 0 and _all_delivered(client, stream), 90
+        )
         for name in ("c1", "c3"):
             procs[name].send_signal(signal.SIGTERM)
             assert procs[name].wait(timeout=30) == 0
@@ -108,12 +116,14 @@ def test_three_consumers_one_killed_for_good(
 
 
 def _all_delivered(client: redis.Redis, stream: str) -> bool:
-    group = next(g for g in client.xinfo_groups(stream) if g["name"] == b"lake")  # type: ignore[union-attr]
+    group = next(g for g in client.xinfo_groups(stream) if g["name"] == b"lake")
     last = client.xrevrange(stream, count=1)[0][0]  # type: ignore[index]
     return bool(group["last-delivered-id"] == last)
 
 
-def test_randomized_sigkill_and_restart(redis_url: str, lake: Path, stream: str, tmp_path: Path) -> None:
+def test_randomized_sigkill_and_restart(
+    redis_url: str, lake: Path, stream: str, tmp_path: Path
+) -> None:
     seed = random.randrange(1_000_000)
     rng = random.Random(seed)
     updates = make_updates(12_000, seed=seed % 97)
@@ -124,7 +134,9 @@ def test_randomized_sigkill_and_restart(redis_url: str, lake: Path, stream: str,
               "claim_interval_s": 0.3}  # fmt: skip
     names = ["c1", "c2"]
     procs = {
-        n: start_consumer(consumer_env(redis_url, lake, n, stream, **common), log=tmp_path / f"{n}.log")
+        n: start_consumer(
+            consumer_env(redis_url, lake, n, stream, **common), log=tmp_path / f"{n}.log"
+        )
         for n in names
     }
     try:
@@ -141,6 +153,8 @@ def test_randomized_sigkill_and_restart(redis_url: str, lake: Path, stream: str,
             kill(proc)
     # Recover everything with a drain run per name.
     for name in names:
-        assert run_consumer(consumer_env(redis_url, lake, name, stream, **common)) == 0, f"seed {seed}"
+        assert run_consumer(consumer_env(redis_url, lake, name, stream, **common)) == 0, (
+            f"seed {seed}"
+        )
     assert group_pending(redis_url, stream) == 0, f"seed {seed}"
     assert_table_exact(lake, updates)

@@ -78,7 +78,9 @@ def test_failed_commit_loses_nothing_and_lands_when_writable(
     assert_table_exact(lake, first + second)
 
 
-def test_consumer_survives_redis_restart(redis_aof: RedisTarget, lake: Path, stream: str, tmp_path: Path) -> None:
+def test_consumer_survives_redis_restart(
+    redis_aof: RedisTarget, lake: Path, stream: str, tmp_path: Path
+) -> None:
     server = redis_aof.server
     assert server is not None
     updates = make_updates(3_000, seed=12)
@@ -86,18 +88,22 @@ def test_consumer_survives_redis_restart(redis_aof: RedisTarget, lake: Path, str
     proc = start_consumer(env, log=tmp_path / "c.log")
     try:
         publish(server.url, stream, updates[:1_500])
-        wait_until(lambda: (lake / "position_updates" / "_delta_log").exists(), timeout=30)
+        wait_until((lake / "position_updates" / "_delta_log").exists, timeout=30)
         wait_until(lambda: len(table_rows(lake)) > 0, timeout=30)
         time.sleep(1.1)  # AOF everysec: let the last second reach the disk
         server.kill()
         time.sleep(1.0)
-        restarted = RedisServer(server.binary, server.data_dir, port=server.port, appendonly=True).start()
+        restarted = RedisServer(
+            server.binary, server.data_dir, port=server.port, appendonly=True
+        ).start()
         redis_aof.server = restarted
         publish(restarted.url, stream, updates[1_500:])
         client = redis.Redis.from_url(restarted.url)
         wait_until(
-            lambda: group_pending(restarted.url, stream) == 0
-            and len(table_rows(lake)) >= len({u.key for u in updates}),
+            lambda: (
+                group_pending(restarted.url, stream) == 0
+                and len(table_rows(lake)) >= len({u.key for u in updates})
+            ),
             timeout=60,
         )
         assert proc.poll() is None

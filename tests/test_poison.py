@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import redis
@@ -60,7 +61,7 @@ def test_poison_goes_to_dlq_and_valid_entries_land(
 ) -> None:
     updates = make_updates(600, seed=3)
     client = redis.Redis.from_url(redis_url)
-    poison_ids: dict[bytes, tuple[dict[str, bytes], str]] = {}
+    poison_ids: dict[Any, tuple[dict[str, bytes], str]] = {}
     for i, update in enumerate(updates):
         client.xadd(stream, encode_update(update))  # type: ignore[arg-type]
         if i % 50 == 0 and i // 50 < len(POISON):
@@ -73,16 +74,17 @@ def test_poison_goes_to_dlq_and_valid_entries_land(
     assert_table_exact(lake, updates)
     assert group_pending(redis_url, stream) == 0
 
-    letters = client.xrange(f"{stream}:dlq")
+    letters: Any = client.xrange(f"{stream}:dlq")
     assert len(letters) == len(POISON)
-    for _, fields in letters:
-        source = fields[b"dlq:source_id"]
+    for _, letter in letters:
+        dead: dict[bytes, bytes] = letter
+        source = dead[b"dlq:source_id"]
         original, reason = poison_ids[source]
-        assert reason in fields[b"dlq:reason"].decode(), fields[b"dlq:reason"]
+        assert reason in dead[b"dlq:reason"].decode(), dead[b"dlq:reason"]
         for key, value in original.items():
-            assert fields[key.encode()] == value  # original fields kept
-        assert fields[b"dlq:consumer"] == b"c1"
-        assert fields[b"dlq:stream"] == stream.encode()
+            assert dead[key.encode()] == value  # original fields kept
+        assert dead[b"dlq:consumer"] == b"c1"
+        assert dead[b"dlq:stream"] == stream.encode()
 
 
 def test_entry_delivered_too_often_is_dead_lettered(
@@ -98,7 +100,7 @@ def test_entry_delivered_too_often_is_dead_lettered(
         client.xclaim(stream, "lake", "ghost", min_idle_time=0, message_ids=[ids[0]])
     env = consumer_env(redis_url, lake, "c1", stream, claim_min_idle_s=0, max_deliveries=3)
     assert run_consumer(env, log=tmp_path / "c.log") == 0
-    letters = client.xrange(f"{stream}:dlq")
+    letters: Any = client.xrange(f"{stream}:dlq")
     assert [f[b"dlq:source_id"] for _, f in letters] == [ids[0]]
     assert letters[0][1][b"dlq:reason"] == b"delivered 5 times (limit 3)"
     assert letters[0][1][b"dlq:deliveries"] == b"5"

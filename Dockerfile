@@ -1,0 +1,14 @@
+# One slim image for every poslake role (producer, consumer, operator CLI).
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY shared ./shared
+COPY consumer ./consumer
+COPY producer ./producer
+COPY poslake ./poslake
+RUN pip install . && useradd --create-home --uid 10001 poslake && mkdir /lake && chown poslake /lake
+USER poslake
+# The consumer name defaults to the container's hostname: stable across restarts
+# of one replica, unique between replicas.
+CMD ["python", "-m", "consumer"]

@@ -1,0 +1,45 @@
+"""compose.yaml checked against the package (Docker cannot run on these machines)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import yaml
+
+from shared.settings import ENV_PREFIX, Settings
+from tests.helpers import REPO_ROOT
+
+
+def _compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((REPO_ROOT / "compose.yaml").read_text())
+    return data
+
+
+def test_every_service_command_is_a_module_of_the_package() -> None:
+    for name, service in _compose()["services"].items():
+        command = service.get("command")
+        if service.get("build") is None:
+            continue
+        assert command[:2] == ["python", "-m"], name
+        assert importlib.util.find_spec(command[2]) is not None, f"{name}: no module {command[2]}"
+
+
+def test_every_environment_variable_is_a_setting() -> None:
+    fields = set(Settings.model_fields)
+    for name, service in _compose()["services"].items():
+        for variable in service.get("environment", {}):
+            assert variable.startswith(ENV_PREFIX), f"{name}: {variable}"
+            assert variable[len(ENV_PREFIX) :].lower() in fields, (
+                f"{name}: {variable} is no setting"
+            )
+
+
+def test_redis_is_durable_and_consumers_wait_for_it() -> None:
+    services = _compose()["services"]
+    command = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in command and "--appendfsync everysec" in command
+    assert "healthcheck" in services["redis"]
+    assert services["consumer"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "container_name" not in services["consumer"]  # --scale needs generated names
+    assert int(services["consumer"]["stop_grace_period"].rstrip("s")) >= 30

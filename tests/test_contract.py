@@ -1,0 +1,105 @@
+"""The shared contract: the wire format and the settings (no servers needed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, date, datetime, timedelta, timezone
+
+import msgspec
+import pytest
+
+from shared.errors import ConfigError
+from shared.model import PositionUpdate
+from shared.settings import load_settings
+from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
+from shared.wire import decode_entry, encode_update
+from tests.helpers import REPO_ROOT, make_updates
+
+
+def test_round_trip_keeps_every_field() -> None:
+    for update in make_updates(50, seed=1):
+        fields = encode_update(update)
+        decoded = decode_entry({k.encode(): v for k, v in fields.items()})
+        assert decoded == update
+        assert decoded.key == update.key
+
+
+def test_documented_example_entry_decodes() -> None:
+    """The example entry in README.md, as another producer would write it."""
+    payload = (
+        b'{"account":"U1234567","conid":495512551,"symbol":"SPY","sec_type":"OPT",'
+        b'"currency":"USD","position":-2.0,"timestamp":"2026-11-20T15:04:05.123456Z",'
+        b'"right":"P","strike":580.0,"expiry":"2026-12-18","multiplier":100.0,'
+        b'"market_price":3.45,"market_value":-690.0,"average_cost":412.5,'
+        b'"unrealized_pnl":135.0,"realized_pnl":0.0}'
+    )
+    update = decode_entry({b"v": b"1", b"payload": payload})
+    assert update.symbol == "SPY" and update.expiry == date(2026, 12, 18)
+    assert update.timestamp == datetime(2026, 11, 20, 15, 4, 5, 123456, tzinfo=UTC)
+
+
+def test_offsets_are_converted_to_utc_in_rows() -> None:
+    eastern = timezone(timedelta(hours=-5))
+    update = make_updates(1)[0]
+    shifted = msgspec.structs.replace(update, timestamp=update.timestamp.astimezone(eastern))
+    assert shifted.key == update.key
+    row = updates_to_arrow([shifted], [b"1-0"]).to_pylist()[0]
+    assert row["timestamp"] == update.timestamp
+    assert row["date"] == update.timestamp.date()
+
+
+def test_date_is_the_utc_date_of_the_timestamp() -> None:
+    late = datetime(2026, 11, 20, 23, 59, 59, 999999, tzinfo=UTC)
+    update = msgspec.structs.replace(make_updates(1)[0], timestamp=late)
+    row = updates_to_arrow([update], [b"1-0"])
+    assert row.schema == POSITION_UPDATES_SCHEMA
+    assert row.column("date").to_pylist() == [date(2026, 11, 20)]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("POSLAKE_BATCH_MAX_WAIT_S", "0"),
+        ("POSLAKE_BATCH_MAX_WAIT_S", "soon"),
+        ("POSLAKE_BATCH_MAX_ENTRIES", "-5"),
+        ("POSLAKE_REDIS_URL", "http://localhost"),
+        ("POSLAKE_STORAGE_OPTIONS", "{not json"),
+        ("POSLAKE_FAULT_CRASH_AT", "somewhere"),
+        ("POSLAKE_STREAM", ""),
+    ],
+)
+def test_bad_setting_is_named(variable: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable):
+        load_settings()
+
+
+def test_bad_setting_stops_the_consumer_at_start() -> None:
+    env = {**os.environ, "POSLAKE_BATCH_MAX_ENTRIES": "zero"}
+    command = [sys.executable, "-m", "consumer"]
+    result = subprocess.run(
+        command, check=False, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "POSLAKE_BATCH_MAX_ENTRIES" in result.stderr
+
+
+def test_settings_defaults() -> None:
+    settings = load_settings()
+    assert (settings.stream, settings.group, settings.batch_max_wait_s) == (
+        "positions",
+        "lake",
+        3.0,
+    )
+    assert settings.dlq_stream == "positions:dlq"
+    assert settings.consumer_name == load_settings().consumer_name  # stable per host
+
+
+def test_update_key_includes_account_and_timestamp() -> None:
+    base = make_updates(1)[0]
+    later = msgspec.structs.replace(base, timestamp=base.timestamp + timedelta(microseconds=1))
+    other_account = msgspec.structs.replace(base, account="U9")
+    assert len({base.key, later.key, other_account.key}) == 3
+    assert isinstance(base, PositionUpdate)

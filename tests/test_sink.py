@@ -1,0 +1,109 @@
+"""The Delta sink in-process against real tables: races, cold dedup, maintenance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+from consumer.dedup import CommittedKeyIndex
+from consumer.maintenance import TableMaintainer, partitions_to_compact
+from consumer.sink import DeltaSink
+from shared.errors import CommitConflict
+from shared.settings import Settings
+from tests.helpers import assert_table_exact, make_updates
+
+
+def _settings(lake: Path, name: str = "c1", **extra: object) -> Settings:
+    return Settings(lake_uri=str(lake), consumer_name=name, **extra)  # type: ignore[arg-type]
+
+
+def _ids(n: int, offset: int = 0) -> list[bytes]:
+    return [f"{1_700_000_000_000 + offset + i}-0".encode() for i in range(n)]
+
+
+def test_two_consumers_holding_the_same_keys_write_them_once(lake: Path) -> None:
+    updates = make_updates(500, seed=31)
+    first, second = DeltaSink(_settings(lake, "a")), DeltaSink(_settings(lake, "b"))
+    first.commit(updates[:100], _ids(100))
+
+    # b has checked its batch against the table; a commits the same keys before b writes.
+    second.before_write = lambda: first.commit(updates[100:], _ids(400, 100))
+    with pytest.raises(CommitConflict):
+        second.commit(updates[100:], _ids(400, 100))
+    second.before_write = None
+    outcome = second.commit(updates[100:], _ids(400, 100))  # the retry sees a's rows
+    assert outcome.rows_written == 0 and outcome.duplicates == 400
+    assert_table_exact(lake, updates)
+
+
+def test_other_consumers_commits_are_learned_without_reading_the_table(lake: Path) -> None:
+    updates = make_updates(900, seed=32)
+    a, b = DeltaSink(_settings(lake, "a")), DeltaSink(_settings(lake, "b"))
+    for i in range(3):
+        part = updates[i * 300 : (i + 1) * 300]
+        (a if i % 2 == 0 else b).commit(part, _ids(300, i * 300))
+    # b learned a's rows from the change feed of a's commits: all of them are known.
+    b.table.update_incremental()
+    b.index.sync(b.table, set())
+    assert all(u.key in b.index for u in updates)
+    assert b.commit(updates, _ids(900)).rows_written == 0
+    assert_table_exact(lake, updates)
+
+
+def test_keys_older_than_the_horizon_are_checked_against_the_table(lake: Path) -> None:
+    old = make_updates(400, seed=33)
+    DeltaSink(_settings(lake)).commit(old, _ids(400))
+    fresh_process = DeltaSink(_settings(lake))  # index empty, horizon past every old key
+    assert len(fresh_process.index) == 0
+    newer = make_updates(100, seed=34, start=old[-1].timestamp)[1:]
+    outcome = fresh_process.commit(old[::2] + newer, _ids(200 + len(newer)))
+    assert outcome.rows_written == len(newer) and outcome.duplicates == 200
+    assert_table_exact(lake, old + newer)
+
+
+def test_index_bound_moves_the_horizon_and_stays_correct(lake: Path) -> None:
+    updates = make_updates(6_000, seed=35)
+    sink = DeltaSink(_settings(lake, dedup_index_max_keys=1_000))
+    for i in range(0, 6_000, 500):
+        sink.commit(updates[i : i + 500], _ids(500, i))
+    assert len(sink.index) <= 1_000
+    assert sink.index.horizon_us > 0
+    # Replays from before the horizon go to the table; none is written twice.
+    outcome = sink.commit(updates[::7], _ids(len(updates[::7])))
+    assert outcome.rows_written == 0
+    assert_table_exact(lake, updates)
+
+
+def test_index_never_answers_for_keys_below_its_horizon() -> None:
+    index = CommittedKeyIndex(max_keys=1_000)
+    index.horizon_us = 1_000
+    index.add([("U1", 1, 999), ("U1", 1, 1_000)])
+    assert ("U1", 1, 999) not in index and ("U1", 1, 1_000) in index
+
+
+def test_maintenance_compacts_small_files_and_keeps_every_row(lake: Path) -> None:
+    settings = _settings(lake, compact_min_small_files=5, checkpoint_interval=10)
+    sink = DeltaSink(settings)
+    updates = make_updates(4_000, seed=36)
+    for i in range(0, 4_000, 100):
+        sink.commit(updates[i : i + 100], _ids(100, i))
+    table = DeltaTable(settings.table_uri)
+    files_before = len(table.file_uris())
+    assert partitions_to_compact(table, settings.compact_small_file_bytes, 5)
+    compacted = TableMaintainer(settings, client=None).run_once()  # type: ignore[arg-type]
+    assert compacted
+    table = DeltaTable(settings.table_uri)
+    per_partition = (
+        pa.table(table.get_add_actions(flatten=True)).column("partition.symbol").to_pylist()
+    )
+    assert all(per_partition.count(symbol) == 1 for symbol in compacted)
+    assert len(per_partition) < files_before
+    assert (Path(settings.table_uri) / "_delta_log" / "_last_checkpoint").exists()
+    # Appends after compaction still dedup and land once.
+    sink.commit(updates[::3], _ids(len(updates[::3])))
+    assert_table_exact(lake, updates)
+    rows = pa.table(table.get_add_actions(flatten=True)).column("num_records").to_pylist()
+    assert sum(rows) == 4_000
