@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from consumer import cli as consumer_cli
+from poslake import run as pipeline
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     consume = commands.add_parser("consume", help="run one consumer of the group")
     consumer_cli.build_parser(consume)
     consume.set_defaults(handler=consumer_cli.run)
+    run = commands.add_parser(
+        "run", help="run the whole pipeline locally (private Redis, demo source, consumers)"
+    )
+    pipeline.add_arguments(run)
+    run.set_defaults(handler=pipeline.run)
     return parser
 
 
