@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 # Delta statistics keep timestamps to the millisecond, truncated.
 _STATS_RESOLUTION_US = 1_000
 _KEY_COLUMNS = ["account", "conid", "timestamp"]
+_MASK64 = (1 << 64) - 1
 
 
 def keys_of(rows: pa.Table) -> list[UpdateKey]:
@@ -42,11 +44,25 @@ def keys_of(rows: pa.Table) -> list[UpdateKey]:
     return list(zip(accounts, conids, micros, strict=True))
 
 
+@dataclass(frozen=True, slots=True)
+class BatchKeys:
+    """A batch's keys packed to single ints, with their timestamps, row by row."""
+
+    packed: list[int]
+    micros: list[int]
+
+
 class CommittedKeyIndex:
-    """Keys committed at or after :attr:`horizon_us`, as of table :attr:`version`."""
+    """Keys committed at or after :attr:`horizon_us`, as of table :attr:`version`.
+
+    A key is held as one int, ``account_id << 128 | conid << 64 | timestamp``
+    (~70 bytes a key in the set, against ~200 for a tuple with its own strings),
+    so millions of keys fit in the consumer's memory budget.
+    """
 
     def __init__(self, max_keys: int) -> None:
-        self._keys: set[UpdateKey] = set()
+        self._keys: set[int] = set()
+        self._accounts: dict[str, int] = {}
         self._max_keys = max_keys
         self.horizon_us = 0
         self.version = -1
@@ -55,7 +71,36 @@ class CommittedKeyIndex:
         return len(self._keys)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._keys
+        if not isinstance(key, tuple) or len(key) != 3:
+            return False
+        account, conid, micros = key
+        return self._pack(self._account_id(account), conid, micros) in self._keys
+
+    def _account_id(self, account: str) -> int:
+        found = self._accounts.get(account)
+        if found is None:
+            found = self._accounts[account] = len(self._accounts)
+        return found
+
+    @staticmethod
+    def _pack(account_id: int, conid: int, micros: int) -> int:
+        return (account_id << 128) | ((conid & _MASK64) << 64) | (micros & _MASK64)
+
+    @staticmethod
+    def _micros_of(packed: int) -> int:
+        micros = packed & _MASK64
+        return micros - (1 << 64) if micros >> 63 else micros
+
+    def keys_for(self, rows: pa.Table) -> BatchKeys:
+        """Packed keys of ``rows`` (account strings are mapped through a small dictionary)."""
+        encoded = pc.dictionary_encode(rows.column("account")).combine_chunks()
+        ids = [self._account_id(a) for a in encoded.dictionary.to_pylist()]
+        accounts = [ids[i] for i in encoded.indices.to_pylist()]
+        conids = rows.column("conid").to_pylist()
+        micros = rows.column("timestamp").cast(pa.int64()).to_pylist()
+        pack = self._pack
+        packed = [pack(a, c, t) for a, c, t in zip(accounts, conids, micros, strict=True)]
+        return BatchKeys(packed, micros)
 
     def bootstrap(self, table: DeltaTable) -> None:
         """Start empty, just past the newest committed timestamp: complete by construction."""
@@ -68,17 +113,27 @@ class CommittedKeyIndex:
         )
 
     def add(self, keys: Iterable[UpdateKey]) -> None:
-        """Record committed keys (those older than the horizon are not needed)."""
-        horizon = self.horizon_us
-        self._keys.update(k for k in keys if k[2] >= horizon)
+        """Record committed keys given as tuples."""
+        pack, account_id = self._pack, self._account_id
+        self._add_packed([(pack(account_id(a), c, t), t) for a, c, t in keys])
+
+    def add_committed(self, batch: BatchKeys, indices: Iterable[int]) -> None:
+        """Record the rows of ``batch`` at ``indices``, just committed."""
+        packed, micros = batch.packed, batch.micros
+        self._add_packed([(packed[i], micros[i]) for i in indices])
+
+    def _add_packed(self, entries: list[tuple[int, int]]) -> None:
+        horizon = self.horizon_us  # older keys are not needed: below it the table answers
+        self._keys.update(k for k, t in entries if t >= horizon)
         if len(self._keys) > self._max_keys:
             self._raise_horizon()
 
     def _raise_horizon(self) -> None:
         # Keep the newest half: one sort per halving keeps the cost amortised O(log n).
-        stamps = sorted(k[2] for k in self._keys)
+        stamps = sorted(self._micros_of(k) for k in self._keys)
         self.horizon_us = stamps[len(stamps) // 2]
-        self._keys = {k for k in self._keys if k[2] >= self.horizon_us}
+        micros_of, horizon = self._micros_of, self.horizon_us
+        self._keys = {k for k in self._keys if micros_of(k) >= horizon}
         log.info(
             "dedup index horizon raised",
             extra={"horizon_us": self.horizon_us, "keys": len(self._keys)},
@@ -88,8 +143,9 @@ class CommittedKeyIndex:
         """Learn what other writers committed since :attr:`version`; returns rows read.
 
         ``table`` must already be updated to the version to sync to. Versions
-        whose commit id is in ``own_commit_ids`` were added by :meth:`add` when
-        they landed and are skipped (and their ids forgotten).
+        whose commit id is in ``own_commit_ids`` were added by
+        :meth:`add_committed` when they landed and are skipped (and their ids
+        forgotten).
         """
         target = table.version()
         if target <= self.version:
@@ -115,31 +171,33 @@ class CommittedKeyIndex:
             if "_change_type" in added.column_names:
                 added = added.filter(pc.equal(added.column("_change_type"), "insert"))
             rows_read += added.num_rows
-            self.add(keys_of(added))
+            if added.num_rows:
+                batch = self.keys_for(added)
+                self.add_committed(batch, range(added.num_rows))
         self.version = target
         return rows_read
 
-    def split_new(
-        self, keys: Sequence[UpdateKey], symbols: Sequence[str], table: DeltaTable
-    ) -> list[int]:
-        """Indices of the keys that are not yet in the table, first occurrence only."""
+    def split_new(self, batch: BatchKeys, rows: pa.Table, table: DeltaTable) -> list[int]:
+        """Indices of the rows whose keys the table lacks, first occurrence only."""
         horizon = self.horizon_us
         known = self._keys
-        seen: set[UpdateKey] = set()
+        seen: set[int] = set()
         fresh: list[int] = []
         cold: list[int] = []
-        for i, key in enumerate(keys):
+        for i, (key, micros) in enumerate(zip(batch.packed, batch.micros, strict=True)):
             if key in seen:
                 continue
             seen.add(key)
-            if key[2] >= horizon:
+            if micros >= horizon:
                 if key not in known:
                     fresh.append(i)
             else:
                 cold.append(i)
         if cold:
-            in_table = committed_among(table, [keys[i] for i in cold], [symbols[i] for i in cold])
-            fresh.extend(i for i in cold if keys[i] not in in_table)
+            suspects = rows.take(pa.array(cold, pa.int64()))
+            keys = keys_of(suspects)
+            in_table = committed_among(table, keys, suspects.column("symbol").to_pylist())
+            fresh.extend(i for i, key in zip(cold, keys, strict=True) if key not in in_table)
             fresh.sort()
         return fresh
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 from deltalake import CommitProperties, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 
-from consumer.dedup import CommittedKeyIndex, keys_of
+from consumer.dedup import CommittedKeyIndex
 from shared.errors import CommitConflict, CommitFailed
 from shared.model import PositionUpdate
 from shared.settings import Settings
@@ -70,16 +70,24 @@ class DeltaSink:
         rows = updates_to_arrow(updates, entry_ids)
         try:
             self.table.update_incremental()
-            self.index.sync(self.table, self._own_commit_ids)
         except (DeltaError, OSError) as exc:
             raise CommitFailed(f"cannot read table state: {exc}") from exc
-        keys = keys_of(rows)
-        symbols = rows.column("symbol").to_pylist()
-        fresh = self.index.split_new(keys, symbols, self.table)
-        duplicates = len(keys) - len(fresh)
+        try:
+            self.index.sync(self.table, self._own_commit_ids)
+        except (DeltaError, OSError) as exc:
+            # E.g. the files of a version were vacuumed: starting the index afresh is
+            # always correct (older keys are then checked in the table).
+            log.warning("dedup index re-bootstrapped", extra={"error": str(exc)})
+            try:
+                self.index.bootstrap(self.table)
+            except (DeltaError, OSError) as again:
+                raise CommitFailed(f"cannot read table state: {again}") from again
+        keys = self.index.keys_for(rows)
+        fresh = self.index.split_new(keys, rows, self.table)
+        duplicates = rows.num_rows - len(fresh)
         if not fresh:
             return CommitOutcome(0, duplicates, self.table.version(), time.perf_counter() - started)
-        if len(fresh) < len(keys):
+        if len(fresh) < rows.num_rows:
             rows = rows.take(pa.array(fresh, pa.int64()))
         commit_id = uuid.uuid4().hex
         snapshot_version = self.table.version()
@@ -106,7 +114,7 @@ class DeltaSink:
             # Outcome unknown in general; the next sync reads our commit back if it landed.
             raise CommitFailed(f"commit failed: {exc}") from exc
         self._own_commit_ids.add(commit_id)
-        self.index.add(keys[i] for i in fresh)
+        self.index.add_committed(keys, fresh)
         self.commits += 1
         elapsed = time.perf_counter() - started
         log.debug(

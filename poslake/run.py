@@ -160,9 +160,9 @@ def run(args: argparse.Namespace) -> int:
 def _wait_drained(client: redis.Redis, settings: Settings, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        groups = {g["name"].decode(): g for g in client.xinfo_groups(settings.stream)}  # type: ignore[union-attr]
+        groups = {g["name"].decode(): g for g in client.xinfo_groups(settings.stream)}
         group = groups.get(settings.group)
         last = client.xrevrange(settings.stream, count=1)
-        if group and group["pending"] == 0 and last and group["last-delivered-id"] == last[0][0]:  # type: ignore[index]
+        if group and group["pending"] == 0 and last and group["last-delivered-id"] == last[0][0]:
             return
         time.sleep(0.2)
