@@ -112,7 +112,10 @@ class ConsumerGroup:
         live: list[tuple[bytes, EntryFields]] = []
         for item in raw_entries:
             if item is None or item[0] is None:
-                continue  # 6.2: a trimmed entry comes back as (nil, nil)
+                # 6.2: a trimmed entry comes back as (nil, nil) but is now in our
+                # pending list; re-reading that list yields its ID, to acknowledge.
+                self._pending_cursor = b"0-0"
+                continue
             entry_id, fields = item[0], item[1]
             if fields:
                 live.append((entry_id, fields))
