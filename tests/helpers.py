@@ -20,6 +20,7 @@ from deltalake import DeltaTable
 from shared.model import PositionUpdate
 from shared.publisher import StreamPublisher
 from shared.table import updates_to_arrow
+from shared.wire import decode_entry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_TIME = datetime(2026, 11, 2, 14, 30, tzinfo=UTC)
@@ -178,6 +179,12 @@ def assert_table_exact(lake: Path, updates: Iterable[PositionUpdate]) -> None:
         f"table differs from expected: {len(actual)} rows vs {len(expected)} expected "
         f"({missing} missing)"
     )
+
+
+def stream_updates(client: redis.Redis, stream: str) -> list[PositionUpdate]:
+    """Every update in the stream, decoded, in stream order."""
+    entries: Any = client.xrange(stream)
+    return [decode_entry(fields) for _, fields in entries]
 
 
 def group_pending(url: str, stream: str, group: str = "lake") -> int:

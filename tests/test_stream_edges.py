@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from shared.model import PositionUpdate, UpdateKey
 from shared.publisher import RetryPolicy, StreamPublisher, TrimPolicy
 from shared.redis_server import RedisServer
-from shared.wire import decode_entry
 from tests.conftest import RedisTarget
 from tests.helpers import (
     assert_table_exact,
@@ -20,6 +20,7 @@ from tests.helpers import (
     make_updates,
     publish,
     run_consumer,
+    stream_updates,
 )
 
 
@@ -29,8 +30,7 @@ def test_publish_pipelines_in_order_and_trims_approximately(redis_url: str, stre
     ids = StreamPublisher(client, stream, chunk=300).publish(updates)
     order = [tuple(int(p) for p in i.split(b"-")) for i in ids]
     assert order == sorted(order) and len(set(ids)) == 2_000
-    stored = [decode_entry(fields) for _, fields in client.xrange(stream)]
-    assert stored == updates
+    assert stream_updates(client, stream) == updates
 
     trimmed = f"{stream}-trimmed"
     StreamPublisher(client, trimmed, trim=TrimPolicy(maxlen=500)).publish(updates)
@@ -65,7 +65,7 @@ def test_publisher_retries_across_a_redis_restart(
             publisher.publish(updates[start : start + 100])
             time.sleep(0.005)
         bouncer.join()
-        stored = [decode_entry(fields) for _, fields in client.xrange(stream)]
+        stored = stream_updates(client, stream)
     finally:
         bouncer.join()
         for extra in restarted:
@@ -73,7 +73,7 @@ def test_publisher_retries_across_a_redis_restart(
     assert "xadd failed, retrying" in caplog.text  # the restart happened mid-publish
     # Nothing lost; a chunk in flight at the kill may have landed twice.
     assert {u.key for u in stored} == {u.key for u in updates}
-    firsts = {}
+    firsts: dict[UpdateKey, PositionUpdate] = {}
     for u in stored:
         firsts.setdefault(u.key, u)
     assert list(firsts.values()) == updates  # in order
