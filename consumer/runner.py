@@ -15,6 +15,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
@@ -48,11 +49,11 @@ class Batch:
     _ids: set[bytes] = field(default_factory=set)
 
     def add(self, page: Page) -> None:
-        if page.deliveries and not self.deliveries:
-            self.opened_at = time.monotonic()
         ids = self._ids
+        if not self.deliveries and any(d.entry_id not in ids for d in page.deliveries):
+            self.opened_at = time.monotonic()
         for delivery in page.deliveries:
-            # A claim scan can hand back an entry this batch already holds.
+            # A claim scan or pending re-read can hand back an entry already in hand.
             if delivery.entry_id not in ids:
                 ids.add(delivery.entry_id)
                 self.deliveries.append(delivery)
@@ -123,16 +124,28 @@ class Consumer:
             },
         )
         exit_code = 0
-        while not self._stopping:
-            batch = self._collect(drain)
-            if not batch.empty:
+        # The next batch is read in a second thread while this one commits: the Delta
+        # write runs in Rust without the GIL, so reading and writing overlap on two cores.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as reader:
+            upcoming: Future[Batch] | None = reader.submit(self._collect, drain, frozenset())
+            while upcoming is not None:
+                batch = upcoming.result()
+                upcoming = None
+                if batch.empty:
+                    if self._stopping or (drain and self._drained()):
+                        break
+                    upcoming = reader.submit(self._collect, drain, frozenset())
+                    continue
+                if not self._stopping:
+                    in_flight = frozenset(d.entry_id for d in batch.deliveries)
+                    upcoming = reader.submit(self._collect, drain, in_flight)
                 if not self._process(batch, sink):
                     exit_code = 1
+                    self._stopping = True  # the reader returns what it holds; left pending
+                    if upcoming is not None:
+                        upcoming.result()
                     break
                 maintainer.after_commit(sink.commits)
-                continue
-            if drain and self._drained():
-                break
         maintainer.wait()
         log.info(
             "consumer stopped",
@@ -142,9 +155,10 @@ class Consumer:
 
     # -- reading -------------------------------------------------------------
 
-    def _collect(self, drain: bool) -> Batch:
+    def _collect(self, drain: bool, in_flight: frozenset[bytes]) -> Batch:
+        """Read one batch; ``in_flight`` are entries of the batch being committed meanwhile."""
         s = self.settings
-        batch = Batch()
+        batch = Batch(_ids=set(in_flight))
         while len(batch) < s.batch_max_entries and not self._stopping:
             room = min(s.read_count, s.batch_max_entries - len(batch))
             if not self.group.own_pending_done:

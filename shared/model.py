@@ -28,7 +28,7 @@ UpdateKey = tuple[str, int, int]
 """``(account, conid, timestamp in microseconds since the Unix epoch, UTC)``."""
 
 
-class PositionUpdate(msgspec.Struct, kw_only=True, frozen=True):
+class PositionUpdate(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     """One position/portfolio observation for one contract in one account.
 
     ``symbol`` is the underlying's symbol, so an option lands in the partition of
