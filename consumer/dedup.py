@@ -98,8 +98,11 @@ class CommittedKeyIndex:
         accounts = [ids[i] for i in encoded.indices.to_pylist()]
         conids = rows.column("conid").to_pylist()
         micros = rows.column("timestamp").cast(pa.int64()).to_pylist()
-        pack = self._pack
-        packed = [pack(a, c, t) for a, c, t in zip(accounts, conids, micros, strict=True)]
+        mask = _MASK64  # the packing of _pack, inlined: this runs once per entry
+        packed = [
+            (a << 128) | ((c & mask) << 64) | (t & mask)
+            for a, c, t in zip(accounts, conids, micros, strict=True)
+        ]
         return BatchKeys(packed, micros)
 
     def bootstrap(self, table: DeltaTable) -> None:
@@ -117,9 +120,14 @@ class CommittedKeyIndex:
         pack, account_id = self._pack, self._account_id
         self._add_packed([(pack(account_id(a), c, t), t) for a, c, t in keys])
 
-    def add_committed(self, batch: BatchKeys, indices: Iterable[int]) -> None:
+    def add_committed(self, batch: BatchKeys, indices: Sequence[int]) -> None:
         """Record the rows of ``batch`` at ``indices``, just committed."""
         packed, micros = batch.packed, batch.micros
+        if len(indices) == len(packed) and (not micros or min(micros) >= self.horizon_us):
+            self._keys.update(packed)  # the common case, at C speed
+            if len(self._keys) > self._max_keys:
+                self._raise_horizon()
+            return
         self._add_packed([(packed[i], micros[i]) for i in indices])
 
     def _add_packed(self, entries: list[tuple[int, int]]) -> None:
@@ -181,6 +189,13 @@ class CommittedKeyIndex:
         """Indices of the rows whose keys the table lacks, first occurrence only."""
         horizon = self.horizon_us
         known = self._keys
+        packed = batch.packed
+        if (
+            (not batch.micros or min(batch.micros) >= horizon)
+            and known.isdisjoint(packed)
+            and len(set(packed)) == len(packed)
+        ):
+            return list(range(len(packed)))  # the common case: all new, no table read
         seen: set[int] = set()
         fresh: list[int] = []
         cold: list[int] = []
