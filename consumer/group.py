@@ -20,21 +20,30 @@ from shared.wire import EntryFields
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class Delivery:
-    """One stream entry as delivered to this consumer."""
-
-    entry_id: bytes
-    fields: EntryFields
-    deliveries: int
+RawFields = EntryFields | list[bytes]
+"""An entry's fields as a mapping, or flat ``[k1, v1, k2, v2, ...]`` as Redis sends them."""
 
 
 @dataclass(slots=True)
 class Page:
-    """Entries read in one call, plus pending IDs whose entries were trimmed away."""
+    """Entries read in one call (parallel lists), plus pending IDs whose entries were trimmed.
 
-    deliveries: list[Delivery]
+    ``deliveries`` is ``None`` when every entry is delivered for the first time,
+    which spares the hot path a list of ones.
+    """
+
+    ids: list[bytes]
+    fields: list[RawFields]
+    deliveries: list[int] | None
     vanished: list[bytes]
+
+
+def _empty() -> Page:
+    return Page([], [], None, [])
+
+
+def _raw_reply(response: Any, **_options: Any) -> Any:
+    return response
 
 
 class ConsumerGroup:
@@ -42,6 +51,10 @@ class ConsumerGroup:
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self._client = client
+        # Same connections; XREADGROUP replies left as Redis sent them (nested lists):
+        # redis-py's per-entry dict building is a large share of the hot path.
+        self._raw = redis.Redis(connection_pool=client.connection_pool)
+        self._raw.set_response_callback("XREADGROUP", _raw_reply)
         self.stream = settings.stream
         self.group = settings.group
         self.consumer = settings.consumer_name
@@ -70,26 +83,31 @@ class ConsumerGroup:
     def read_own_pending(self, count: int) -> Page:
         """The next page of this consumer's own pending entries; empty once all were read."""
         if self._pending_cursor is None:
-            return Page([], [])
-        reply = self._client.xreadgroup(
+            return _empty()
+        reply = self._raw.xreadgroup(
             self.group, self.consumer, {self.stream: self._pending_cursor}, count=count
         )
         entries = _entries_of(reply)
         if not entries:
             self._pending_cursor = None
-            return Page([], [])
+            return _empty()
         self._pending_cursor = entries[-1][0]
-        live = [(i, f) for i, f in entries if f]
-        vanished = [i for i, f in entries if not f]
-        counts = self._delivery_counts([i for i, _ in live])
-        return Page([Delivery(i, f, counts.get(i, 1)) for i, f in live], vanished)
+        ids = [e[0] for e in entries if e[1]]
+        counts = self._delivery_counts(ids)
+        return Page(
+            ids,
+            [e[1] for e in entries if e[1]],
+            [counts.get(i, 1) for i in ids],
+            [e[0] for e in entries if not e[1]],
+        )
 
     def read_new(self, count: int, block_ms: int | None) -> Page:
         """Entries never delivered to the group, waiting up to ``block_ms`` for the first."""
-        reply = self._client.xreadgroup(
+        reply = self._raw.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
         )
-        return Page([Delivery(i, f, 1) for i, f in _entries_of(reply)], [])
+        entries = _entries_of(reply)
+        return Page([e[0] for e in entries], [e[1] for e in entries], None, [])
 
     def claim_page(self) -> tuple[Page, bool]:
         """One XAUTOCLAIM page of entries idle longer than the claim idle time.
@@ -109,7 +127,7 @@ class ConsumerGroup:
         cursor: bytes = reply[0]
         raw_entries = reply[1] or []
         vanished = list(reply[2]) if len(reply) > 2 and reply[2] else []
-        live: list[tuple[bytes, EntryFields]] = []
+        live: list[tuple[bytes, RawFields]] = []
         for item in raw_entries:
             if item is None or item[0] is None:
                 # 6.2: a trimmed entry comes back as (nil, nil) but is now in our
@@ -123,18 +141,20 @@ class ConsumerGroup:
                 vanished.append(entry_id)
         self._claim_cursor = cursor
         more = cursor not in (b"0-0", "0-0")
-        counts = self._delivery_counts([i for i, _ in live])
+        ids = [i for i, _ in live]
+        counts = self._delivery_counts(ids)
         if live:
             log.info(
                 "claimed idle entries",
                 extra={
                     "consumer": self.consumer,
-                    "first_id": live[0][0].decode(),
-                    "last_id": live[-1][0].decode(),
+                    "first_id": ids[0].decode(),
+                    "last_id": ids[-1].decode(),
                     "entries": len(live),
                 },
             )
-        return Page([Delivery(i, f, counts.get(i, 1)) for i, f in live], vanished), more
+        page = Page(ids, [f for _, f in live], [counts.get(i, 1) for i in ids], vanished)
+        return page, more
 
     def _delivery_counts(self, ids: list[bytes]) -> dict[bytes, int]:
         """Times delivered, from the pending list (XREADGROUP and XAUTOCLAIM do not say)."""
@@ -171,9 +191,11 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
-def _entries_of(reply: Any) -> list[tuple[bytes, EntryFields]]:
+def _entries_of(reply: Any) -> list[Any]:
+    """``[[id, fields], ...]`` from a raw XREADGROUP reply (RESP2 or RESP3)."""
     if not reply:
         return []
-    # redis-py (RESP2) returns [[stream, [(id, fields), ...]]].
-    entries: list[tuple[bytes, EntryFields]] = reply[0][1]
+    if isinstance(reply, dict):  # RESP3: {stream: [[id, fields], ...]}
+        return list(next(iter(reply.values())))
+    entries: list[Any] = reply[0][1]
     return entries

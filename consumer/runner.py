@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import redis
 
-from consumer.group import ConsumerGroup, Delivery, Page
+from consumer.group import ConsumerGroup, Page, RawFields
 from consumer.maintenance import TableMaintainer
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
@@ -31,7 +31,7 @@ from shared.errors import CommitConflict, CommitFailed
 from shared.model import PositionUpdate
 from shared.publisher import TRANSIENT_REDIS_ERRORS
 from shared.settings import Settings
-from shared.wire import decode_entries
+from shared.wire import decode_entries, fields_as_dict
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +43,48 @@ _DRAIN_BLOCK_MS = 50
 
 @dataclass(slots=True)
 class Batch:
-    deliveries: list[Delivery] = field(default_factory=list)
+    """Entries in hand, as parallel lists in delivery order."""
+
+    ids: list[bytes] = field(default_factory=list)
+    fields: list[RawFields] = field(default_factory=list)
+    deliveries: list[int] = field(default_factory=list)
     vanished: list[bytes] = field(default_factory=list)
     opened_at: float = 0.0
-    _ids: set[bytes] = field(default_factory=set)
+    in_flight: frozenset[bytes] = frozenset()
+    _seen: set[bytes] | None = None
 
     def add(self, page: Page) -> None:
-        ids = self._ids
-        if not self.deliveries and any(d.entry_id not in ids for d in page.deliveries):
-            self.opened_at = time.monotonic()
-        for delivery in page.deliveries:
-            # A claim scan or pending re-read can hand back an entry already in hand.
-            if delivery.entry_id not in ids:
-                ids.add(delivery.entry_id)
-                self.deliveries.append(delivery)
+        if page.deliveries is None:
+            # First deliveries (XREADGROUP >): new to everyone, nothing to filter.
+            if page.ids and not self.ids:
+                self.opened_at = time.monotonic()
+            self.ids.extend(page.ids)
+            self.fields.extend(page.fields)
+            self.deliveries.extend([1] * len(page.ids))
+            if self._seen is not None:
+                self._seen.update(page.ids)
+        else:
+            # A claim scan or pending re-read can hand back an entry already in hand
+            # (here, or in the batch being committed meanwhile).
+            if self._seen is None:
+                self._seen = set(self.ids) | self.in_flight
+            seen = self._seen
+            for entry_id, fields, count in zip(page.ids, page.fields, page.deliveries, strict=True):
+                if entry_id not in seen:
+                    if not self.ids:
+                        self.opened_at = time.monotonic()
+                    seen.add(entry_id)
+                    self.ids.append(entry_id)
+                    self.fields.append(fields)
+                    self.deliveries.append(count)
         self.vanished.extend(page.vanished)
 
     def __len__(self) -> int:
-        return len(self.deliveries)
+        return len(self.ids)
 
     @property
     def empty(self) -> bool:
-        return not self.deliveries and not self.vanished
+        return not self.ids and not self.vanished
 
 
 @dataclass(slots=True)
@@ -137,7 +157,7 @@ class Consumer:
                     upcoming = reader.submit(self._collect, drain, frozenset())
                     continue
                 if not self._stopping:
-                    in_flight = frozenset(d.entry_id for d in batch.deliveries)
+                    in_flight = frozenset(batch.ids)
                     upcoming = reader.submit(self._collect, drain, in_flight)
                 if not self._process(batch, sink):
                     exit_code = 1
@@ -158,7 +178,7 @@ class Consumer:
     def _collect(self, drain: bool, in_flight: frozenset[bytes]) -> Batch:
         """Read one batch; ``in_flight`` are entries of the batch being committed meanwhile."""
         s = self.settings
-        batch = Batch(_ids=set(in_flight))
+        batch = Batch(in_flight=in_flight)
         while len(batch) < s.batch_max_entries and not self._stopping:
             room = min(s.read_count, s.batch_max_entries - len(batch))
             if not self.group.own_pending_done:
@@ -167,7 +187,7 @@ class Consumer:
             if self._claim_scan_open or time.monotonic() >= self._next_claim_at:
                 self._claim_once(batch)
                 continue
-            if batch.deliveries:
+            if batch.ids:
                 remaining = s.batch_max_wait_s - (time.monotonic() - batch.opened_at)
                 if remaining <= 0:
                     break
@@ -176,7 +196,7 @@ class Consumer:
                 block_s = min(s.batch_max_wait_s, _IDLE_BLOCK_S)
             block_ms = _DRAIN_BLOCK_MS if drain else max(1, int(block_s * 1000))
             page = self._redis(partial(self.group.read_new, room, block_ms))
-            if not page.deliveries and drain:
+            if not page.ids and drain:
                 break  # nothing new: commit what is in hand, then check if drained
             batch.add(page)
         return batch
@@ -205,18 +225,30 @@ class Consumer:
         s = self.settings
         self.stats.batches += 1
         dead: list[DeadLetter] = []
-        fresh: list[Delivery] = []
-        for d in batch.deliveries:
-            if d.deliveries > s.max_deliveries:
-                reason = f"delivered {d.deliveries} times (limit {s.max_deliveries})"
-                dead.append(DeadLetter(d.entry_id, d.fields, reason, d.deliveries))
-            else:
-                fresh.append(d)
-        decoded = decode_entries((d.entry_id, d.fields) for d in fresh)
-        counts = {d.entry_id: d.deliveries for d in fresh}
-        dead.extend(
-            DeadLetter(p.entry_id, p.fields, p.reason, counts[p.entry_id]) for p in decoded.poison
-        )
+        limit = s.max_deliveries
+        max_count = max(batch.deliveries, default=0)
+        if max_count > limit:
+            keep = [i for i, n in enumerate(batch.deliveries) if n <= limit]
+            dead = [
+                DeadLetter(
+                    batch.ids[i],
+                    fields_as_dict(batch.fields[i]),
+                    f"delivered {n} times (limit {limit})",
+                    n,
+                )
+                for i, n in enumerate(batch.deliveries)
+                if n > limit
+            ]
+            entries = [(batch.ids[i], batch.fields[i]) for i in keep]
+        else:
+            entries = list(zip(batch.ids, batch.fields, strict=True))
+        decoded = decode_entries(entries)
+        if decoded.poison:
+            counts = dict(zip(batch.ids, batch.deliveries, strict=True))
+            dead.extend(
+                DeadLetter(p.entry_id, p.fields, p.reason, counts[p.entry_id])
+                for p in decoded.poison
+            )
         self._crash_point("after_read", self.stats.batches)
 
         outcome = self._commit_with_retry(sink, decoded.updates, decoded.entry_ids)
@@ -224,9 +256,9 @@ class Consumer:
             return False
         self._crash_point("after_commit", self.stats.batches)
 
-        ids = [d.entry_id for d in batch.deliveries] + batch.vanished
+        ids = batch.ids + batch.vanished
         self._redis(lambda: self.settler.settle(ids, dead))
-        self.stats.entries += len(batch.deliveries)
+        self.stats.entries += len(batch.ids)
         self.stats.rows_written += outcome.rows_written
         self.stats.duplicates += outcome.duplicates
         self.stats.dead_letters += len(dead)
@@ -236,11 +268,11 @@ class Consumer:
                 "consumer": s.consumer_name,
                 "first_id": ids[0].decode() if ids else "",
                 "last_id": ids[-1].decode() if ids else "",
-                "entries": len(batch.deliveries),
+                "entries": len(batch.ids),
                 "rows": outcome.rows_written,
                 "duplicates": outcome.duplicates,
                 "dead_letters": len(dead),
-                "max_delivery_count": max((d.deliveries for d in batch.deliveries), default=0),
+                "max_delivery_count": max_count,
                 "table_version": outcome.table_version,
                 "commit_s": round(outcome.seconds, 4),
             },

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -87,10 +88,53 @@ def decode_entry(fields: EntryFields) -> PositionUpdate:
         raise ValueError(f"invalid payload: {exc}") from None
 
 
-def decode_entries(entries: Iterable[StreamEntry]) -> DecodedBatch:
-    """Sort stream entries into updates and poison."""
-    batch = DecodedBatch()
+def fields_as_dict(fields: EntryFields | Sequence[bytes]) -> dict[bytes, bytes]:
+    """An entry's fields as a dict, from a mapping or Redis's flat ``[k1, v1, ...]``."""
+    if isinstance(fields, Mapping):
+        return dict(fields)
+    return dict(zip(fields[::2], fields[1::2], strict=True))
+
+
+def decode_entries(entries: Iterable[tuple[bytes, EntryFields | Sequence[bytes]]]) -> DecodedBatch:
+    """Sort stream entries into updates and poison, keeping stream order.
+
+    The common layout (``v 1 payload <json>`` exactly, as our publisher writes it)
+    is decoded for the whole batch in one msgspec call; anything else, and any
+    batch in which that call fails, goes entry by entry so each poison entry
+    gets its own reason.
+    """
+    entries = list(entries)
+    ids: list[bytes] = []
+    payloads: list[bytes] = []
+    others = 0
     for entry_id, fields in entries:
+        if (
+            type(fields) is list
+            and len(fields) == 4
+            and fields[0] == _VERSION_KEY
+            and fields[1] == _CURRENT_VERSION
+            and fields[2] == _PAYLOAD_KEY
+            and b"\n" not in fields[3]
+        ):
+            ids.append(entry_id)
+            payloads.append(fields[3])
+        else:
+            others += 1
+    if not others:
+        try:
+            # One line per payload (none holds a newline): lines map 1:1 to entries.
+            updates = _decoder.decode_lines(b"\n".join(payloads))
+        except msgspec.DecodeError:
+            pass
+        else:
+            return DecodedBatch(ids, updates, [])
+    return _decode_one_by_one(entries)
+
+
+def _decode_one_by_one(entries: Iterable[tuple[bytes, Any]]) -> DecodedBatch:
+    batch = DecodedBatch()
+    for entry_id, raw in entries:
+        fields = fields_as_dict(raw)
         try:
             update = decode_entry(fields)
         except ValueError as exc:
