@@ -8,13 +8,15 @@ protocol 1: a tz-naive column would silently require ``timestampNtz``.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
+import msgspec
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
-from msgspec.structs import astuple
 
 from shared.model import PositionUpdate
 
@@ -46,8 +48,21 @@ POSITION_UPDATES_SCHEMA = pa.schema(
     ]
 )
 
-# The update's fields in its own (struct) order, as astuple() returns them.
-_STRUCT_FIELDS: tuple[str, ...] = PositionUpdate.__struct_fields__
+# How the update's fields read from JSON (dates and times as text, converted after).
+_JSON_TYPES: dict[pa.DataType, pl.DataType] = {
+    pa.string(): pl.String(),
+    pa.int64(): pl.Int64(),
+    pa.float64(): pl.Float64(),
+    pa.date32(): pl.String(),
+    UTC_MICROS: pl.String(),
+}
+_JSON_SCHEMA: dict[str, pl.DataType] = {
+    f.name: _JSON_TYPES[f.type]
+    for f in POSITION_UPDATES_SCHEMA
+    if f.name not in ("date", "stream_id")
+}
+_RFC3339 = "%Y-%m-%dT%H:%M:%S%.f%#z"  # msgspec writes "Z" or "+hh:mm", fraction optional
+_encoder = msgspec.json.Encoder()
 
 
 def table_configuration(checkpoint_interval: int) -> dict[str, str | None]:
@@ -81,12 +96,22 @@ def open_or_create_table(
 
 
 def updates_to_arrow(updates: Sequence[PositionUpdate], stream_ids: Sequence[bytes]) -> pa.Table:
-    """Rows for the table, in the given order, with ``date`` derived from ``timestamp``."""
-    # One pass of astuple + zip transposes rows to columns ~3x faster than a getattr per cell.
-    if updates:
-        columns = dict(zip(_STRUCT_FIELDS, zip(*map(astuple, updates), strict=True), strict=True))
-    else:
-        columns = {name: () for name in _STRUCT_FIELDS}
+    """Rows for the table, in the given order, with ``date`` derived from ``timestamp``.
+
+    The validated updates are encoded once more as canonical JSON lines (msgspec,
+    in C) and parsed into columns by polars (in Rust, without the GIL): several
+    times cheaper than moving every field of every object into Arrow from Python.
+    The canonical form is what was validated, so both parsers see the same values.
+    """
+    if not updates:
+        return POSITION_UPDATES_SCHEMA.empty_table()
+    frame = pl.read_ndjson(io.BytesIO(_encoder.encode_lines(updates)), schema=_JSON_SCHEMA)
+    frame = frame.with_columns(
+        pl.col("timestamp").str.to_datetime(_RFC3339, time_unit="us", time_zone="UTC"),
+        pl.col("expiry").str.to_date("%Y-%m-%d"),
+        pl.col("multiplier").fill_null(1.0),
+    )
+    parsed = frame.to_arrow()
     arrays: list[pa.Array] = []
     for fld in POSITION_UPDATES_SCHEMA:
         if fld.name == "date":
@@ -94,7 +119,7 @@ def updates_to_arrow(updates: Sequence[PositionUpdate], stream_ids: Sequence[byt
         elif fld.name == "stream_id":
             arrays.append(pa.array([i.decode() for i in stream_ids], pa.string()))
         else:
-            arrays.append(pa.array(columns[fld.name], fld.type))
+            arrays.append(parsed.column(fld.name).cast(fld.type))
     return pa.Table.from_arrays(arrays, schema=POSITION_UPDATES_SCHEMA)
 
 
