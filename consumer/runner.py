@@ -1,8 +1,9 @@
 """One consumer process: read a batch, validate, dedup, commit to Delta, then settle.
 
-The loop keeps at most one batch in hand. Redis errors are retried with backoff
-around each call (the batch in hand stays in hand); a failed Delta commit is
-retried with backoff without acknowledging anything. SIGTERM/SIGINT stop the
+At most two batches are in hand: one committing, the next being read. Redis
+errors are retried with backoff around each call (the batches in hand stay in
+hand); a failed Delta commit is retried with backoff without acknowledging
+anything. SIGTERM/SIGINT stop the
 reading; the batch in hand is committed and settled before exit.
 """
 
@@ -27,7 +28,7 @@ from consumer.group import ConsumerGroup, Page, RawFields
 from consumer.maintenance import TableMaintainer
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
-from shared.errors import CommitConflict, CommitFailed
+from shared.errors import CommitConflict, CommitFailed, StreamUnavailable
 from shared.model import PositionUpdate
 from shared.publisher import TRANSIENT_REDIS_ERRORS
 from shared.settings import Settings
@@ -143,6 +144,19 @@ class Consumer:
                 "drain": drain,
             },
         )
+        try:
+            exit_code = self._consume(sink, maintainer, drain)
+        except StreamUnavailable as exc:
+            log.error("stopped without redis", extra={"error": str(exc)})
+            exit_code = 1
+        maintainer.wait()
+        log.info(
+            "consumer stopped",
+            extra={"consumer": s.consumer_name, "exit_code": exit_code, **_as_fields(self.stats)},
+        )
+        return exit_code
+
+    def _consume(self, sink: DeltaSink, maintainer: TableMaintainer, drain: bool) -> int:
         exit_code = 0
         # The next batch is read in a second thread while this one commits: the Delta
         # write runs in Rust without the GIL, so reading and writing overlap on two cores.
@@ -166,11 +180,6 @@ class Consumer:
                         upcoming.result()
                     break
                 maintainer.after_commit(sink.commits)
-        maintainer.wait()
-        log.info(
-            "consumer stopped",
-            extra={"consumer": s.consumer_name, "exit_code": exit_code, **_as_fields(self.stats)},
-        )
         return exit_code
 
     # -- reading -------------------------------------------------------------
@@ -208,8 +217,8 @@ class Consumer:
         self._claim_scan_open = more
         if not more:
             self._next_claim_at = time.monotonic() + self.settings.claim_interval_s
-        elif self._crash_point("mid_claim", self._claim_pages):
-            pass
+        else:
+            self._crash_point("mid_claim", self._claim_pages)
 
     def _drained(self) -> bool:
         if self._redis(self.group.group_pending) > 0:
@@ -334,6 +343,9 @@ class Consumer:
             except TRANSIENT_REDIS_ERRORS as exc:
                 failures += 1
                 self.stats.redis_retries += 1
+                if self._stopping and failures > 5:
+                    # Stop anyway: whatever is unacknowledged stays pending and replays.
+                    raise StreamUnavailable(f"redis unavailable while stopping: {exc}") from exc
                 delay = _backoff(self.settings, failures)
                 log.warning(
                     "redis unavailable, retrying", extra={"error": str(exc), "delay_s": delay}
@@ -344,12 +356,11 @@ class Consumer:
         with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
             self.group.ensure_group()  # the next call retries anyway
 
-    def _crash_point(self, point: str, count: int) -> bool:
+    def _crash_point(self, point: str, count: int) -> None:
         if self.settings.fault_crash_at == point and count == self.settings.fault_crash_on_batch:
             log.warning("fault injection: SIGKILL", extra={"point": point, "count": count})
             logging.shutdown()
             os.kill(os.getpid(), signal.SIGKILL)
-        return False
 
 
 def _backoff(settings: Settings, failures: int) -> float:
