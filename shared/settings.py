@@ -66,8 +66,11 @@ class Settings(BaseSettings):
 
     # Table upkeep done by the consumer itself.
     compact_min_small_files: Annotated[int, Field(ge=2)] = 32
-    compact_small_file_bytes: Annotated[int, Field(ge=1)] = 16 * 1024 * 1024
-    compact_target_file_bytes: Annotated[int, Field(ge=1024)] = 128 * 1024 * 1024
+    # Compaction packs every file under the target into target-sized files, so the
+    # target bounds what one compaction rewrites per partition; bigger files (from
+    # `poslake maintain`-style compactions) are left alone.
+    compact_small_file_bytes: Annotated[int, Field(ge=1)] = 4 * 1024 * 1024
+    compact_target_file_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     maintenance_every_commits: Annotated[int, Field(ge=1)] = 25
     checkpoint_interval: Annotated[int, Field(ge=1)] = 100
 
@@ -94,6 +97,11 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("POSLAKE_RETRY_MAX_S must be at least POSLAKE_RETRY_INITIAL_S")
+        if self.compact_target_file_bytes < self.compact_small_file_bytes:
+            raise ValueError(
+                "POSLAKE_COMPACT_TARGET_FILE_BYTES must be at least "
+                "POSLAKE_COMPACT_SMALL_FILE_BYTES"
+            )
         return self
 
     @property
