@@ -1,4 +1,3 @@
-# mypy: disable-error-code="import-untyped"
 """Shared benchmark code: deterministic data, cached prefilled tables, a private Redis.
 
 Every generated row is a pure function of its *index* ``i``: its timestamp is

@@ -1,4 +1,3 @@
-# mypy: disable-error-code="import-untyped"
 """Dedup cost: one 5,000-entry batch with 20% replays through ``DeltaSink.commit``.
 
 Steady state: the sink has been running, so the replays are keys it committed
