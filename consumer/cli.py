@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from consumer.runner import Consumer
@@ -32,9 +33,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"poslake consumer: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_json)
+    tune_garbage_collector()
     consumer = Consumer(settings)
     consumer.install_signal_handlers()
     return consumer.run(drain=bool(args.drain))
+
+
+def tune_garbage_collector() -> None:
+    """Collect cyclic garbage far less often than CPython's default.
+
+    A batch allocates hundreds of thousands of short-lived objects (reply lists,
+    byte strings, updates) that reference counting frees on its own; with the
+    default gen-0 threshold of 700 the cyclic collector ran constantly and took
+    ~45% of a drain (bench/drain.py: 52k -> 94k entries/s with this setting).
+    Objects alive after start-up (modules, settings) are frozen out of it.
+    """
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
 
 
 def main(argv: list[str] | None = None) -> int:
