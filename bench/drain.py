@@ -159,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.drain", description=__doc__)
     parser.add_argument("--entries", type=int, default=1_000_000, help="stream entries to drain")
     parser.add_argument("--prefill", type=int, default=5_000_000, help="rows already in the table")
-    parser.add_argument("--batch-max-entries", type=int, default=50_000)
+    parser.add_argument(
+        "--batch-max-entries",
+        type=int,
+        default=35_000,
+        help="consumer batch size (35k: two batches in hand stay under 500 MB)",
+    )
     parser.add_argument("--read-count", type=int, default=5_000)
     parser.add_argument(
         "--raw-counts",

@@ -252,6 +252,10 @@ class Consumer:
         else:
             entries = list(zip(batch.ids, batch.fields, strict=True))
         decoded = decode_entries(entries)
+        # The raw replies are no longer needed (poison keeps its own copy): free them
+        # before the commit, while the next batch is being read.
+        del entries
+        batch.fields.clear()
         if decoded.poison:
             counts = dict(zip(batch.ids, batch.deliveries, strict=True))
             dead.extend(
