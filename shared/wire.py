@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from shared.errors import PoisonEntry
 from shared.model import PositionUpdate
 
 VERSION_FIELD = "v"
@@ -36,17 +37,11 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(PositionUpdate)
 
 EntryFields = Mapping[bytes, bytes]
-StreamEntry = tuple[bytes, EntryFields]
 
 
 def encode_update(update: PositionUpdate) -> dict[str, bytes]:
     """The stream entry fields for one update."""
     return {VERSION_FIELD: _CURRENT_VERSION, PAYLOAD_FIELD: _encoder.encode(update)}
-
-
-def encode_payload(update: PositionUpdate) -> bytes:
-    """The JSON payload alone (for tools that build entries themselves)."""
-    return _encoder.encode(update)
 
 
 @dataclass(slots=True)
@@ -68,24 +63,24 @@ class DecodedBatch:
 
 
 def decode_entry(fields: EntryFields) -> PositionUpdate:
-    """Decode one entry's fields; raises ``ValueError`` with the reason if it is poison."""
+    """Decode one entry's fields; raises :class:`PoisonEntry` with the reason if it is poison."""
     version = fields.get(_VERSION_KEY)
     if version is None:
-        raise ValueError(f"missing field {VERSION_FIELD!r}")
+        raise PoisonEntry(f"missing field {VERSION_FIELD!r}")
     if version != _CURRENT_VERSION:
         try:
             number = int(version)
         except ValueError:
-            raise ValueError(f"schema version {version!r} is not a number") from None
+            raise PoisonEntry(f"schema version {version!r} is not a number") from None
         if number not in SUPPORTED_VERSIONS:
-            raise ValueError(f"unknown schema version {number}")
+            raise PoisonEntry(f"unknown schema version {number}")
     payload = fields.get(_PAYLOAD_KEY)
     if payload is None:
-        raise ValueError(f"missing field {PAYLOAD_FIELD!r}")
+        raise PoisonEntry(f"missing field {PAYLOAD_FIELD!r}")
     try:
         return _decoder.decode(payload)
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
-        raise ValueError(f"invalid payload: {exc}") from None
+        raise PoisonEntry(f"invalid payload: {exc}") from None
 
 
 def fields_as_dict(fields: EntryFields | Sequence[bytes]) -> dict[bytes, bytes]:
@@ -137,8 +132,8 @@ def _decode_one_by_one(entries: Iterable[tuple[bytes, Any]]) -> DecodedBatch:
         fields = fields_as_dict(raw)
         try:
             update = decode_entry(fields)
-        except ValueError as exc:
-            batch.poison.append(PoisonRecord(entry_id, fields, str(exc)))
+        except PoisonEntry as exc:
+            batch.poison.append(PoisonRecord(entry_id, fields, exc.reason))
             continue
         batch.entry_ids.append(entry_id)
         batch.updates.append(update)
