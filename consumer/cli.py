@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 
 from consumer.runner import Consumer
-from shared.errors import ConfigError
 from shared.logs import configure_logging
-from shared.settings import load_settings
+from shared.settings import load_settings_or_report
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -27,10 +25,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"poslake consumer: {exc}", file=sys.stderr)
+    settings = load_settings_or_report("poslake consumer")
+    if settings is None:
         return 2
     configure_logging(settings.log_level, settings.log_json)
     tune_garbage_collector()

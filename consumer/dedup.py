@@ -18,7 +18,7 @@ turns memory answers into table reads, never into wrong answers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -114,11 +114,6 @@ class CommittedKeyIndex:
             "dedup index bootstrapped",
             extra={"table_version": self.version, "horizon_us": self.horizon_us},
         )
-
-    def add(self, keys: Iterable[UpdateKey]) -> None:
-        """Record committed keys given as tuples."""
-        pack, account_id = self._pack, self._account_id
-        self._add_packed([(pack(account_id(a), c, t), t) for a, c, t in keys])
 
     def add_committed(self, batch: BatchKeys, indices: Sequence[int]) -> None:
         """Record the rows of ``batch`` at ``indices``, just committed."""

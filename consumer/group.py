@@ -77,7 +77,7 @@ class ConsumerGroup:
         return self._pending_cursor is None
 
     def restart_own_pending(self) -> None:
-        """Read the own pending list from its start again (after a reconnect)."""
+        """Read the own pending list from its start again."""
         self._pending_cursor = b"0-0"
 
     def read_own_pending(self, count: int) -> Page:
@@ -132,7 +132,7 @@ class ConsumerGroup:
             if item is None or item[0] is None:
                 # 6.2: a trimmed entry comes back as (nil, nil) but is now in our
                 # pending list; re-reading that list yields its ID, to acknowledge.
-                self._pending_cursor = b"0-0"
+                self.restart_own_pending()
                 continue
             entry_id, fields = item[0], item[1]
             if fields:

@@ -20,11 +20,10 @@ import redis
 from deltalake import DeltaTable
 
 from poslake.demo_feed import DemoPortfolio
-from shared.errors import ConfigError
 from shared.logs import configure_logging
 from shared.publisher import StreamPublisher
 from shared.redis_server import RedisServer, find_redis_server
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, load_settings_or_report
 
 
 class StartupError(Exception):
@@ -91,10 +90,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"poslake run: {exc}", file=sys.stderr)
+    settings = load_settings_or_report("poslake run")
+    if settings is None:
         return 2
     configure_logging(settings.log_level, settings.log_json)
     data_dir: Path = args.data_dir.resolve()

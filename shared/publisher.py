@@ -58,6 +58,17 @@ class RetryPolicy:
         return float(min(self.max_s, self.initial_s * 2**attempt))
 
 
+def _queue_xadds(
+    pipe: redis.client.Pipeline | aioredis.client.Pipeline,
+    stream: str,
+    entries: list[dict[str, bytes]],
+    trim: TrimPolicy,
+) -> None:
+    options = trim.xadd_kwargs(time.time())
+    for fields in entries:
+        pipe.xadd(stream, fields, **options)  # type: ignore[arg-type]
+
+
 class StreamPublisher:
     """Synchronous publisher (tools, benchmarks, tests)."""
 
@@ -87,9 +98,7 @@ class StreamPublisher:
         for attempt in range(self._retry.attempts):
             try:
                 pipe = self._client.pipeline(transaction=False)
-                trim = self._trim.xadd_kwargs(time.time())
-                for fields in entries:
-                    pipe.xadd(self._stream, fields, **trim)  # type: ignore[arg-type]
+                _queue_xadds(pipe, self._stream, entries, self._trim)
                 return list(pipe.execute())
             except TRANSIENT_REDIS_ERRORS as exc:
                 delay = self._retry.delay(attempt)
@@ -127,9 +136,7 @@ class AsyncStreamPublisher:
         for attempt in range(self._retry.attempts):
             try:
                 pipe = self._client.pipeline(transaction=False)
-                trim = self._trim.xadd_kwargs(time.time())
-                for fields in entries:
-                    pipe.xadd(self._stream, fields, **trim)  # type: ignore[arg-type]
+                _queue_xadds(pipe, self._stream, entries, self._trim)
                 return list(await pipe.execute())
             except TRANSIENT_REDIS_ERRORS as exc:
                 delay = self._retry.delay(attempt)

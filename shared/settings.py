@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -138,3 +139,12 @@ def load_settings(**overrides: object) -> Settings:
         match = re.search(r'field "(\w+)"', str(exc))
         where = _env_name((match.group(1),)) if match else "settings"
         raise ConfigError(f"invalid setting: {where}: {exc}") from None
+
+
+def load_settings_or_report(program: str) -> Settings | None:
+    """For entry points: the settings, or ``None`` after printing what is wrong."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        return None

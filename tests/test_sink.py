@@ -13,6 +13,7 @@ from consumer.maintenance import TableMaintainer, partitions_to_compact
 from consumer.sink import DeltaSink
 from shared.errors import CommitConflict
 from shared.settings import Settings
+from shared.table import updates_to_arrow
 from tests.helpers import assert_table_exact, make_updates
 
 
@@ -78,10 +79,12 @@ def test_index_bound_moves_the_horizon_and_stays_correct(lake: Path) -> None:
 
 
 def test_index_never_answers_for_keys_below_its_horizon() -> None:
+    below, at = make_updates(2, seed=37)
     index = CommittedKeyIndex(max_keys=1_000)
-    index.horizon_us = 1_000
-    index.add([("U1", 1, 999), ("U1", 1, 1_000)])
-    assert ("U1", 1, 999) not in index and ("U1", 1, 1_000) in index
+    index.horizon_us = at.key[2]
+    rows = updates_to_arrow([below, at], _ids(2))
+    index.add_committed(index.keys_for(rows), [0, 1])
+    assert below.key not in index and at.key in index
 
 
 def test_maintenance_compacts_small_files_and_keeps_every_row(lake: Path) -> None:
