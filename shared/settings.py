@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 import socket
 import sys
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from shared.errors import ConfigError
 
@@ -80,6 +81,29 @@ class Settings(BaseSettings):
     stream_min_age_s: Annotated[float, Field(gt=0)] | None = None
     publish_chunk: Annotated[int, Field(ge=1, le=100_000)] = 500
 
+    # Producer: the IB connection (TWS or IB Gateway; the API is plain TCP).
+    ib_host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    ib_port: Annotated[int, Field(ge=1, le=65535)] = 4002
+    ib_client_id: Annotated[int, Field(ge=0, le=2**31 - 1)] = 17
+    # Accounts to publish (comma-separated); empty: every account of the login. The
+    # first one gets IB's portfolio stream; the others positions + PnL-single.
+    ib_accounts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ib_connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    ib_reconnect_initial_s: Annotated[float, Field(gt=0)] = 1.0
+    ib_reconnect_max_s: Annotated[float, Field(gt=0)] = 60.0
+    ib_client_id_backoff_s: Annotated[float, Field(ge=0)] = 15.0
+    # After this long with nothing from IB, ask for the current time to check liveness.
+    ib_idle_probe_s: Annotated[float, Field(gt=0)] = 60.0
+    # Decode portfolio/position/PnL messages straight into updates (see producer/ib_source.py).
+    ib_fast_decode: bool = True
+
+    # Producer: buffering while Redis is away.
+    producer_buffer_max: Annotated[int, Field(ge=1)] = 100_000
+    producer_spool_dir: Annotated[str, Field(min_length=1)] = "./spool"
+    # Only for a stream's sole producer: entry IDs from timestamps, so retries are recognised.
+    producer_explicit_ids: bool = False
+    producer_flush_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
 
@@ -94,10 +118,21 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("ib_accounts", mode="before")
+    @classmethod
+    def _account_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("POSLAKE_RETRY_MAX_S must be at least POSLAKE_RETRY_INITIAL_S")
+        if self.ib_reconnect_max_s < self.ib_reconnect_initial_s:
+            raise ValueError(
+                "POSLAKE_IB_RECONNECT_MAX_S must be at least POSLAKE_IB_RECONNECT_INITIAL_S"
+            )
         if self.compact_target_file_bytes < self.compact_small_file_bytes:
             raise ValueError(
                 "POSLAKE_COMPACT_TARGET_FILE_BYTES must be at least "
@@ -109,6 +144,11 @@ class Settings(BaseSettings):
     def dlq_stream(self) -> str:
         """The dead-letter stream beside the main one."""
         return f"{self.stream}:dlq"
+
+    @property
+    def spool_path(self) -> Path:
+        """The producer's overflow file for this stream."""
+        return Path(self.producer_spool_dir) / f"{self.stream}.spool"
 
     @property
     def table_uri(self) -> str:

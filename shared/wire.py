@@ -39,9 +39,18 @@ _decoder = msgspec.json.Decoder(PositionUpdate)
 EntryFields = Mapping[bytes, bytes]
 
 
+CURRENT_VERSION = _CURRENT_VERSION
+"""The ``v`` field's value this module writes, as bytes."""
+
+
 def encode_update(update: PositionUpdate) -> dict[str, bytes]:
     """The stream entry fields for one update."""
     return {VERSION_FIELD: _CURRENT_VERSION, PAYLOAD_FIELD: _encoder.encode(update)}
+
+
+def encode_payload(update: PositionUpdate) -> bytes:
+    """Just the ``payload`` field's value for one update."""
+    return _encoder.encode(update)
 
 
 @dataclass(slots=True)

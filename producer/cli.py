@@ -1,0 +1,78 @@
+"""Command line of the producer process (``python -m producer`` / ``poslake produce``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from producer.ib_mapping import UpdateClock
+from producer.ib_source import IbSource
+from producer.outbox import Outbox
+from shared.logs import configure_logging
+from shared.publisher import TrimPolicy
+from shared.settings import Settings, load_settings_or_report
+
+log = logging.getLogger(__name__)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    return parser or argparse.ArgumentParser(
+        prog="python -m producer",
+        description="Publish IB position and portfolio updates (TWS API, ib_async) "
+        "to the Redis Stream.",
+        epilog="All settings come from POSLAKE_* environment variables (see README).",
+    )
+
+
+async def run_producer(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then flush what is buffered and exit 0."""
+    clock = UpdateClock()
+    try:
+        outbox = Outbox(
+            settings.redis_url,
+            settings.stream,
+            spool_path=settings.spool_path,
+            memory_limit=settings.producer_buffer_max,
+            chunk=settings.publish_chunk,
+            explicit_ids=settings.producer_explicit_ids,
+            trim=TrimPolicy(settings.stream_maxlen, settings.stream_min_age_s),
+            retry_initial_s=settings.retry_initial_s,
+            retry_max_s=settings.retry_max_s,
+            on_stream_top=clock.raise_floor,
+        )
+    except OSError as exc:
+        log.error("POSLAKE_PRODUCER_SPOOL_DIR is not usable: %s", exc)
+        return 2
+    source = IbSource(settings, outbox, clock)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    outbox.start()
+    log.info("producer started", extra={"stream": settings.stream, "ib_port": settings.ib_port})
+    await source.run(stop)
+    drained = await outbox.close(settings.producer_flush_timeout_s)
+    log.info(
+        "producer stopped",
+        extra={
+            "published": outbox.stats.published,
+            "duplicates_recognised": outbox.stats.recognised_duplicates,
+            "spooled": outbox.stats.spooled,
+            "flushed": drained,
+        },
+    )
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings_or_report("poslake producer")
+    if settings is None:
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    return asyncio.run(run_producer(settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))

@@ -1,0 +1,179 @@
+"""Direct decoders for the three position-bearing TWS messages.
+
+ib_async's generic path for a portfolio or position message costs about 50 µs
+(dataclass reflection, ``Contract.recreate``, an f-string log line of every
+position whatever the log level), which caps a 20,000-position snapshot near
+10,000 updates/s (bench/producer_burst.py). With ``POSLAKE_IB_FAST_DECODE``
+(the default) the producer registers these functions in ib_async's decoder
+table for messages 7 (updatePortfolio), 61 (position) and 95 (pnlSingle); they
+unpack the exact field layouts of the protocol (``../shared/notes``) into
+:class:`PositionSink` calls. Everything else (handshake, startup sync,
+errors, requests) stays ib_async's. A message with a wrong field count is
+logged on ib_async's own ``ib_async.Decoder`` logger, as ib_async does, and
+skipped. ib_async's ``portfolio()``/``positions()`` caches and the matching
+events are not fed in this mode; the producer keeps its own state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from producer.ib_mapping import UNSET_DOUBLE, ContractInfo, MappingError, map_contract
+
+decoder_log = logging.getLogger("ib_async.Decoder")
+log = logging.getLogger(__name__)
+
+
+class PositionSink(Protocol):
+    """What the decoders hand their messages to (the producer's IB source)."""
+
+    def on_portfolio(
+        self,
+        account: str,
+        contract: ContractInfo,
+        position: float,
+        market_price: float | None,
+        market_value: float | None,
+        average_cost: float | None,
+        unrealized_pnl: float | None,
+        realized_pnl: float | None,
+    ) -> None: ...
+
+    def on_position(
+        self, account: str, contract: ContractInfo, position: float, average_cost: float | None
+    ) -> None: ...
+
+    def on_pnl_single(
+        self,
+        req_id: int,
+        position: float,
+        daily_pnl: float | None,
+        unrealized_pnl: float | None,
+        realized_pnl: float | None,
+        value: float | None,
+    ) -> None: ...
+
+    def on_unmappable(self, error: MappingError) -> None: ...
+
+
+def _value(text: str) -> float | None:
+    # '' and IB's unset double mean "no value"; non-finite values are not prices.
+    if not text:
+        return None
+    number = float(text)
+    if number == UNSET_DOUBLE or number - number != 0.0:
+        return None
+    return number
+
+
+class ContractCache:
+    """Mapped contracts by their raw fields: a contract is mapped once, not per update."""
+
+    def __init__(self) -> None:
+        self._mapped: dict[tuple[str, ...], ContractInfo] = {}
+
+    def get(self, *raw: str) -> ContractInfo:
+        mapped = self._mapped.get(raw)
+        if mapped is None:
+            mapped = map_contract(*raw)
+            self._mapped[raw] = mapped
+        return mapped
+
+
+def make_decoders(sink: PositionSink) -> dict[int, Callable[[list[str]], None]]:
+    """Handlers for ib_async's ``Decoder.handlers`` table, keyed by message ID."""
+    contracts = ContractCache()
+
+    def update_portfolio(fields: list[str]) -> None:
+        try:
+            (
+                _,
+                _,
+                conid,
+                symbol,
+                sec_type,
+                expiry,
+                strike,
+                right,
+                multiplier,
+                _primary_exchange,
+                currency,
+                _local_symbol,
+                _trading_class,
+                position,
+                market_price,
+                market_value,
+                average_cost,
+                unrealized_pnl,
+                realized_pnl,
+                account,
+            ) = fields
+            contract = contracts.get(
+                conid, symbol, sec_type, expiry, strike, right, multiplier, currency
+            )
+            sink.on_portfolio(
+                account,
+                contract,
+                float(position or 0),
+                _value(market_price),
+                _value(market_value),
+                _value(average_cost),
+                _value(unrealized_pnl),
+                _value(realized_pnl),
+            )
+        except MappingError as exc:
+            sink.on_unmappable(exc)
+        except Exception:
+            decoder_log.exception("Error handling fields: %s", fields)
+
+    def position(fields: list[str]) -> None:
+        try:
+            (
+                _,
+                _,
+                account,
+                conid,
+                symbol,
+                sec_type,
+                expiry,
+                strike,
+                right,
+                multiplier,
+                _exchange,
+                currency,
+                _local_symbol,
+                _trading_class,
+                quantity,
+                average_cost,
+            ) = fields
+            contract = contracts.get(
+                conid, symbol, sec_type, expiry, strike, right, multiplier, currency
+            )
+            sink.on_position(account, contract, float(quantity or 0), _value(average_cost))
+        except MappingError as exc:
+            sink.on_unmappable(exc)
+        except Exception:
+            decoder_log.exception("Error handling fields: %s", fields)
+
+    def pnl_single(fields: list[str]) -> None:
+        try:
+            _, req_id, quantity, daily, unrealized, realized, value = fields
+            sink.on_pnl_single(
+                int(req_id),
+                float(quantity or 0),
+                _value(daily),
+                _value(unrealized),
+                _value(realized),
+                _value(value),
+            )
+        except Exception:
+            decoder_log.exception("Error handling fields: %s", fields)
+
+    return {7: update_portfolio, 61: position, 95: pnl_single}
+
+
+def install(ib: Any, sink: PositionSink) -> None:
+    """Register the direct decoders on an ``ib_async.IB`` instance's decoder."""
+    ib.client.decoder.handlers.update(make_decoders(sink))

@@ -1,0 +1,322 @@
+"""The producer's path to the stream: nothing dropped, order kept, bounded memory.
+
+Updates wait in memory (up to ``memory_limit``) while one writer task XADDs
+them in pipelined chunks. While Redis is unreachable the writer retries with
+backoff; once memory is full, new updates go to a spool file on disk, and from
+then on every update goes there until the writer has replayed the whole spool
+(memory first, then the spool, in order), so order is kept end to end. A spool
+left by an earlier run is replayed first at start.
+
+With ``explicit_ids`` (only for a stream's sole producer) each entry's ID is
+derived from its microsecond timestamp (``<ms>-<us % 1000>``), strictly
+increasing. A chunk retried after a dropped connection is then recognised by
+Redis ("ID equal or smaller than the top item"), not written twice. Entries
+that were never sent but are behind the stream's top (a clock behind an earlier
+producer's) fall back to server-assigned IDs instead of being mistaken for
+duplicates. Without explicit IDs a retried chunk may land twice; the
+consumer's key dedup absorbs that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+from producer.resp import RedisAddress, RespConnection, RespError, pack_command
+from shared.model import PositionUpdate
+from shared.publisher import TrimPolicy
+from shared.wire import CURRENT_VERSION, encode_payload
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[int, bytes]  # (timestamp in µs, payload)
+_DUPLICATE_ID = "equal or smaller than the target stream top item"
+
+
+@dataclass
+class OutboxStats:
+    published: int = 0
+    recognised_duplicates: int = 0
+    spooled: int = 0
+    replayed_from_spool: int = 0
+    retries: int = 0
+    reconnects: int = 0
+
+
+def entry_id(stamp_us: int) -> bytes:
+    return b"%d-%d" % divmod(stamp_us, 1000)
+
+
+def id_to_us(entry: bytes) -> int:
+    ms, _, seq = entry.partition(b"-")
+    return int(ms) * 1000 + min(int(seq or 0), 999)
+
+
+class Spool:
+    """An append-only file of entries with a persisted read offset."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset_path = path.with_name(path.name + ".offset")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._append = path.open("ab")
+        self._read = path.open("rb")
+        self.offset = int(self._offset_path.read_text()) if self._offset_path.exists() else 0
+        self._read.seek(self.offset)
+
+    def append(self, entry: Entry) -> None:
+        self._append.write(b"%d %s\n" % entry)
+
+    def flush(self) -> None:
+        self._append.flush()
+
+    def unread(self) -> bool:
+        self.flush()
+        return self.offset < self.path.stat().st_size
+
+    def peek(self, count: int) -> tuple[list[Entry], int]:
+        """Up to ``count`` entries from the read offset, and the offset after them."""
+        self.flush()
+        self._read.seek(self.offset)
+        entries: list[Entry] = []
+        position = self.offset
+        for line in islice(self._read, count):
+            if not line.endswith(b"\n"):
+                break  # a torn last line (killed mid-write) is not an entry
+            stamp, _, payload = line.rstrip(b"\n").partition(b" ")
+            entries.append((int(stamp), payload))
+            position += len(line)
+        return entries, position
+
+    def advance(self, offset: int) -> None:
+        self.offset = offset
+        if offset >= self.path.stat().st_size:
+            # Fully replayed: start the file over.
+            self._append.truncate(0)
+            self._append.seek(0)
+            self.offset = 0
+        self._offset_path.write_text(str(self.offset))
+
+    def close(self) -> None:
+        self._append.flush()
+        self._append.close()
+        self._read.close()
+
+
+class Outbox:
+    """Buffer, spool and writer task between the IB handlers and the stream."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        stream: str,
+        *,
+        spool_path: Path,
+        memory_limit: int = 100_000,
+        chunk: int = 500,
+        explicit_ids: bool = False,
+        trim: TrimPolicy | None = None,
+        retry_initial_s: float = 0.2,
+        retry_max_s: float = 10.0,
+        on_stream_top: Callable[[int], None] | None = None,
+    ) -> None:
+        self._on_stream_top = on_stream_top
+        self._address = RedisAddress.from_url(redis_url)
+        self._stream = stream.encode()
+        self._memory: deque[Entry] = deque()
+        self._memory_limit = memory_limit
+        self._spool = Spool(spool_path)
+        self._spooling = self._spool.unread()
+        self._chunk = chunk
+        self._explicit = explicit_ids
+        self._trim = trim or TrimPolicy()
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._connection: RespConnection | None = None
+        self._top_us = 0  # the stream's last ID when this connection opened
+        self._in_doubt_us = 0  # highest stamp sent without a reply read
+        self._closing = False
+        self.connected = False
+        self.stats = OutboxStats()
+        if self._spooling:
+            log.warning(
+                "replaying a spool left by an earlier run", extra={"spool": str(spool_path)}
+            )
+
+    # --- producer side (called from IB event handlers; never blocks) --------
+
+    def put(self, stamp_us: int, update: PositionUpdate) -> None:
+        entry = (stamp_us, encode_payload(update))
+        if not self._spooling and len(self._memory) < self._memory_limit:
+            self._memory.append(entry)
+        else:
+            if not self._spooling:
+                log.warning(
+                    "memory buffer full, spooling to disk",
+                    extra={"buffered": len(self._memory), "spool": str(self._spool.path)},
+                )
+            self._spooling = True
+            self._spool.append(entry)
+            self.stats.spooled += 1
+        self._wake.set()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._memory)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._write_forever(), name="outbox-writer")
+
+    async def close(self, timeout_s: float) -> bool:
+        """Publish what is buffered within ``timeout_s``; spool the rest. True if all sent."""
+        self._closing = True
+        self._wake.set()
+        drained = False
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+                drained = True
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        if self._memory:
+            # Redis is still away: keep what is in memory on disk, after the spool.
+            self.stats.spooled += len(self._memory)
+            log.warning("spooling unsent updates at exit", extra={"count": len(self._memory)})
+            if self._spooling:
+                memory, self._memory = self._memory, deque()
+                # Memory holds older entries than the spool: rewrite in order.
+                pending, _ = self._spool.peek(10**12)
+                self._spool.advance(self._spool.path.stat().st_size)
+                for entry in [*memory, *pending]:
+                    self._spool.append(entry)
+            else:
+                for entry in self._memory:
+                    self._spool.append(entry)
+                self._memory.clear()
+        self._spool.close()
+        if self._connection is not None:
+            self._connection.close()
+        return drained and not self._memory
+
+    # --- writer ---------------------------------------------------------------
+
+    async def _write_forever(self) -> None:
+        attempt = 0
+        while True:
+            from_spool = not self._memory and self._spooling
+            if not self._memory and not (self._spooling and self._spool.unread()):
+                if self._spooling:
+                    self._spooling = False
+                    log.info("spool replayed, back to memory buffering")
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if from_spool:
+                entries, next_offset = self._spool.peek(self._chunk)
+            else:
+                entries, next_offset = list(islice(self._memory, self._chunk)), 0
+            try:
+                sent = await self._send(entries)
+            except (OSError, ConnectionError, TimeoutError, RespError) as exc:
+                self._drop_connection()
+                delay = min(self._retry_max_s, self._retry_initial_s * 2**attempt)
+                delay *= 0.5 + random.random() / 2  # jitter
+                attempt += 1
+                self.stats.retries += 1
+                log.warning(
+                    "publishing failed, retrying",
+                    extra={
+                        "error": repr(exc),
+                        "delay_s": round(delay, 3),
+                        "buffered": self.buffered,
+                    },
+                )
+                if self._closing and attempt > 3:
+                    return  # close() spools what is left
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
+            if from_spool:
+                if sent == len(entries):
+                    self._spool.advance(next_offset)
+                    self.stats.replayed_from_spool += sent
+                else:
+                    _, offset = self._spool.peek(sent)
+                    self._spool.advance(offset)
+            else:
+                for _ in range(sent):
+                    self._memory.popleft()
+
+    async def _send(self, entries: list[Entry]) -> int:
+        """XADD ``entries`` in one pipeline; returns how many landed from the front."""
+        connection = await self._connect()
+        commands = [self._xadd(stamp, payload) for stamp, payload in entries]
+        self._in_doubt_us = max(self._in_doubt_us, entries[-1][0])
+        replies = await connection.execute(commands)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, RespError):
+                if self._explicit and _DUPLICATE_ID in str(reply):
+                    self.stats.recognised_duplicates += 1
+                    continue
+                # e.g. OOM or WRONGTYPE: keep this entry and the rest for a retry.
+                self.stats.published += index
+                log.error("XADD rejected", extra={"error": str(reply), "stream": self._stream})
+                raise reply
+        self.stats.published += len(replies)
+        return len(entries)
+
+    def _xadd(self, stamp_us: int, payload: bytes) -> bytes:
+        args = [b"XADD", self._stream]
+        trim = self._trim
+        if trim.maxlen is not None:
+            args += [b"MAXLEN", b"~", str(trim.maxlen).encode()]
+        elif trim.min_age_s is not None:
+            cutoff_ms = max(0, stamp_us // 1000 - int(trim.min_age_s * 1000))
+            args += [b"MINID", b"~", b"%d-0" % cutoff_ms]
+        if self._explicit and (stamp_us > self._top_us or stamp_us <= self._in_doubt_us):
+            args.append(entry_id(stamp_us))
+        else:
+            args.append(b"*")
+        args += [b"v", CURRENT_VERSION, b"payload", payload]
+        return pack_command(*args)
+
+    async def _connect(self) -> RespConnection:
+        if self._connection is not None:
+            return self._connection
+        connection = await RespConnection.open(self._address)
+        if self._explicit:
+            (top,) = await connection.execute(
+                [pack_command(b"XREVRANGE", self._stream, b"+", b"-", b"COUNT", b"1")]
+            )
+            if isinstance(top, RespError):
+                connection.close()
+                raise top
+            newest = top[0][0] if top else b"0-0"  # type: ignore[index]
+            self._top_us = id_to_us(newest)
+            if self._on_stream_top is not None:
+                self._on_stream_top(self._top_us)
+        self._connection = connection
+        if not self.connected:
+            log.info("connected to Redis", extra={"stream": self._stream.decode()})
+        self.connected = True
+        self.stats.reconnects += 1
+        return connection
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        self.connected = False

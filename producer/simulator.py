@@ -1,0 +1,364 @@
+"""A TWS-protocol gateway simulator: the real ib_async client connects to it over TCP.
+
+It serves a :class:`~producer.sim_portfolio.SyntheticPortfolio` (size, update
+rate and seed are settings), pushes updates at a steady rate to every
+subscribed connection, and records every position-bearing message it sends
+(:attr:`GatewaySimulator.record`) so tests can compare the lake with it.
+
+Fault controls: drop connections after a time or at random, refuse a client ID
+(error 326), leave a startup request unanswered, send the link codes
+1100/1101/1102.
+
+Runs on its own (``python -m producer.simulator --port 4002 --positions 200
+--rate 50``), inside a test's event loop, or in a thread (:class:`SimulatorThread`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from producer import tws_protocol as tws
+from producer.sim_portfolio import EventKind, Holding, PortfolioEvent, SyntheticPortfolio
+from producer.sim_session import ClientSession, SentUpdate
+from shared.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.01
+STARTUP_REQUESTS = frozenset(
+    {
+        "positions",
+        "open_orders",
+        "completed_orders",
+        "account_updates",
+        "account_updates_multi",
+        "executions",
+        "current_time",
+    }
+)
+
+
+@dataclass
+class SimulatorConfig:
+    """What the simulated gateway holds and does."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (see GatewaySimulator.port)
+    accounts: list[str] = field(default_factory=lambda: ["DU100001"])
+    positions: int = 50
+    rate: float = 10.0  # portfolio events per second over all accounts
+    seed: int = 1
+    record: bool = True
+    # Faults.
+    drop_after_s: float | None = None  # close each connection this long after startApi
+    drop_probability_per_s: float = 0.0  # chance per second of dropping every connection
+    refused_client_ids: set[int] = field(default_factory=set)
+    unanswered: Counter[str] = field(default_factory=Counter)  # request -> connections left
+
+    def __post_init__(self) -> None:
+        unknown = set(self.unanswered) - STARTUP_REQUESTS
+        if unknown:
+            raise ValueError(f"unknown startup requests {sorted(unknown)}")
+        if self.rate < 0 or self.positions < 0:
+            raise ValueError("rate and positions must not be negative")
+
+
+class GatewaySimulator:
+    """The asyncio server: sessions, the event ticker and the fault controls."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.accounts = list(config.accounts)
+        self.portfolio = SyntheticPortfolio(self.accounts, config.positions, seed=config.seed)
+        self.record: list[SentUpdate] = []
+        self.sessions: set[ClientSession] = set()
+        self.connections = 0  # sessions that passed startApi, over the run
+        self.events = 0
+        self.paused = False  # between 1100 and 1101/1102: IB sends nothing
+        self._server: asyncio.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._rng = random.Random(config.seed + 1)
+        self.port = config.port
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(
+            self._on_connect, self.config.host, self.config.port
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ticker = asyncio.create_task(self._tick_forever())
+        log.info("gateway simulator listening", extra={"port": self.port})
+        return self.port
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        for session in list(self.sessions):
+            session.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = ClientSession(self, reader, writer)
+        self.sessions.add(session)
+        await session.serve()
+
+    def forget(self, session: ClientSession) -> None:
+        self.sessions.discard(session)
+
+    # --- faults -------------------------------------------------------------
+
+    def client_id_taken(self, client_id: int, asking: ClientSession) -> bool:
+        if client_id in self.config.refused_client_ids:
+            return True
+        return any(s.ready and s.client_id == client_id for s in self.sessions if s is not asking)
+
+    def take_unanswered(self, request: str) -> bool:
+        """Whether to leave this request unanswered on this connection (counts down)."""
+        if self.config.unanswered[request] > 0:
+            self.config.unanswered[request] -= 1
+            log.info("leaving startup request unanswered", extra={"request": request})
+            return True
+        return False
+
+    def drop_connections(self) -> int:
+        """Abort every connection, as a gateway restart does; returns how many."""
+        dropped = [s for s in self.sessions if s.ready]
+        for session in dropped:
+            session.abort()
+        log.info("dropped connections", extra={"count": len(dropped)})
+        return len(dropped)
+
+    def send_link_code(self, code: int) -> None:
+        """1100: IB link lost (nothing is sent until restored); 1101: restored, data
+        lost (subscriptions are gone and must be redone); 1102: restored, data kept."""
+        text = tws.LINK_TEXTS[code]
+        self.paused = code == 1100
+        for session in self.sessions:
+            if not session.ready:
+                continue
+            session.queue(tws.error(-1, code, text))
+            if code == 1101:
+                session.forget_subscriptions()
+            session.flush()
+
+    # --- events ---------------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        start = time.monotonic()
+        emitted = 0
+        next_drop_roll = start + 1.0
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            if self.config.drop_after_s is not None:
+                for session in [s for s in self.sessions if s.ready]:
+                    if now - session.connected_at >= self.config.drop_after_s:
+                        session.abort()
+            if now >= next_drop_roll:
+                next_drop_roll += 1.0
+                if self._rng.random() < self.config.drop_probability_per_s:
+                    self.drop_connections()
+            due = int((now - start) * self.config.rate) - emitted
+            if self.paused or due <= 0:
+                emitted += max(due, 0)
+                continue
+            emitted += due
+            self.emit(self.portfolio.step() for _ in range(due))
+
+    def emit(self, events: Iterable[PortfolioEvent]) -> None:
+        """Send each event to the connections subscribed to it, in order."""
+        sessions = [s for s in self.sessions if s.ready]
+        for event in events:
+            self.events += 1
+            holding = event.holding
+            for session in sessions:
+                self._send_event(session, event.kind, holding)
+        for session in sessions:
+            session.flush()
+
+    @staticmethod
+    def _send_event(session: ClientSession, kind: EventKind, holding: Holding) -> None:
+        if session.portfolio_account == holding.account:
+            session.send_portfolio(holding)
+        if kind.moves_position and session.positions_subscribed:
+            session.send_position(holding)
+        req_id = session.pnl_by_key.get((holding.account, holding.instrument.conid))
+        if req_id is not None:
+            session.send_pnl_single(req_id, holding)
+
+    def final_state(self) -> list[dict[str, object]]:
+        """The book now: one row per open holding."""
+        return [
+            {
+                "account": h.account,
+                "conid": h.instrument.conid,
+                "symbol": h.instrument.symbol,
+                "position": h.position,
+                "market_price": h.market_price,
+                "average_cost": h.average_cost,
+            }
+            for h in self.portfolio.holdings.values()
+        ]
+
+
+class SimulatorThread:
+    """The simulator on its own event loop in a daemon thread (tests, ``poslake run``)."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.simulator = GatewaySimulator(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> int:
+        self._thread.start()
+        return self.call(self.simulator.start())
+
+    def call(self, coroutine: Coroutine[Any, Any, int]) -> int:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
+
+    def run(self, action: str, *args: object) -> object:
+        """Run one simulator method on its loop (fault controls from another thread)."""
+
+        async def invoke() -> object:
+            return getattr(self.simulator, action)(*args)
+
+        return asyncio.run_coroutine_threadsafe(invoke(), self._loop).result(timeout=10)
+
+    def snapshot(self) -> list[SentUpdate]:
+        return list(self.simulator.record)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.simulator.stop(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+def _record_line(update: SentUpdate) -> str:
+    instrument = update.instrument
+    return json.dumps(
+        {
+            "seq": update.seq,
+            "sent_ns": update.sent_ns,
+            "kind": update.kind,
+            "account": update.account,
+            "conid": instrument.conid,
+            "symbol": instrument.symbol,
+            "position": update.position,
+            "market_price": update.market_price,
+            "market_value": update.market_value,
+            "average_cost": update.average_cost,
+        }
+    )
+
+
+async def serve(config: SimulatorConfig, record_path: Path | None, state_path: Path | None) -> int:
+    simulator = GatewaySimulator(config)
+    port = await simulator.start()
+    print(f"gateway simulator listening on {config.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    written = 0
+    record_file = record_path.open("a") if record_path else None
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            if record_file is not None:
+                pending = simulator.record[written:]
+                record_file.writelines(_record_line(u) + "\n" for u in pending)
+                record_file.flush()
+                written += len(pending)
+    finally:
+        await simulator.stop()
+        if record_file is not None:
+            record_file.close()
+        if state_path is not None:
+            state_path.write_text(json.dumps(simulator.final_state()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m producer.simulator",
+        description="A TWS API gateway simulator with a synthetic, seeded portfolio.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=4002, help="0 picks a free port")
+    parser.add_argument(
+        "--accounts", default="DU100001,DU100002,DU100003", help="comma-separated account IDs"
+    )
+    parser.add_argument("--positions", type=int, default=200, help="open positions to hold")
+    parser.add_argument("--rate", type=float, default=50.0, help="portfolio events per second")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--drop-after", type=float, help="drop each connection after S seconds")
+    parser.add_argument(
+        "--drop-probability",
+        type=float,
+        default=0.0,
+        help="chance per second of dropping every connection",
+    )
+    parser.add_argument(
+        "--refuse-client-id",
+        type=int,
+        action="append",
+        default=[],
+        help="answer this client ID with error 326 (repeatable)",
+    )
+    parser.add_argument(
+        "--unanswered",
+        action="append",
+        default=[],
+        choices=sorted(STARTUP_REQUESTS),
+        help="leave this startup request unanswered on the first connection",
+    )
+    parser.add_argument("--record", type=Path, help="append every sent update here (JSON lines)")
+    parser.add_argument("--final-state", type=Path, help="write the final book here at exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging("INFO")
+    accounts = [a.strip() for a in args.accounts.split(",") if a.strip()]
+    try:
+        config = SimulatorConfig(
+            host=args.host,
+            port=args.port,
+            accounts=accounts,
+            positions=args.positions,
+            rate=args.rate,
+            seed=args.seed,
+            record=args.record is not None,
+            drop_after_s=args.drop_after,
+            drop_probability_per_s=args.drop_probability,
+            refused_client_ids=set(args.refuse_client_id),
+            unanswered=Counter(args.unanswered),
+        )
+        return asyncio.run(serve(config, args.record, args.final_state))
+    except (ValueError, OSError) as exc:
+        print(f"gateway simulator: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,257 @@
+"""The server side of the TWS API socket protocol, as much as the gateway simulator speaks.
+
+After a handshake (``API\\0`` and the client's version range, answered with the
+server version and connection time), every message in either direction is a
+4-byte big-endian length followed by NUL-terminated text fields. The first field
+is the message ID; most messages carry a version field next, which clients skip.
+Field layouts follow ``../shared/notes/ib-tws-protocol.md`` and ib_async's decoder:
+a wrong field count there is dropped silently, so each builder here is exact.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+SERVER_VERSION = 178
+MIN_CLIENT_VERSION = 157
+HANDSHAKE_PREFIX = b"API\0"
+_LENGTH = struct.Struct(">I")
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+UNSET_DOUBLE = 1.7976931348623157e308  # IB's "no value" for doubles
+
+
+class Incoming:
+    """Message IDs the client sends that the simulator answers."""
+
+    REQ_MKT_DATA = 1
+    REQ_OPEN_ORDERS = 5
+    REQ_ACCOUNT_UPDATES = 6
+    REQ_EXECUTIONS = 7
+    REQ_IDS = 8
+    REQ_CURRENT_TIME = 49
+    REQ_ACCOUNT_SUMMARY = 62
+    REQ_POSITIONS = 61
+    CANCEL_POSITIONS = 64
+    START_API = 71
+    REQ_ACCOUNT_UPDATES_MULTI = 76
+    CANCEL_ACCOUNT_UPDATES_MULTI = 77
+    REQ_PNL_SINGLE = 94
+    CANCEL_PNL_SINGLE = 95
+    REQ_COMPLETED_ORDERS = 99
+
+
+class ProtocolError(Exception):
+    """The peer broke the framing or the handshake; the connection is closed."""
+
+
+def frame(payload: bytes) -> bytes:
+    """Length-prefix one payload."""
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def message(*fields: object) -> bytes:
+    """One framed message from its fields, each rendered by :func:`render`."""
+    return frame(b"".join(render(f).encode() + b"\0" for f in fields))
+
+
+def render(value: object) -> str:
+    """A field as TWS writes it: ``repr`` for floats (round-trips exactly), '' for None."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        if value == UNSET_DOUBLE:
+            return ""
+        return repr(value)
+    return str(value)
+
+
+def split_frames(buffer: bytearray) -> list[list[str]]:
+    """Pop every complete message off ``buffer``; each becomes its list of fields."""
+    messages: list[list[str]] = []
+    offset = 0
+    while len(buffer) - offset >= 4:
+        (length,) = _LENGTH.unpack_from(buffer, offset)
+        if length > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"message of {length} bytes is over the limit")
+        end = offset + 4 + length
+        if len(buffer) < end:
+            break
+        text = bytes(buffer[offset + 4 : end]).decode(errors="backslashreplace")
+        fields = text.split("\0")
+        if fields and fields[-1] == "":
+            fields.pop()
+        messages.append(fields)
+        offset = end
+    del buffer[:offset]
+    return messages
+
+
+def parse_version_range(text: str) -> tuple[int, int]:
+    """The client's ``v<min>..<max>[ options]`` announcement."""
+    head = text.split(" ", 1)[0]
+    if not head.startswith("v") or ".." not in head:
+        raise ProtocolError(f"bad version announcement {text!r}")
+    low, _, high = head[1:].partition("..")
+    try:
+        return int(low), int(high)
+    except ValueError:
+        raise ProtocolError(f"bad version announcement {text!r}") from None
+
+
+def handshake_reply(client_max: int, now: datetime) -> tuple[int, bytes]:
+    """The server version to use with this client and the 2-field reply."""
+    version = min(SERVER_VERSION, client_max)
+    stamp = now.astimezone(UTC).strftime("%Y%m%d %H:%M:%S UTC")
+    return version, frame(f"{version}\0{stamp}\0".encode())
+
+
+# --- messages the server sends (exact layouts) --------------------------------
+
+
+def next_valid_id(order_id: int) -> bytes:
+    return message(9, 1, order_id)
+
+
+def managed_accounts(accounts: Sequence[str]) -> bytes:
+    return message(15, 1, ",".join(accounts))
+
+
+def error(req_id: int, code: int, text: str) -> bytes:
+    # From server version 166 the message ends with advancedOrderRejectJson.
+    return message(4, 2, req_id, code, text, "")
+
+
+def current_time(epoch_s: int) -> bytes:
+    return message(49, 1, epoch_s)
+
+
+def position_end() -> bytes:
+    return message(62, 1)
+
+
+def open_order_end() -> bytes:
+    return message(53, 1)
+
+
+def completed_orders_end() -> bytes:
+    return message(102)  # no version field
+
+
+def account_download_end(account: str) -> bytes:
+    return message(54, 1, account)
+
+
+def account_value(key: str, value: str, currency: str, account: str) -> bytes:
+    return message(6, 2, key, value, currency, account)
+
+
+def account_time(now: datetime) -> bytes:
+    return message(8, 1, now.strftime("%H:%M"))
+
+
+def account_update_multi(req_id: int, account: str, key: str, value: str, currency: str) -> bytes:
+    return message(73, 1, req_id, account, "", key, value, currency)
+
+
+def account_update_multi_end(req_id: int) -> bytes:
+    return message(74, 1, req_id)
+
+
+def exec_details_end(req_id: int) -> bytes:
+    return message(55, 1, req_id)
+
+
+def account_summary_end(req_id: int) -> bytes:
+    return message(64, 1, req_id)
+
+
+def contract_fields(
+    conid: int,
+    symbol: str,
+    sec_type: str,
+    expiry: str,
+    strike: float,
+    right: str,
+    multiplier: str,
+    exchange: str,
+    currency: str,
+    local_symbol: str,
+    trading_class: str,
+) -> tuple[object, ...]:
+    """The eleven contract fields shared by position and portfolio messages."""
+    return (
+        conid,
+        symbol,
+        sec_type,
+        expiry,
+        strike,
+        right,
+        multiplier,
+        exchange,
+        currency,
+        local_symbol,
+        trading_class,
+    )
+
+
+def position(
+    account: str, contract: Iterable[object], quantity: float, average_cost: float
+) -> bytes:
+    return message(61, 3, account, *contract, quantity, average_cost)
+
+
+def update_portfolio(
+    contract: Iterable[object],
+    quantity: float,
+    market_price: float,
+    market_value: float,
+    average_cost: float,
+    unrealized_pnl: float,
+    realized_pnl: float,
+    account: str,
+) -> bytes:
+    return message(
+        7,
+        8,
+        *contract,
+        quantity,
+        market_price,
+        market_value,
+        average_cost,
+        unrealized_pnl,
+        realized_pnl,
+        account,
+    )
+
+
+def pnl_single(
+    req_id: int,
+    quantity: float,
+    daily_pnl: float,
+    unrealized_pnl: float,
+    realized_pnl: float,
+    value: float,
+) -> bytes:
+    return message(95, req_id, quantity, daily_pnl, unrealized_pnl, realized_pnl, value)
+
+
+# Texts IB uses for the link codes and the client-ID refusal.
+LINK_TEXTS = {
+    1100: "Connectivity between IB and Trader Workstation has been lost.",
+    1101: "Connectivity between IB and TWS has been restored- data lost.",
+    1102: "Connectivity between IB and TWS has been restored- data maintained.",
+}
+CLIENT_ID_IN_USE = 326
+CLIENT_ID_IN_USE_TEXT = (
+    "Unable to connect as the client id is already in use. Retry with a unique client id."
+)
+FARM_OK = (
+    (2104, "Market data farm connection is OK:usfarm"),
+    (2106, "HMDS data farm connection is OK:ushmds"),
+    (2158, "Sec-def data farm connection is OK:secdefnj"),
+)
