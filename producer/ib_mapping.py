@@ -13,6 +13,7 @@ IB's "unset" double and non-finite numbers become ``None``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class ContractInfo:
     multiplier: float
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_expiry(text: str) -> date | None:
     text = text.strip()
     if not text:

@@ -142,6 +142,9 @@ class IbSource:
     def _on_disconnected(self) -> None:
         self._disconnected.set()
 
+    def wants_positions_of(self, account: str) -> bool:
+        return account in self.position_accounts
+
     def on_unmappable(self, error: MappingError) -> None:
         self.stats.unmappable += 1
         log.error("update skipped: IB contract does not fit the model", extra={"error": str(error)})

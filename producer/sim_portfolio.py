@@ -54,20 +54,32 @@ class Instrument:
         # OCC style: root padded to 6, yymmdd, right, strike x 1000 in 8 digits
         return f"{self.symbol:<6}{self.expiry[2:]}{self.right}{round(self.strike * 1000):08d}"
 
-    def wire_contract(self, exchange: str | None = None) -> tuple[object, ...]:
-        return tws.contract_fields(
-            self.conid,
-            self.symbol,
-            self.sec_type,
-            self.expiry,
-            self.strike,
-            self.right,
-            str(self.multiplier) if self.sec_type == "OPT" else "",
-            exchange if exchange is not None else self.exchange,
-            self.currency,
-            self.local_symbol,
-            self.symbol,
-        )
+    def wire_contract(self, exchange: str | None = None) -> bytes:
+        key = (self.conid, exchange)
+        rendered = _WIRE_CONTRACTS.get(key)
+        if rendered is None:
+            rendered = _WIRE_CONTRACTS[key] = _wire_contract(self, exchange)
+        return rendered
+
+
+# Rendered once per contract: a simulator sends the same contracts over and over.
+_WIRE_CONTRACTS: dict[tuple[int, str | None], bytes] = {}
+
+
+def _wire_contract(instrument: Instrument, exchange: str | None) -> bytes:
+    return tws.contract_fields(
+        instrument.conid,
+        instrument.symbol,
+        instrument.sec_type,
+        instrument.expiry,
+        instrument.strike,
+        instrument.right,
+        str(instrument.multiplier) if instrument.sec_type == "OPT" else "",
+        exchange if exchange is not None else instrument.exchange,
+        instrument.currency,
+        instrument.local_symbol,
+        instrument.symbol,
+    )
 
 
 @dataclass(slots=True)

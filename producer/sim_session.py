@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ class SentUpdate:
     daily_pnl: float | None = None
 
 
+FLUSH_BYTES = 64 * 1024
 ACCOUNT_VALUES = (("NetLiquidation", "1000000.00"), ("AvailableFunds", "750000.00"))
 
 
@@ -72,6 +74,9 @@ class ClientSession:
 
     def queue(self, data: bytes) -> None:
         self._out += data
+        if len(self._out) >= FLUSH_BYTES:
+            # Stream a long snapshot out as it is built, as a gateway does.
+            self.flush()
 
     def flush(self) -> None:
         if self._out and not self.writer.is_closing():
@@ -148,12 +153,17 @@ class ClientSession:
         )
 
     def _record(self, kind: str, holding: Holding, **values: float) -> None:
-        if not self.sim.config.record:
+        sim = self.sim
+        now = time.time_ns()
+        sim.sent_count[kind] += 1
+        sim.first_sent_ns.setdefault(kind, now)
+        sim.last_sent_ns[kind] = now
+        if not sim.config.record:
             return
         self.sim.record.append(
             SentUpdate(
                 seq=len(self.sim.record),
-                sent_ns=time.time_ns(),
+                sent_ns=now,
                 client_id=self.client_id or 0,
                 kind=kind,
                 account=holding.account,
@@ -313,6 +323,13 @@ class ClientSession:
         self.positions_subscribed = False
         self.pnl_by_key.clear()
         self.pnl_by_req.clear()
+
+
+def prerender(holdings: Iterable[Holding]) -> None:
+    """Render the held contracts' wire fields ahead, so a snapshot streams at full speed."""
+    for holding in holdings:
+        holding.instrument.wire_contract()
+        holding.instrument.wire_contract(exchange=_primary(holding.instrument))
 
 
 def _primary(instrument: Instrument) -> str:

@@ -33,7 +33,7 @@ from typing import Any
 
 from producer import tws_protocol as tws
 from producer.sim_portfolio import EventKind, Holding, PortfolioEvent, SyntheticPortfolio
-from producer.sim_session import ClientSession, SentUpdate
+from producer.sim_session import ClientSession, SentUpdate, prerender
 from shared.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,10 @@ class GatewaySimulator:
         self.accounts = list(config.accounts)
         self.portfolio = SyntheticPortfolio(self.accounts, config.positions, seed=config.seed)
         self.record: list[SentUpdate] = []
+        self.sent_count: Counter[str] = Counter()
+        self.first_sent_ns: dict[str, int] = {}
+        self.last_sent_ns: dict[str, int] = {}
+        prerender(self.portfolio.holdings.values())
         self.sessions: set[ClientSession] = set()
         self.connections = 0  # sessions that passed startApi, over the run
         self.events = 0
@@ -203,6 +207,11 @@ class GatewaySimulator:
         if req_id is not None:
             session.send_pnl_single(req_id, holding)
 
+    def sent_stats(self) -> dict[str, dict[str, int]]:
+        """Per message kind: how many were sent, and when the first and last were."""
+        return {"count": dict(self.sent_count), "first_ns": self.first_sent_ns,
+                "last_ns": self.last_sent_ns}  # fmt: skip
+
     def final_state(self) -> list[dict[str, object]]:
         """The book now: one row per open holding."""
         return [
@@ -269,7 +278,12 @@ def _record_line(update: SentUpdate) -> str:
     )
 
 
-async def serve(config: SimulatorConfig, record_path: Path | None, state_path: Path | None) -> int:
+async def serve(
+    config: SimulatorConfig,
+    record_path: Path | None,
+    state_path: Path | None,
+    stats_path: Path | None = None,
+) -> int:
     simulator = GatewaySimulator(config)
     port = await simulator.start()
     print(f"gateway simulator listening on {config.host}:{port}", flush=True)
@@ -294,6 +308,8 @@ async def serve(config: SimulatorConfig, record_path: Path | None, state_path: P
             record_file.close()
         if state_path is not None:
             state_path.write_text(json.dumps(simulator.final_state()))
+        if stats_path is not None:
+            stats_path.write_text(json.dumps(simulator.sent_stats()))
     return 0
 
 
@@ -333,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--record", type=Path, help="append every sent update here (JSON lines)")
     parser.add_argument("--final-state", type=Path, help="write the final book here at exit")
+    parser.add_argument(
+        "--stats", type=Path, help="write message counts and first/last send times here at exit"
+    )
     return parser
 
 
@@ -354,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             refused_client_ids=set(args.refuse_client_id),
             unanswered=Counter(args.unanswered),
         )
-        return asyncio.run(serve(config, args.record, args.final_state))
+        return asyncio.run(serve(config, args.record, args.final_state, args.stats))
     except (ValueError, OSError) as exc:
         print(f"gateway simulator: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ a wrong field count there is dropped silently, so each builder here is exact.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 SERVER_VERSION = 178
@@ -182,31 +182,22 @@ def contract_fields(
     currency: str,
     local_symbol: str,
     trading_class: str,
-) -> tuple[object, ...]:
-    """The eleven contract fields shared by position and portfolio messages."""
-    return (
-        conid,
-        symbol,
-        sec_type,
-        expiry,
-        strike,
-        right,
-        multiplier,
-        exchange,
-        currency,
-        local_symbol,
-        trading_class,
-    )
-
-
-def position(
-    account: str, contract: Iterable[object], quantity: float, average_cost: float
 ) -> bytes:
-    return message(61, 3, account, *contract, quantity, average_cost)
+    """The eleven contract fields shared by position and portfolio messages, rendered
+    once (a simulator sends the same contract many times)."""
+    fields = (conid, symbol, sec_type, expiry, strike, right, multiplier, exchange, currency,
+              local_symbol, trading_class)  # fmt: skip
+    return b"".join(render(f).encode() + b"\0" for f in fields)
+
+
+def position(account: str, contract: bytes, quantity: float, average_cost: float) -> bytes:
+    # Hot in a snapshot: one str format, one encode (floats render as repr via !r).
+    tail = f"{quantity!r}\0{average_cost!r}\0".encode()
+    return frame(b"61\x003\x00%s\x00%s%s" % (account.encode(), contract, tail))
 
 
 def update_portfolio(
-    contract: Iterable[object],
+    contract: bytes,
     quantity: float,
     market_price: float,
     market_value: float,
@@ -215,18 +206,11 @@ def update_portfolio(
     realized_pnl: float,
     account: str,
 ) -> bytes:
-    return message(
-        7,
-        8,
-        *contract,
-        quantity,
-        market_price,
-        market_value,
-        average_cost,
-        unrealized_pnl,
-        realized_pnl,
-        account,
-    )
+    tail = (
+        f"{quantity!r}\0{market_price!r}\0{market_value!r}\0{average_cost!r}\0"
+        f"{unrealized_pnl!r}\0{realized_pnl!r}\0{account}\0"
+    ).encode()
+    return frame(b"7\x008\x00%s%s" % (contract, tail))
 
 
 def pnl_single(
