@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -81,7 +82,7 @@ def run_burst(redis_url: str, folder: Path, positions: int, stream: str, fast: b
             "POSLAKE_LOG_LEVEL": "WARNING",
         }
     )
-    client = redis.Redis.from_url(redis_url)
+    client: Any = redis.Redis.from_url(redis_url)  # replies typed loosely by redis-py
     producer = subprocess.Popen([sys.executable, "-m", "producer"], env=env)
     deadline = time.monotonic() + 120
     try:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     positions = 2_000 if args.quick else args.positions
 
     with work_dir("burst") as folder, private_redis(folder / "redis") as server:
-        client = redis.Redis.from_url(server.url)
+        client: Any = redis.Redis.from_url(server.url)
         log(f"burst of {positions} positions, direct decoders")
         fast = run_burst(server.url, folder, positions, "burst-fast", fast=True)
         standard = None
