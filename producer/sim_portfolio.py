@@ -143,6 +143,7 @@ class SyntheticPortfolio:
         self.spot = {symbol: price for symbol, price, _ in UNDERLYINGS}
         self.instruments = self._make_instruments()
         self._by_conid = {i.conid: i for i in self.instruments}
+        self._stocks = [i for i in self.instruments if i.sec_type == "STK"]
         self.holdings = {}
         self._order: list[tuple[str, int]] = []
         self._slot: dict[tuple[str, int], int] = {}
@@ -249,7 +250,9 @@ class SyntheticPortfolio:
         rng = self._rng
         while True:
             account = self.accounts[rng.randrange(len(self.accounts))]
-            instrument = self.instruments[rng.randrange(len(self.instruments))]
+            # A fifth of positions are stocks (there are far fewer stock contracts).
+            pool = self._stocks if rng.random() < 0.2 else self.instruments
+            instrument = pool[rng.randrange(len(pool))]
             if (account, instrument.conid) not in self.holdings:
                 break
         price = self.price_of(instrument)

@@ -149,6 +149,13 @@ class GatewaySimulator:
         log.info("dropped connections", extra={"count": len(dropped)})
         return len(dropped)
 
+    def pause(self) -> None:
+        """Stop generating events (connections stay up)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
     def send_link_code(self, code: int) -> None:
         """1100: IB link lost (nothing is sent until restored); 1101: restored, data
         lost (subscriptions are gone and must be redone); 1102: restored, data kept."""

