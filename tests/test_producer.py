@@ -81,12 +81,7 @@ def test_multi_account_login(
             )
             async with running_producer(settings) as producer:
                 await until(lambda: sim.events >= 400)
-                await settle(
-                    sim,
-                    redis_url,
-                    stream,
-                    len(expected_kinds(sim.record, portfolio, positions_only)),
-                )
+                sent = await settle(sim, redis_url, stream, portfolio, positions_only)
                 assert await producer.stop()
                 assert producer.source.portfolio_account == portfolio
                 assert producer.source.position_accounts == positions_only
