@@ -67,9 +67,7 @@ class Spool:
         self._offset_path = path.with_name(path.name + ".offset")
         path.parent.mkdir(parents=True, exist_ok=True)
         self._append = path.open("ab")
-        self._read = path.open("rb")
         self.offset = int(self._offset_path.read_text()) if self._offset_path.exists() else 0
-        self._read.seek(self.offset)
 
     def append(self, entry: Entry) -> None:
         self._append.write(b"%d %s\n" % entry)
@@ -84,19 +82,23 @@ class Spool:
     def peek(self, count: int) -> tuple[list[Entry], int]:
         """Up to ``count`` entries from the read offset, and the offset after them."""
         self.flush()
-        self._read.seek(self.offset)
         entries: list[Entry] = []
         position = self.offset
-        for line in islice(self._read, count):
-            if not line.endswith(b"\n"):
-                break  # a torn last line (killed mid-write) is not an entry
-            stamp, _, payload = line.rstrip(b"\n").partition(b" ")
-            entries.append((int(stamp), payload))
-            position += len(line)
+        # A fresh handle per read: a long-lived buffered one could serve bytes from
+        # before the file was started over.
+        with self.path.open("rb") as reader:
+            reader.seek(self.offset)
+            for line in islice(reader, count):
+                if not line.endswith(b"\n"):
+                    break  # a torn last line (killed mid-write) is not an entry
+                stamp, _, payload = line.rstrip(b"\n").partition(b" ")
+                entries.append((int(stamp), payload))
+                position += len(line)
         return entries, position
 
     def advance(self, offset: int) -> None:
         self.offset = offset
+        self.flush()  # entries appended while a chunk was in flight count as unread
         if offset >= self.path.stat().st_size:
             # Fully replayed: start the file over.
             self._append.truncate(0)
@@ -107,7 +109,6 @@ class Spool:
     def close(self) -> None:
         self._append.flush()
         self._append.close()
-        self._read.close()
 
 
 class Outbox:
@@ -189,25 +190,20 @@ class Outbox:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+        all_sent = not self._memory and not self._spool.unread()
         if self._memory:
-            # Redis is still away: keep what is in memory on disk, after the spool.
-            self.stats.spooled += len(self._memory)
+            # Redis is still away: keep what is in memory on disk, ahead of the spool.
             log.warning("spooling unsent updates at exit", extra={"count": len(self._memory)})
-            if self._spooling:
-                memory, self._memory = self._memory, deque()
-                # Memory holds older entries than the spool: rewrite in order.
-                pending, _ = self._spool.peek(10**12)
-                self._spool.advance(self._spool.path.stat().st_size)
-                for entry in [*memory, *pending]:
-                    self._spool.append(entry)
-            else:
-                for entry in self._memory:
-                    self._spool.append(entry)
-                self._memory.clear()
+            self.stats.spooled += len(self._memory)
+            pending, _ = self._spool.peek(10**12) if self._spooling else ([], 0)
+            self._spool.advance(self._spool.path.stat().st_size)  # start the file over
+            for entry in [*self._memory, *pending]:
+                self._spool.append(entry)
+            self._memory.clear()
         self._spool.close()
         if self._connection is not None:
             self._connection.close()
-        return drained and not self._memory
+        return drained and all_sent
 
     # --- writer ---------------------------------------------------------------
 
@@ -229,8 +225,14 @@ class Outbox:
             else:
                 entries, next_offset = list(islice(self._memory, self._chunk)), 0
             try:
-                sent = await self._send(entries)
-            except (OSError, ConnectionError, TimeoutError, RespError) as exc:
+                await self._send(entries)
+            except Exception as exc:
+                # Connection errors and error replies are expected while Redis is away;
+                # anything else is a bug, logged with its traceback, and retried too:
+                # a writer that died would strand every buffered update.
+                expected = isinstance(exc, (OSError, ConnectionError, TimeoutError, RespError))
+                if not expected:
+                    log.exception("publishing failed unexpectedly")
                 self._drop_connection()
                 delay = min(self._retry_max_s, self._retry_initial_s * 2**attempt)
                 delay *= 0.5 + random.random() / 2  # jitter
@@ -250,18 +252,16 @@ class Outbox:
                 continue
             attempt = 0
             if from_spool:
-                if sent == len(entries):
-                    self._spool.advance(next_offset)
-                    self.stats.replayed_from_spool += sent
-                else:
-                    _, offset = self._spool.peek(sent)
-                    self._spool.advance(offset)
+                self._spool.advance(next_offset)
+                self.stats.replayed_from_spool += len(entries)
             else:
-                for _ in range(sent):
+                for _ in entries:
                     self._memory.popleft()
 
-    async def _send(self, entries: list[Entry]) -> int:
-        """XADD ``entries`` in one pipeline; returns how many landed from the front."""
+    async def _send(self, entries: list[Entry]) -> None:
+        """XADD ``entries`` in one pipeline. An error reply raises: the whole chunk is
+        retried (entries before it that landed are then recognised with explicit IDs,
+        or deduplicated by the consumer's key otherwise)."""
         connection = await self._connect()
         commands = [self._xadd(stamp, payload) for stamp, payload in entries]
         self._in_doubt_us = max(self._in_doubt_us, entries[-1][0])
@@ -276,7 +276,6 @@ class Outbox:
                 log.error("XADD rejected", extra={"error": str(reply), "stream": self._stream})
                 raise reply
         self.stats.published += len(replies)
-        return len(entries)
 
     def _xadd(self, stamp_us: int, payload: bytes) -> bytes:
         args = [b"XADD", self._stream]

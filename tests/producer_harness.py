@@ -125,6 +125,10 @@ async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float 
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+async def until_at_least(read: Callable[[], int], minimum: int, timeout: float = 20) -> None:
+    await until(lambda: read() >= minimum, timeout)
+
+
 def read_stream(redis_url: str, stream: str) -> list[PositionUpdate]:
     client = redis.Redis.from_url(redis_url)
     try:
