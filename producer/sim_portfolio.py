@@ -93,6 +93,14 @@ class Holding:
     market_price: float
     realized_pnl: float = 0.0
     open_value: float = 0.0  # market value when the day began, for daily P&L
+    # Serialized messages, kept until the holding changes: a snapshot is then a copy.
+    wire_portfolio: bytes | None = None
+    wire_position: bytes | None = None
+
+    def touch(self) -> None:
+        """Forget serialized messages after a change."""
+        self.wire_portfolio = None
+        self.wire_position = None
 
     @property
     def market_value(self) -> float:
@@ -209,6 +217,11 @@ class SyntheticPortfolio:
 
     def step(self) -> PortfolioEvent:
         """One event on one holding; a closed holding leaves the book after it."""
+        event = self._step()
+        event.holding.touch()
+        return event
+
+    def _step(self) -> PortfolioEvent:
         rng = self._rng
         below_target = len(self.holdings) < self.target_positions
         roll = rng.random()
