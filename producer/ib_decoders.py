@@ -17,6 +17,7 @@ events are not fed in this mode; the producer keeps its own state.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -178,33 +179,77 @@ def make_decoders(sink: PositionSink) -> dict[int, Callable[[list[str]], None]]:
     return {7: update_portfolio, 61: position, 95: pnl_single}
 
 
-def install(ib: Any, sink: PositionSink) -> None:
-    """Register the direct decoders on an ``ib_async.IB`` instance's decoder."""
-    ib.client.decoder.handlers.update(make_decoders(sink))
-    feed_in_slices(ib.client)
+def install(ib: Any, sink: PositionSink) -> FrameDemux:
+    """Register the direct decoders on an ``ib_async.IB`` instance.
 
-
-RECEIVE_SLICE = 16 * 1024
-
-
-def feed_in_slices(client: Any) -> None:
-    """Hand ib_async's client its socket data in slices of at most 16 KiB.
-
-    The client re-slices its whole receive buffer after every message, so one
-    256 KiB read (what asyncio delivers during a snapshot) costs a quadratic
-    amount of copying: measured, more time than decoding. Slices bound the copy
-    per message; the client already keeps partial messages between calls.
+    They go into ib_async's decoder table and, so that a snapshot does not pay
+    ib_async's per-message framing (it re-slices its whole receive buffer after
+    every message: quadratic in the 256 KiB reads asyncio delivers), into a
+    :class:`FrameDemux` in front of the client.
     """
-    connection = client.conn
-    original = client._onSocketHasData
-    connection.hasData -= original
+    decoders = make_decoders(sink)
+    ib.client.decoder.handlers.update(decoders)
+    demux = FrameDemux(ib.client, decoders)
+    demux.attach()
+    return demux  # keep it: eventkit holds bound-method slots weakly
 
-    def feed(data: bytes) -> None:
-        if len(data) <= RECEIVE_SLICE:
-            original(data)
-            return
-        view = memoryview(data)
-        for start in range(0, len(data), RECEIVE_SLICE):
-            original(bytes(view[start : start + RECEIVE_SLICE]))
 
-    connection.hasData += feed
+_LENGTH = struct.Struct(">I")
+
+
+class FrameDemux:
+    """Splits the socket stream into messages; the direct decoders' messages are decoded
+    here, every other message goes on to ib_async's client unchanged and in order."""
+
+    def __init__(self, client: Any, decoders: dict[int, Callable[[list[str]], None]]) -> None:
+        self._client = client
+        self._forward = client._onSocketHasData
+        self._fast = {str(msg_id).encode(): handler for msg_id, handler in decoders.items()}
+        self._buffer = bytearray()
+
+    def attach(self) -> None:
+        connection = self._client.conn
+        connection.hasData -= self._forward
+        connection.hasData += self.feed
+        connection.disconnected += self.reset
+
+    def reset(self, *_: object) -> None:
+        # A partial message of a dropped connection must not prefix the next one's.
+        self._buffer.clear()
+
+    def feed(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        size = len(buffer)
+        offset = 0
+        passthrough: list[bytes] = []
+        fast = self._fast
+        # Until the handshake is done the first message is the server version and time.
+        handshaken = bool(self._client.serverVersion())
+        while size - offset >= 4:
+            (length,) = _LENGTH.unpack_from(buffer, offset)
+            end = offset + 4 + length
+            if end > size:
+                break
+            handler = None
+            if handshaken:
+                nul = buffer.find(b"\0", offset + 4, end)
+                handler = fast.get(bytes(buffer[offset + 4 : nul])) if nul > 0 else None
+            if handler is None:
+                passthrough.append(bytes(buffer[offset:end]))
+            else:
+                if passthrough:
+                    self._forward(b"".join(passthrough))
+                    passthrough.clear()
+                fields = buffer[offset + 4 : end].decode(errors="backslashreplace").split("\0")
+                fields.pop()  # the empty string after the last NUL
+                handler(fields)
+            offset = end
+            if not handshaken and passthrough:
+                # Let the client see the handshake before deciding on the next message.
+                self._forward(b"".join(passthrough))
+                passthrough.clear()
+                handshaken = bool(self._client.serverVersion())
+        del buffer[:offset]
+        if passthrough:
+            self._forward(b"".join(passthrough))

@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +94,7 @@ class IbSource:
         self._refused: asyncio.Future[None] | None = None
         self._disconnected = asyncio.Event()
         self._resubscribe = asyncio.Event()
+        self.last_data_at = time.monotonic()
         self._wire_events()
 
     # --- events -----------------------------------------------------------------
@@ -101,8 +104,9 @@ class IbSource:
         ib.client.apiStart += self._select_accounts
         ib.errorEvent += self._on_error
         ib.disconnectedEvent += self._on_disconnected
+        ib.client.conn.hasData += self._on_socket_data
         if self.settings.ib_fast_decode:
-            ib_decoders.install(ib, self)
+            self._demux = ib_decoders.install(ib, self)
         else:
             ib.updatePortfolioEvent += self._on_portfolio_item
             ib.positionEvent += self._on_position_item
@@ -138,6 +142,9 @@ class IbSource:
             self._resubscribe.set()
         elif code == LINK_RESTORED_DATA_KEPT:
             log.info("IB link restored, data kept (1102)", extra={"text": text})
+
+    def _on_socket_data(self, _data: bytes) -> None:
+        self.last_data_at = time.monotonic()
 
     def _on_disconnected(self) -> None:
         self._disconnected.set()
@@ -386,17 +393,19 @@ class IbSource:
 
     async def _serve(self, stop: asyncio.Event) -> None:
         """Wait for stop or a disconnect; probe liveness when IB is quiet; resubscribe on 1101."""
-        ib = self.ib
-        quiet = asyncio.Event()
-        ib.timeoutEvent.clear()
-        ib.timeoutEvent += lambda _idle: quiet.set()
-        ib.setTimeout(self.settings.ib_idle_probe_s)
-        waiters = {
+        idle_s = self.settings.ib_idle_probe_s
+        check_every_s = min(1.0, idle_s / 4)
+
+        async def tick() -> None:
+            await asyncio.sleep(check_every_s)
+
+        waiters: dict[str, Callable[[], Coroutine[Any, Any, object]]] = {
             "stop": stop.wait,
             "disconnected": self._disconnected.wait,
-            "quiet": quiet.wait,
             "resubscribe": self._resubscribe.wait,
+            "tick": tick,
         }
+        self.last_data_at = time.monotonic()
         while True:
             tasks = {asyncio.ensure_future(wait()): name for name, wait in waiters.items()}
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -411,10 +420,9 @@ class IbSource:
             if "resubscribe" in fired:
                 self._resubscribe.clear()
                 await self._redo_subscriptions()
-            if "quiet" in fired:
-                quiet.clear()
+            if time.monotonic() - self.last_data_at >= idle_s:
                 await self._probe()
-                ib.setTimeout(self.settings.ib_idle_probe_s)
+                self.last_data_at = time.monotonic()
 
     async def _probe(self) -> None:
         timeout = min(self.settings.ib_connect_timeout_s, 10.0)
