@@ -16,9 +16,10 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+
+import msgspec
 
 from shared.model import DERIVATIVE_SEC_TYPES, PositionUpdate
 
@@ -52,8 +53,7 @@ class UpdateClock:
         return _EPOCH + timedelta(microseconds=stamp_us)
 
 
-@dataclass(frozen=True, slots=True)
-class ContractInfo:
+class ContractInfo(msgspec.Struct, frozen=True, gc=False):
     """The contract fields of an update, mapped once per contract and cached."""
 
     conid: int
@@ -159,7 +159,7 @@ def build_update(
     unrealized_pnl: float | None = None,
     realized_pnl: float | None = None,
 ) -> PositionUpdate:
-    if not math.isfinite(position):
+    if position - position != 0.0:  # inf or nan; cheaper than math.isfinite in the hot path
         raise MappingError(f"position {position!r} of {account}/{contract.conid} is not finite")
     if not account:
         raise MappingError(f"update of contract {contract.conid} has no account")

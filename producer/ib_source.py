@@ -159,12 +159,28 @@ class IbSource:
     # --- updates ------------------------------------------------------------------
 
     def _publish(
-        self, account: str, contract: ContractInfo, position: float, **values: Any
+        self,
+        account: str,
+        contract: ContractInfo,
+        position: float,
+        market_price: float | None = None,
+        market_value: float | None = None,
+        average_cost: float | None = None,
+        unrealized_pnl: float | None = None,
+        realized_pnl: float | None = None,
     ) -> None:
         stamp = self.clock.stamp_us()
         try:
             update = build_update(
-                account, contract, position, UpdateClock.as_datetime(stamp), **values
+                account,
+                contract,
+                position,
+                UpdateClock.as_datetime(stamp),
+                market_price=market_price,
+                market_value=market_value,
+                average_cost=average_cost,
+                unrealized_pnl=unrealized_pnl,
+                realized_pnl=realized_pnl,
             )
         except MappingError as exc:
             self.on_unmappable(exc)
@@ -190,11 +206,11 @@ class IbSource:
             account,
             contract,
             position,
-            market_price=market_price,
-            market_value=market_value,
-            average_cost=average_cost,
-            unrealized_pnl=unrealized_pnl,
-            realized_pnl=realized_pnl,
+            market_price,
+            market_value,
+            average_cost,
+            unrealized_pnl,
+            realized_pnl,
         )
 
     def on_position(
