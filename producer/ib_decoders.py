@@ -116,16 +116,15 @@ def make_decoders(sink: PositionSink) -> dict[int, Callable[[list[str]], None]]:
             contract = contracts.get(
                 conid, symbol, sec_type, expiry, strike, right, multiplier, currency
             )
-            sink.on_portfolio(
-                account,
-                contract,
-                float(position or 0),
-                _value(market_price),
-                _value(market_value),
-                _value(average_cost),
-                _value(unrealized_pnl),
-                _value(realized_pnl),
-            )
+            values = [
+                float(text) if text else None
+                for text in (market_price, market_value, average_cost, unrealized_pnl, realized_pnl)
+            ]
+            # IB's unset double and non-finite numbers mean "no value" (inlined: hot path).
+            for index, number in enumerate(values):
+                if number is not None and (number == UNSET_DOUBLE or number - number != 0.0):
+                    values[index] = None
+            sink.on_portfolio(account, contract, float(position or 0), *values)
         except MappingError as exc:
             sink.on_unmappable(exc)
         except Exception:
@@ -189,7 +188,7 @@ def install(ib: Any, sink: PositionSink) -> FrameDemux:
     """
     decoders = make_decoders(sink)
     ib.client.decoder.handlers.update(decoders)
-    demux = FrameDemux(ib.client, decoders)
+    demux = FrameDemux(ib.client, decoders, sink.wants_positions_of)
     demux.attach()
     return demux  # keep it: eventkit holds bound-method slots weakly
 
@@ -199,12 +198,26 @@ _LENGTH = struct.Struct(">I")
 
 class FrameDemux:
     """Splits the socket stream into messages; the direct decoders' messages are decoded
-    here, every other message goes on to ib_async's client unchanged and in order."""
+    here, every other message goes on to ib_async's client unchanged and in order.
 
-    def __init__(self, client: Any, decoders: dict[int, Callable[[list[str]], None]]) -> None:
+    ``skip_positions_of`` lets position messages of accounts the producer does not
+    follow through this way (the portfolio account's, covered by updatePortfolio)
+    be dropped after reading only their account field: in a snapshot they are
+    half of all messages.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        decoders: dict[int, Callable[[list[str]], None]],
+        wants_positions_of: Callable[[str], bool] | None = None,
+    ) -> None:
         self._client = client
         self._forward = client._onSocketHasData
-        self._fast = {str(msg_id).encode(): handler for msg_id, handler in decoders.items()}
+        self._portfolio = decoders[7]
+        self._position = decoders[61]
+        self._pnl_single = decoders[95]
+        self._wants_positions_of = wants_positions_of
         self._buffer = bytearray()
 
     def attach(self) -> None:
@@ -223,25 +236,35 @@ class FrameDemux:
         size = len(buffer)
         offset = 0
         passthrough: list[bytes] = []
-        fast = self._fast
+        wants = self._wants_positions_of
         # Until the handshake is done the first message is the server version and time.
         handshaken = bool(self._client.serverVersion())
         while size - offset >= 4:
             (length,) = _LENGTH.unpack_from(buffer, offset)
-            end = offset + 4 + length
+            start = offset + 4
+            end = start + length
             if end > size:
                 break
-            handler = None
+            handler: Callable[[list[str]], None] | None = None
             if handshaken:
-                nul = buffer.find(b"\0", offset + 4, end)
-                handler = fast.get(bytes(buffer[offset + 4 : nul])) if nul > 0 else None
+                if buffer.startswith(b"7\x00", start):
+                    handler = self._portfolio
+                elif buffer.startswith(b"61\x00", start):
+                    handler = self._position
+                    if wants is not None:  # "61\03\0<account>\0..."
+                        account_end = buffer.find(b"\x00", start + 5, end)
+                        if not wants(buffer[start + 5 : account_end].decode()):
+                            offset = end
+                            continue
+                elif buffer.startswith(b"95\x00", start):
+                    handler = self._pnl_single
             if handler is None:
                 passthrough.append(bytes(buffer[offset:end]))
             else:
                 if passthrough:
                     self._forward(b"".join(passthrough))
                     passthrough.clear()
-                fields = buffer[offset + 4 : end].decode(errors="backslashreplace").split("\0")
+                fields = buffer[start:end].decode(errors="backslashreplace").split("\0")
                 fields.pop()  # the empty string after the last NUL
                 handler(fields)
             offset = end
