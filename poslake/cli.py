@@ -1,30 +1,84 @@
-"""``poslake``: the operator command line (a thin layer over the packages)."""
+"""``poslake``: the operator command line (a thin layer over the packages).
+
+Every command reads the settings once (``POSLAKE_*``), and ends with an exit
+code from :class:`poslake.command.ExitCode`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from consumer import cli as consumer_cli
+from poslake import dlq, maintain, query, replay, status
 from poslake import run as pipeline
+from poslake.command import CommandError, ExitCode
+from producer import cli as producer_cli
+from shared.settings import Settings, load_settings_or_report
+
+OperatorCommand = Callable[[argparse.Namespace, Settings], int]
+
+ArgumentAdder = Callable[[argparse.ArgumentParser], None]
+OPERATOR_COMMANDS: dict[str, tuple[str, ArgumentAdder, OperatorCommand]] = {
+    "status": (
+        "stream, groups, pending per consumer, dead letters, table",
+        status.add_arguments,
+        status.run,
+    ),
+    "replay": (
+        "move a group back to an entry ID, a time or the beginning",
+        replay.add_arguments,
+        replay.run,
+    ),
+    "dlq": ("list, requeue or purge dead letters", dlq.add_arguments, dlq.run),
+    "maintain": ("compact, checkpoint and vacuum the table", maintain.add_arguments, maintain.run),
+    "query": (
+        "current positions or a contract's history, now or in the past",
+        query.add_arguments,
+        query.run,
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="poslake",
         description="IB position history into Delta Lake through a Redis Stream.",
-        epilog="Settings come from POSLAKE_* environment variables (see README).",
+        epilog="Settings come from POSLAKE_* environment variables (see README). Exit codes: "
+        "0 done, 1 failed, 2 bad input, 3 not found, 4 Redis unreachable, 5 cancelled.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    consume = commands.add_parser("consume", help="run one consumer of the group")
-    consumer_cli.build_parser(consume)
-    consume.set_defaults(handler=consumer_cli.run)
     run = commands.add_parser(
-        "run", help="run the whole pipeline locally (private Redis, demo source, consumers)"
+        "run", help="the whole pipeline locally (private Redis, simulator, producer, consumers)"
     )
     pipeline.add_arguments(run)
     run.set_defaults(handler=pipeline.run)
+    consume = commands.add_parser("consume", help="run one consumer of the group")
+    consumer_cli.build_parser(consume)
+    consume.set_defaults(handler=consumer_cli.run)
+    produce = commands.add_parser("produce", help="run the IB producer")
+    producer_cli.build_parser(produce)
+    produce.set_defaults(handler=producer_cli.run)
+    for name, (text, add_arguments, command) in OPERATOR_COMMANDS.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        add_arguments(sub)
+        sub.set_defaults(handler=_operator(name, command))
     return parser
+
+
+def _operator(name: str, command: OperatorCommand) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        settings = load_settings_or_report(f"poslake {name}")
+        if settings is None:
+            return ExitCode.BAD_INPUT
+        try:
+            return command(args, settings)
+        except CommandError as exc:
+            print(f"poslake {name}: {exc}", file=sys.stderr)
+            return exc.code
+
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,33 +1,58 @@
 """``poslake run``: the whole pipeline from one command, on embedded defaults.
 
 With no ``POSLAKE_REDIS_URL`` it starts a private redis-server (AOF on) in the
-data folder. Until the IB producer lands, the source is the synthetic demo
-portfolio published from this process. Consumers run as separate processes.
+data folder; with no ``POSLAKE_IB_HOST`` it starts the gateway simulator. Then
+the producer and N consumers, each its own process (logs in
+``<data-dir>/logs``). While it runs a live view shows the flow; Ctrl-C or
+``--duration`` ends it in order (source, producer flush, consumers drain and
+commit, servers) and prints where the tables are and how to query them. A
+part that fails to start stops everything, named, with exit code 1 (3 for an
+unreachable Redis or IB).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
-from deltalake import DeltaTable
 
-from poslake.demo_feed import DemoPortfolio
+from poslake import status as status_mod
+from poslake.live_view import LiveView
 from shared.logs import configure_logging
-from shared.publisher import StreamPublisher
 from shared.redis_server import RedisServer, find_redis_server
 from shared.settings import Settings, load_settings_or_report
+
+SIMULATED_ACCOUNTS = "DU100001,DU100002,DU100003"
 
 
 class StartupError(Exception):
     """A part of the pipeline failed to start: names the part and why."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Part:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, lines: int = 5) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,13 +61,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--consumers", type=int, default=1, help="consumer processes (default 1)")
     parser.add_argument(
-        "--rate", type=float, default=200.0, help="demo updates per second (default 200)"
+        "--positions", type=int, default=200, help="simulator: open positions to hold (default 200)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=100.0,
+        help="simulator: portfolio events per second (default 100)",
     )
     parser.add_argument(
         "--data-dir",
         type=Path,
         default=Path("poslake-data"),
-        help="where a private Redis and the lake live",
+        help="where a private Redis, the lake, the spool and logs live",
+    )
+    parser.add_argument(
+        "--no-live", action="store_true", help="plain progress lines instead of the live view"
     )
 
 
@@ -52,7 +86,7 @@ def _start_redis(settings: Settings, data_dir: Path, stack: ExitStack) -> str:
             redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3).ping()
         except redis.RedisError as exc:
             raise StartupError(
-                f"redis: cannot reach POSLAKE_REDIS_URL={settings.redis_url}: {exc}"
+                f"redis: cannot reach POSLAKE_REDIS_URL={settings.redis_url}: {exc}", 3
             ) from exc
         return settings.redis_url
     binary = find_redis_server()
@@ -68,33 +102,112 @@ def _start_redis(settings: Settings, data_dir: Path, stack: ExitStack) -> str:
     return server.url
 
 
-def _start_consumers(
-    count: int, env: dict[str, str], stack: ExitStack
-) -> list[subprocess.Popen[bytes]]:
-    procs = []
-    for i in range(count):
-        child_env = {**env, "POSLAKE_CONSUMER_NAME": f"run-consumer-{i + 1}"}
-        proc = subprocess.Popen([sys.executable, "-m", "consumer"], env=child_env)
-        stack.callback(_stop, proc)
-        procs.append(proc)
-    return procs
+def _spawn(
+    name: str,
+    module: list[str],
+    env: dict[str, str],
+    logs: Path,
+    stack: ExitStack,
+    stdout: Any = None,
+) -> Part:
+    log = logs / f"{name}.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", *module], env=env, stdout=stdout or out, stderr=out
+        )
+    part = Part(name, process, log)
+    stack.callback(_stop, part)
+    return part
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+def _stop(part: Part, timeout: float = 60) -> None:
+    if part.process.poll() is None:
+        part.process.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            part.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            part.process.kill()
+            part.process.wait()
+
+
+def _start_ib(
+    settings: Settings,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    logs: Path,
+    data_dir: Path,
+    stack: ExitStack,
+) -> tuple[Part | None, str, int]:
+    if "ib_host" in settings.model_fields_set:
+        try:
+            socket.create_connection((settings.ib_host, settings.ib_port), timeout=5).close()
+        except OSError as exc:
+            raise StartupError(
+                f"ib: cannot reach POSLAKE_IB_HOST={settings.ib_host} port {settings.ib_port}: "
+                f"{exc}",
+                3,
+            ) from exc
+        return None, settings.ib_host, settings.ib_port
+    module = [
+        "producer.simulator",
+        "--port",
+        "0",
+        "--accounts",
+        SIMULATED_ACCOUNTS,
+        "--positions",
+        str(args.positions),
+        "--rate",
+        str(args.rate),
+        "--final-state",
+        str(data_dir / "simulator-final-state.json"),
+    ]
+    part = _spawn("simulator", module, env, logs, stack, stdout=subprocess.PIPE)
+    assert part.process.stdout is not None
+    line = part.process.stdout.readline().decode()
+    if "listening on" not in line:
+        part.process.wait(timeout=10)
+        raise StartupError(
+            f"simulator: did not start (exit {part.process.returncode}):\n{part.tail()}"
+        )
+    return part, "127.0.0.1", int(line.rsplit(":", 1)[1])
+
+
+def _wait_for_first_entry(client: Any, settings: Settings, producer: Part, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if producer.process.poll() is not None:
+            raise StartupError(
+                f"producer: exited with {producer.process.returncode} at start:\n{producer.tail()}"
+            )
+        if client.exists(settings.stream) and client.xlen(settings.stream) > 0:
+            return
+        time.sleep(0.1)
+    raise StartupError(
+        f"producer: nothing published within {timeout:.0f}s (IB refused or "
+        f"silent?):\n{producer.tail()}"
+    )
+
+
+def _wait_drained(client: Any, settings: Settings, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        groups = {g["name"].decode(): g for g in client.xinfo_groups(settings.stream)}
+        group = groups.get(settings.group)
+        last = client.xrevrange(settings.stream, count=1)
+        if group and group["pending"] == 0 and last and group["last-delivered-id"] == last[0][0]:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings_or_report("poslake run")
     if settings is None:
         return 2
-    configure_logging(settings.log_level, settings.log_json)
     data_dir: Path = args.data_dir.resolve()
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    configure_logging("WARNING", settings.log_json)
     lake_uri = (
         settings.lake_uri if "lake_uri" in settings.model_fields_set else str(data_dir / "lake")
     )
@@ -109,57 +222,87 @@ def run(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         try:
             url = _start_redis(settings, data_dir, stack)
+            private_redis = "redis_url" not in settings.model_fields_set
+            base_env = {k: v for k, v in os.environ.items() if not k.startswith("POSLAKE_")}
+            base_env.update({k: v for k, v in os.environ.items() if k.startswith("POSLAKE_")})
+            env = {**base_env, "POSLAKE_REDIS_URL": url, "POSLAKE_LAKE_URI": lake_uri}
+            simulator, ib_host, ib_port = _start_ib(settings, args, env, logs, data_dir, stack)
+            producer_env = {
+                **env,
+                "POSLAKE_IB_HOST": ib_host,
+                "POSLAKE_IB_PORT": str(ib_port),
+                "POSLAKE_PRODUCER_SPOOL_DIR": str(data_dir / "spool"),
+            }
+            if private_redis:  # this run's producer is the stream's only one
+                producer_env["POSLAKE_PRODUCER_EXPLICIT_IDS"] = "true"
+            consumers = [
+                _spawn(
+                    f"consumer-{i + 1}",
+                    ["consumer"],
+                    {**env, "POSLAKE_CONSUMER_NAME": f"run-consumer-{i + 1}"},
+                    logs,
+                    stack,
+                )
+                for i in range(args.consumers)
+            ]
+            producer = _spawn("producer", ["producer"], producer_env, logs, stack)
+            client: Any = redis.Redis.from_url(url)
+            _wait_for_first_entry(client, settings, producer, settings.ib_connect_timeout_s + 20)
         except StartupError as exc:
             print(f"poslake run: {exc}", file=sys.stderr)
-            return 3
-        env = {**os.environ, "POSLAKE_REDIS_URL": url, "POSLAKE_LAKE_URI": lake_uri}
-        procs = _start_consumers(args.consumers, env, stack)
-        client = redis.Redis.from_url(url)
-        publisher = StreamPublisher(client, settings.stream)
-        portfolio = DemoPortfolio()
-        published = len(publisher.publish(portfolio.snapshot()))
+            return exc.code
+        view_settings = settings.model_copy(update={"redis_url": url, "lake_uri": lake_uri})
+        parts = [p for p in (simulator, producer, *consumers) if p is not None]
+        view = LiveView(live=not args.no_live and sys.stdout.isatty())
         started = time.monotonic()
-        next_report = started + 5
-        while not stopping and (
-            args.duration is None or time.monotonic() - started < args.duration
-        ):
-            for i, proc in enumerate(procs):
-                if proc.poll() is not None:
-                    print(
-                        f"poslake run: consumer {i + 1} exited with {proc.returncode}",
-                        file=sys.stderr,
-                    )
-                    return 4
-            tick = time.monotonic()
-            published += len(publisher.publish(portfolio.step(max(1, int(args.rate / 10)))))
-            if tick >= next_report:
-                print(
-                    f"published {published} updates, stream length {client.xlen(settings.stream)}",
-                    flush=True,
-                )
-                next_report = tick + 5
-            time.sleep(max(0.0, 0.1 - (time.monotonic() - tick)))
-        _wait_drained(client, settings, timeout=60)
-    table = DeltaTable(f"{lake_uri}/position_updates")
-    rows = sum(
-        pa_rows for pa_rows in table.get_add_actions(flatten=True).column("num_records").to_pylist()
-    )
+        failed: Part | None = None
+        with view:
+            while not stopping and (
+                args.duration is None or time.monotonic() - started < args.duration
+            ):
+                failed = next((p for p in parts if p.process.poll() is not None), None)
+                if failed is not None:
+                    break
+                view.update(status_mod.collect(view_settings))
+                time.sleep(1.0)
+        if failed is not None:
+            print(
+                f"poslake run: {failed.name} exited with {failed.process.returncode}:\n"
+                f"{failed.tail()}",
+                file=sys.stderr,
+            )
+            return 1
+        # Stop in flow order: the source, then the producer (it flushes), then let the
+        # consumers drain and commit before they stop.
+        if simulator is not None:
+            _stop(simulator)
+        _stop(producer)
+        drained = _wait_drained(client, settings, timeout=120)
+        final = status_mod.collect(view_settings)
+    print_summary(final, lake_uri, url if not private_redis else None, drained, data_dir)
+    return 0 if drained else 1
+
+
+def print_summary(
+    final: status_mod.Status, lake_uri: str, redis_url: str | None, drained: bool, data_dir: Path
+) -> None:
+    table = final.table
+    rows = table.rows if table else 0
     print(
-        f"\nposlake run: published {published} updates; table {lake_uri}/position_updates "
-        f"holds {rows} rows at version {table.version()}.\n"
-        f"Query it, for example:\n"
-        f"  python -c \"import polars as pl; print(pl.read_delta('{lake_uri}/position_updates')"
-        f".sort('timestamp').tail(10))\""
+        f"\nposlake run: {final.length} updates in stream {final.stream}; table "
+        f"{lake_uri}/position_updates holds {rows} rows at version "
+        f"{table.version if table else '-'}; dead letters: {final.dead_letters}"
+        f"{'' if drained else '; NOT fully drained'}."
     )
-    return 0
-
-
-def _wait_drained(client: redis.Redis, settings: Settings, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        groups = {g["name"].decode(): g for g in client.xinfo_groups(settings.stream)}
-        group = groups.get(settings.group)
-        last = client.xrevrange(settings.stream, count=1)
-        if group and group["pending"] == 0 and last and group["last-delivered-id"] == last[0][0]:
-            return
-        time.sleep(0.2)
+    state = data_dir / "simulator-final-state.json"
+    if state.exists():
+        print(
+            f"The simulator's final book: {state} ({len(json.loads(state.read_text()))} "
+            "open positions)."
+        )
+    print("Query it, for example:")
+    print(f"  POSLAKE_LAKE_URI={lake_uri} poslake query positions")
+    print(f"  POSLAKE_LAKE_URI={lake_uri} poslake query positions --symbol AAPL --format csv")
+    print(f"  POSLAKE_LAKE_URI={lake_uri} poslake query history --conid <conid> --version 3")
+    if redis_url:
+        print(f"  POSLAKE_REDIS_URL={redis_url} POSLAKE_LAKE_URI={lake_uri} poslake status")

@@ -112,8 +112,9 @@ class GatewaySimulator:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        # Close gracefully: what was sent before the stop reaches the clients.
         for session in list(self.sessions):
-            session.abort()
+            session.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

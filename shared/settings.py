@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     producer_explicit_ids: bool = False
     producer_flush_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 
+    # How far back time travel must keep working: `poslake maintain` refuses to vacuum
+    # with a shorter retention unless forced.
+    history_retention_hours: Annotated[float, Field(ge=0)] = 168.0
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
 

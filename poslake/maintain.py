@@ -1,0 +1,65 @@
+"""``poslake maintain``: compact, checkpoint, vacuum the ``position_updates`` table.
+
+Consumers compact small files themselves as they go; this is the operator's
+full pass: compact every partition to the target file size, write a
+checkpoint, and vacuum files that no version within the retention needs.
+Vacuuming with a retention shorter than ``POSLAKE_HISTORY_RETENTION_HOURS``
+would break time travel to versions inside that history, so it is refused
+unless ``--force``. Running it while consumers commit is safe: compaction only
+rewrites files, and a concurrent append conflicts with nothing it removes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from poslake.command import CommandError, ExitCode
+from poslake.query import open_table
+from shared.settings import Settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-compact", action="store_true")
+    parser.add_argument("--skip-checkpoint", action="store_true")
+    parser.add_argument("--skip-vacuum", action="store_true")
+    parser.add_argument(
+        "--retention-hours",
+        type=float,
+        help="vacuum files older than this (default POSLAKE_HISTORY_RETENTION_HOURS)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="allow a retention shorter than the configured history"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="vacuum: only list what would go")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    history = settings.history_retention_hours
+    retention = history if args.retention_hours is None else args.retention_hours
+    if retention < 0:
+        raise CommandError("--retention-hours must not be negative", ExitCode.BAD_INPUT)
+    if retention < history and not args.force:
+        raise CommandError(
+            f"a {retention:g} h retention would break time travel within the configured "
+            f"{history:g} h history (POSLAKE_HISTORY_RETENTION_HOURS); use --force to do it anyway",
+            ExitCode.BAD_INPUT,
+        )
+    table = open_table(settings)
+    if not args.skip_compact:
+        metrics = table.optimize.compact(target_size=settings.compact_target_file_bytes)
+        print(
+            f"compacted: {metrics.get('numFilesRemoved', 0)} files into "
+            f"{metrics.get('numFilesAdded', 0)}"
+        )
+    if not args.skip_checkpoint:
+        table.create_checkpoint()
+        print(f"checkpoint written at version {table.version()}")
+    if not args.skip_vacuum:
+        removed = table.vacuum(
+            retention_hours=int(retention), dry_run=args.dry_run, enforce_retention_duration=False
+        )
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"vacuum ({retention:g} h retention): {verb} {len(removed)} files")
+        if not args.dry_run:
+            table.cleanup_metadata()
+    return ExitCode.OK

@@ -1,0 +1,172 @@
+"""``poslake query``: current positions and contract history, now or in the past.
+
+Reads go through polars' lazy Delta scan, so the symbol filter prunes
+partitions and the account/contract filters are pushed into the Parquet scan
+(statistics), instead of loading the table. Time travel: ``--version N`` or
+``--at TIME`` (ISO 8601; a time before the table existed is an error, not
+version 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from poslake.command import CommandError, ExitCode
+from shared.settings import Settings
+
+KEY = ["account", "conid"]
+SHOWN = [
+    "account",
+    "conid",
+    "symbol",
+    "sec_type",
+    "right",
+    "strike",
+    "expiry",
+    "position",
+    "market_price",
+    "market_value",
+    "average_cost",
+    "unrealized_pnl",
+    "realized_pnl",
+    "timestamp",
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    current = what.add_parser("positions", help="current positions: latest row per contract")
+    current.add_argument(
+        "--include-closed", action="store_true", help="also positions that closed (position 0)"
+    )
+    history = what.add_parser("history", help="every update of one contract")
+    history.add_argument("--conid", type=int, required=True)
+    for sub in (current, history):
+        sub.add_argument("--symbol", action="append", default=[], help="repeatable")
+        sub.add_argument("--account", action="append", default=[], help="repeatable")
+        when = sub.add_mutually_exclusive_group()
+        when.add_argument("--version", type=int, help="read the table as of this version")
+        when.add_argument("--at", help="read the table as of this time (ISO 8601, UTC if naive)")
+        sub.add_argument("--format", choices=["table", "csv", "parquet"], default="table")
+        sub.add_argument("--output", type=Path, help="write here instead of stdout")
+
+
+def parse_time(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CommandError(
+            f"bad time {text!r}: use ISO 8601, e.g. 2026-11-22T14:30:00Z", ExitCode.BAD_INPUT
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def open_table(settings: Settings, version: int | None = None, at: str | None = None) -> DeltaTable:
+    """The table at its latest version, a given version, or as of a time."""
+    try:
+        table = DeltaTable(settings.table_uri, storage_options=settings.storage_options or None)
+    except TableNotFoundError:
+        raise CommandError(
+            f"no table at {settings.table_uri} (set POSLAKE_LAKE_URI?)", ExitCode.NOT_FOUND
+        ) from None
+    if version is not None:
+        latest = table.version()
+        if not 0 <= version <= latest:
+            raise CommandError(
+                f"version {version} does not exist (latest is {latest})", ExitCode.BAD_INPUT
+            )
+        table.load_as_version(version)
+    elif at is not None:
+        moment = parse_time(at)
+        created = _created_at(table)
+        if moment < created:
+            raise CommandError(
+                f"{moment.isoformat()} is before the table existed (created {created.isoformat()})",
+                ExitCode.BAD_INPUT,
+            )
+        table.load_as_version(moment)
+    return table
+
+
+def _created_at(table: DeltaTable) -> datetime:
+    # history() lists newest first; the oldest retained commit is the creation
+    # unless log cleanup removed it, in which case it is the oldest time we can read.
+    oldest = table.history()[-1]
+    return datetime.fromtimestamp(int(oldest["timestamp"]) / 1000, UTC)
+
+
+def _filtered(table: DeltaTable, symbols: list[str], accounts: list[str]) -> pl.LazyFrame:
+    frame = pl.scan_delta(table)
+    if symbols:
+        frame = frame.filter(pl.col("symbol").is_in(symbols))
+    if accounts:
+        frame = frame.filter(pl.col("account").is_in(accounts))
+    return frame
+
+
+def current_positions(
+    table: DeltaTable,
+    *,
+    symbols: list[str] | None = None,
+    accounts: list[str] | None = None,
+    include_closed: bool = False,
+) -> pl.DataFrame:
+    """The latest row per (account, conid); closed positions left out unless asked."""
+    frame = _filtered(table, symbols or [], accounts or [])
+    latest = frame.filter(pl.col("timestamp") == pl.col("timestamp").max().over(KEY))
+    if not include_closed:
+        latest = latest.filter(pl.col("position") != 0)
+    return latest.select(SHOWN).sort(KEY).collect()
+
+
+def contract_history(
+    table: DeltaTable,
+    conid: int,
+    *,
+    symbols: list[str] | None = None,
+    accounts: list[str] | None = None,
+) -> pl.DataFrame:
+    frame = _filtered(table, symbols or [], accounts or []).filter(pl.col("conid") == conid)
+    return frame.select(SHOWN).sort(["account", "timestamp"]).collect()
+
+
+def write(frame: pl.DataFrame, fmt: str, output: Path | None) -> None:
+    if fmt == "parquet":
+        if output is None:
+            raise CommandError("--format parquet needs --output FILE", ExitCode.BAD_INPUT)
+        frame.write_parquet(output)
+    elif fmt == "csv":
+        if output is None:
+            sys.stdout.write(frame.write_csv())
+        else:
+            frame.write_csv(output)
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200):
+            text = str(frame)
+        if output is None:
+            print(text)
+        else:
+            output.write_text(text + "\n")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    table = open_table(settings, args.version, args.at)
+    if args.what == "positions":
+        frame = current_positions(
+            table, symbols=args.symbol, accounts=args.account, include_closed=args.include_closed
+        )
+    else:
+        frame = contract_history(table, args.conid, symbols=args.symbol, accounts=args.account)
+        if frame.is_empty():
+            raise CommandError(
+                f"no updates of contract {args.conid} with these filters", ExitCode.NOT_FOUND
+            )
+    write(frame, args.format, args.output)
+    return ExitCode.OK

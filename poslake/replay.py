@@ -1,0 +1,105 @@
+"""``poslake replay``: move a group's position back so entries are delivered again.
+
+Safe because the consumer deduplicates by key: replayed entries already in the
+table are dropped. The position can be an entry ID, a point in time (the first
+entry at or after it), or the beginning. Where the server has it (7.0+),
+ENTRIESREAD is set too, so the group's lag stays right.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import redis
+
+from poslake.command import CommandError, ExitCode, confirm
+from poslake.query import parse_time
+from shared.settings import Settings
+
+PAGE = 10_000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to-id", help="redeliver entries after this ID")
+    where.add_argument("--to-time", help="redeliver entries from this time (ISO 8601)")
+    where.add_argument("--beginning", action="store_true", help="redeliver the whole stream")
+    parser.add_argument("--group", help="the group (default POSLAKE_GROUP)")
+    parser.add_argument("--yes", action="store_true", help="do not ask")
+
+
+def _parse_id(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        raise CommandError(f"bad entry ID {text!r}: use <ms>-<seq>", ExitCode.BAD_INPUT) from None
+
+
+def count_between(client: Any, stream: str, after: str, up_to: str) -> int:
+    """Entries with after < ID <= up_to, counted by paging IDs."""
+    if _parse_id(up_to) <= _parse_id(after):
+        return 0
+    count, start = 0, f"({after}" if after != "0" else "-"
+    while True:
+        page = client.xrange(stream, min=start, max=up_to, count=PAGE)
+        count += len(page)
+        if len(page) < PAGE:
+            return count
+        start = "(" + page[-1][0].decode()
+
+
+def target_id(args: argparse.Namespace) -> str:
+    if args.beginning:
+        return "0"
+    if args.to_id is not None:
+        ms, seq = _parse_id(args.to_id)
+        return f"{ms}-{seq}"
+    moment = parse_time(args.to_time)
+    ms = int(moment.timestamp() * 1000)
+    # Entries at or after the time are redelivered: the position goes just before it.
+    return f"{ms - 1}-18446744073709551615" if ms > 0 else "0"
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    group = args.group or settings.group
+    new_position = target_id(args)
+    client: Any = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    try:
+        try:
+            groups = {g["name"].decode(): g for g in client.xinfo_groups(settings.stream)}
+        except redis.ResponseError:
+            raise CommandError(f"no stream {settings.stream!r}", ExitCode.NOT_FOUND) from None
+        if group not in groups:
+            known = ", ".join(groups) or "none"
+            raise CommandError(
+                f"no group {group!r} on stream {settings.stream!r} (groups: {known})",
+                ExitCode.NOT_FOUND,
+            )
+        current = groups[group]["last-delivered-id"].decode()
+        again = count_between(client, settings.stream, new_position, current)
+        confirm(
+            f"Move group {group} from {current} back to {new_position}: "
+            f"{again} entries will be delivered again. Go on?",
+            args.yes,
+        )
+        version = tuple(int(p) for p in client.info("server")["redis_version"].split(".")[:2])
+        if version >= (7, 0):
+            read = count_between(client, settings.stream, "0", new_position)
+            client.execute_command(
+                "XGROUP", "SETID", settings.stream, group, new_position, "ENTRIESREAD", read
+            )
+        else:
+            client.xgroup_setid(settings.stream, group, new_position)
+    except redis.ConnectionError as exc:
+        raise CommandError(
+            f"cannot reach Redis at {settings.redis_url}: {exc}", ExitCode.UNREACHABLE
+        ) from None
+    finally:
+        client.close()
+    print(
+        f"group {group} moved to {new_position}; {again} entries will be delivered again "
+        "(already stored ones are dropped by the consumers' dedup)"
+    )
+    return ExitCode.OK

@@ -1,0 +1,168 @@
+"""``poslake status``: the stream, its groups and consumers, dead letters and the table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from poslake.command import CommandError, ExitCode
+from shared.settings import Settings
+
+
+@dataclass
+class ConsumerStatus:
+    name: str
+    pending: int
+    idle_ms: int
+    max_deliveries: int  # highest delivery count among its pending entries (first page)
+
+
+@dataclass
+class GroupStatus:
+    name: str
+    last_delivered_id: str
+    entries_read: int | None  # Redis 7+
+    lag: int | None  # Redis 7+; None also when Redis cannot tell
+    pending: int
+    consumers: list[ConsumerStatus] = field(default_factory=list)
+
+
+@dataclass
+class TableStatus:
+    uri: str
+    version: int
+    rows: int
+    active_files: int
+    last_commit: str
+
+
+@dataclass
+class Status:
+    stream: str
+    length: int
+    first_id: str | None
+    last_id: str | None
+    groups: list[GroupStatus]
+    dead_letters: int
+    table: TableStatus | None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def stream_status(client: Any, settings: Settings) -> tuple[int, str | None, str | None]:
+    if not client.exists(settings.stream):
+        return 0, None, None
+    info = client.xinfo_stream(settings.stream)
+    first, last = info.get("first-entry"), info.get("last-entry")
+    return (
+        int(info["length"]),
+        _text(first[0]) if first else None,
+        _text(last[0]) if last else None,
+    )
+
+
+def group_status(client: Any, settings: Settings) -> list[GroupStatus]:
+    if not client.exists(settings.stream):
+        return []
+    groups = []
+    for info in client.xinfo_groups(settings.stream):
+        name = _text(info["name"])
+        group = GroupStatus(
+            name=name,
+            last_delivered_id=_text(info["last-delivered-id"]),
+            entries_read=info.get("entries-read"),
+            lag=info.get("lag"),
+            pending=int(info["pending"]),
+        )
+        for consumer in client.xinfo_consumers(settings.stream, name):
+            consumer_name = _text(consumer["name"])
+            deliveries = 0
+            if consumer["pending"]:
+                page = client.xpending_range(
+                    settings.stream, name, "-", "+", 100, consumername=consumer_name
+                )
+                deliveries = max(int(p["times_delivered"]) for p in page)
+            group.consumers.append(
+                ConsumerStatus(
+                    consumer_name, int(consumer["pending"]), int(consumer["idle"]), deliveries
+                )
+            )
+        groups.append(group)
+    return groups
+
+
+def table_status(settings: Settings) -> TableStatus | None:
+    try:
+        table = DeltaTable(settings.table_uri, storage_options=settings.storage_options or None)
+    except TableNotFoundError:
+        return None
+    actions = table.get_add_actions(flatten=True)
+    rows = sum(n or 0 for n in actions.column("num_records").to_pylist())
+    last = table.history(1)[0]
+    when = datetime.fromtimestamp(int(last["timestamp"]) / 1000, UTC).isoformat()
+    return TableStatus(settings.table_uri, table.version(), rows, actions.num_rows, when)
+
+
+def collect(settings: Settings) -> Status:
+    client: Any = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    try:
+        length, first, last = stream_status(client, settings)
+        groups = group_status(client, settings)
+        dead = int(client.xlen(settings.dlq_stream))
+    except redis.ConnectionError as exc:
+        raise CommandError(
+            f"cannot reach Redis at {settings.redis_url}: {exc}", ExitCode.UNREACHABLE
+        ) from None
+    finally:
+        client.close()
+    return Status(settings.stream, length, first, last, groups, dead, table_status(settings))
+
+
+def render(status: Status) -> str:
+    lines = [
+        f"stream {status.stream}: {status.length} entries, first {status.first_id or '-'}, "
+        f"last {status.last_id or '-'}"
+    ]
+    if not status.groups:
+        lines.append("  no consumer groups")
+    for group in status.groups:
+        lag = "?" if group.lag is None else str(group.lag)
+        lines.append(
+            f"  group {group.name}: lag {lag}, entries read {group.entries_read}, "
+            f"pending {group.pending}, last delivered {group.last_delivered_id}"
+        )
+        for consumer in group.consumers:
+            lines.append(
+                f"    {consumer.name}: pending {consumer.pending}, idle "
+                f"{consumer.idle_ms / 1000:.1f}s, max deliveries "
+                f"{consumer.max_deliveries}"
+            )
+    lines.append(f"dead letters ({status.stream}:dlq): {status.dead_letters}")
+    if status.table is None:
+        lines.append("table: not created yet")
+    else:
+        table = status.table
+        lines.append(
+            f"table {table.uri}: version {table.version}, {table.rows} rows, "
+            f"{table.active_files} active files, last commit {table.last_commit}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    status = collect(settings)
+    print(json.dumps(asdict(status), indent=2) if args.json else render(status))
+    return ExitCode.OK
