@@ -1,7 +1,9 @@
-"""``poslake run`` end to end: private Redis, demo source, two consumer processes."""
+"""``poslake run`` end to end: private Redis, gateway simulator, producer, two consumers."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
@@ -9,29 +11,82 @@ from pathlib import Path
 
 import polars as pl
 
+from producer.simulator import SimulatorConfig, SimulatorThread
 
-def test_run_starts_everything_and_leaves_a_complete_table(tmp_path: Path) -> None:
+
+def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSLAKE_")}
-    env["POSLAKE_BATCH_MAX_WAIT_S"] = "0.5"
+    env.update(extra)
+    return env
+
+
+def test_run_then_query_matches_the_simulators_final_book(tmp_path: Path) -> None:
+    data = tmp_path / "data"
     result = subprocess.run(
-        [sys.executable, "-m", "poslake", "run", "--duration", "4", "--consumers", "2",
-         "--data-dir", str(tmp_path / "data")],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False,
+        [sys.executable, "-m", "poslake", "run", "--duration", "20", "--consumers", "2",
+         "--data-dir", str(data)],
+        env=_env(POSLAKE_BATCH_MAX_WAIT_S="1"), cwd=tmp_path, capture_output=True, text=True,
+        timeout=300, check=False,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    published = int(result.stdout.split("published ")[-1].split(" updates")[0])
-    table = pl.read_delta(str(tmp_path / "data" / "lake" / "position_updates"))
-    assert table.height == published
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "poslake query positions" in result.stdout
+    table = pl.read_delta(str(data / "lake" / "position_updates"))
     assert table.select(["account", "conid", "timestamp"]).is_unique().all()
-    assert table["symbol"].n_unique() >= 5 and table["account"].n_unique() >= 3
+    assert table["symbol"].n_unique() >= 5 and table["account"].n_unique() == 3
+    stream_length = int(result.stdout.split("poslake run: ")[1].split(" updates")[0])
+    assert table.height == stream_length
+
+    query = subprocess.run(
+        [sys.executable, "-m", "poslake", "query", "positions", "--format", "csv"],
+        env=_env(POSLAKE_LAKE_URI=str(data / "lake")), capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert query.returncode == 0, query.stderr
+    shown = pl.read_csv(io.StringIO(query.stdout))
+    book = json.loads((data / "simulator-final-state.json").read_text())
+    assert len(book) > 100
+    assert {(r["account"], r["conid"], r["position"]) for r in shown.iter_rows(named=True)} == {
+        (r["account"], r["conid"], r["position"]) for r in book
+    }
 
 
 def test_run_says_which_part_failed(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSLAKE_")}
-    env["POSLAKE_REDIS_URL"] = "redis://127.0.0.1:1/0"  # nothing listens on port 1
     result = subprocess.run(
         [sys.executable, "-m", "poslake", "run", "--duration", "1", "--data-dir", str(tmp_path)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        env=_env(POSLAKE_REDIS_URL="redis://127.0.0.1:1/0"),  # nothing listens on port 1
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 3
     assert "redis: cannot reach POSLAKE_REDIS_URL" in result.stderr
+
+
+def test_run_says_when_ib_is_unreachable(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "poslake", "run", "--duration", "1", "--data-dir", str(tmp_path)],
+        env=_env(POSLAKE_IB_HOST="127.0.0.1", POSLAKE_IB_PORT="1"),
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 3
+    assert "ib: cannot reach POSLAKE_IB_HOST=127.0.0.1 port 1" in result.stderr
+
+
+def test_run_uses_configured_redis_and_ib(tmp_path: Path, redis_url: str) -> None:
+    """With POSLAKE_REDIS_URL and POSLAKE_IB_HOST set, the same command uses them."""
+    thread = SimulatorThread(SimulatorConfig(accounts=["DU7"], positions=20, rate=30))
+    port = thread.start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "poslake", "run", "--duration", "3", "--data-dir",
+             str(tmp_path / "data")],
+            env=_env(POSLAKE_REDIS_URL=redis_url, POSLAKE_IB_HOST="127.0.0.1",
+                     POSLAKE_IB_PORT=str(port), POSLAKE_STREAM="external",
+                     POSLAKE_BATCH_MAX_WAIT_S="0.5"),
+            cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+    finally:
+        thread.stop()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "data" / "redis").exists()  # no private server
+    assert not (tmp_path / "data" / "simulator-final-state.json").exists()
+    table = pl.read_delta(str(tmp_path / "data" / "lake" / "position_updates"))
+    assert set(table["account"]) == {"DU7"} and table.height >= 20
