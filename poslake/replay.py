@@ -78,6 +78,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 ExitCode.NOT_FOUND,
             )
         current = groups[group]["last-delivered-id"].decode()
+        if _parse_id(new_position) > _parse_id(current):
+            raise CommandError(
+                f"{new_position} is ahead of group {group}'s position {current}: moving it "
+                "forward would skip entries; replay only moves back",
+                ExitCode.BAD_INPUT,
+            )
         again = count_between(client, settings.stream, new_position, current)
         confirm(
             f"Move group {group} from {current} back to {new_position}: "

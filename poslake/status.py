@@ -13,6 +13,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from poslake.command import CommandError, ExitCode
+from poslake.replay import count_between
 from shared.settings import Settings
 
 
@@ -87,6 +88,11 @@ def group_status(client: Any, settings: Settings) -> list[GroupStatus]:
             lag=info.get("lag"),
             pending=int(info["pending"]),
         )
+        if group.lag is None:
+            # Redis 6.2 does not report lag (7.x not after some deletions): count it.
+            last = client.xrevrange(settings.stream, count=1)
+            top = _text(last[0][0]) if last else "0-0"
+            group.lag = count_between(client, settings.stream, group.last_delivered_id, top)
         for consumer in client.xinfo_consumers(settings.stream, name):
             consumer_name = _text(consumer["name"])
             deliveries = 0

@@ -1,0 +1,209 @@
+"""The operator CLI against a real redis-server and a real table, bad input included."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import redis
+
+from tests.helpers import (
+    REPO_ROOT,
+    assert_table_exact,
+    consumer_env,
+    group_pending,
+    make_updates,
+    publish,
+    run_consumer,
+    table_rows,
+)
+
+
+def poslake(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "poslake", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def loaded(redis_url: str, lake: Path, stream: str) -> dict[str, Any]:
+    """A stream of 300 updates, consumed into the table by one drained consumer."""
+    updates = make_updates(300)
+    publish(redis_url, stream, updates)
+    env = consumer_env(redis_url, lake, "cli-consumer", stream)
+    assert run_consumer(env) == 0
+    return {"env": env, "updates": updates}
+
+
+def test_every_command_has_help() -> None:
+    for command in ("run", "consume", "produce", "status", "replay", "dlq", "maintain", "query"):
+        done = poslake(dict(os.environ), command, "--help")
+        assert done.returncode == 0 and "usage: poslake" in done.stdout, command
+
+
+def test_status(loaded: dict[str, Any], stream: str) -> None:
+    done = poslake(loaded["env"], "status")
+    assert done.returncode == 0, done.stderr
+    assert f"stream {stream}: 300 entries" in done.stdout
+    assert "group lake: lag 0" in done.stdout and "pending 0" in done.stdout
+    assert "cli-consumer: pending 0" in done.stdout
+    assert "dead letters" in done.stdout and "300 rows" in done.stdout
+    as_json = poslake(loaded["env"], "status", "--json")
+    assert '"length": 300' in as_json.stdout
+
+
+def test_status_of_unreachable_redis(lake: Path) -> None:
+    env = consumer_env("redis://127.0.0.1:1/0", lake, "x")
+    done = poslake(env, "status")
+    assert done.returncode == 4 and "cannot reach Redis" in done.stderr
+
+
+def test_replay_to_the_beginning_leaves_the_table_unchanged(
+    loaded: dict[str, Any], redis_url: str, lake: Path, stream: str
+) -> None:
+    before = table_rows(lake)
+    cancelled = poslake(loaded["env"], "replay", "--beginning", stdin="n\n")
+    assert cancelled.returncode == 5 and "300 entries will be delivered again" in cancelled.stdout
+    done = poslake(loaded["env"], "replay", "--beginning", "--yes")
+    assert done.returncode == 0, done.stderr
+    client: Any = redis.Redis.from_url(redis_url)
+    group = client.xinfo_groups(stream)[0]
+    assert group["last-delivered-id"] == b"0-0"
+    assert run_consumer(loaded["env"]) == 0
+    assert table_rows(lake) == before
+    assert_table_exact(lake, loaded["updates"])
+    group = client.xinfo_groups(stream)[0]
+    assert group_pending(redis_url, stream) == 0 and group.get("lag") in (0, None)
+
+
+def test_replay_to_a_time_and_an_id(loaded: dict[str, Any], redis_url: str, stream: str) -> None:
+    client: Any = redis.Redis.from_url(redis_url)
+    ids = [entry_id.decode() for entry_id, _ in client.xrange(stream)]
+    millis = int(ids[250].split("-")[0])
+    at = pl.Series([millis], dtype=pl.Datetime("ms", "UTC")).dt.to_string("%Y-%m-%dT%H:%M:%S%.3fZ")
+    done = poslake(loaded["env"], "replay", "--to-time", at[0], "--yes")
+    assert done.returncode == 0, done.stderr
+    expected = sum(1 for i in ids if int(i.split("-")[0]) >= millis)
+    assert f"{expected} entries will be delivered again" in done.stdout
+    done = poslake(loaded["env"], "replay", "--to-id", ids[99], "--yes")
+    assert done.returncode == 0 and f"{len(ids) - 100 - expected} entries" in done.stdout
+    ahead = poslake(loaded["env"], "replay", "--to-id", ids[200], "--yes")
+    assert ahead.returncode == 2 and "would skip entries" in ahead.stderr
+
+
+def test_replay_bad_input(loaded: dict[str, Any]) -> None:
+    env = loaded["env"]
+    unknown = poslake(env, "replay", "--beginning", "--group", "nope", "--yes")
+    assert unknown.returncode == 3 and "no group 'nope'" in unknown.stderr
+    bad_id = poslake(env, "replay", "--to-id", "abc", "--yes")
+    assert bad_id.returncode == 2 and "bad entry ID" in bad_id.stderr
+    bad_time = poslake(env, "replay", "--to-time", "yesterday", "--yes")
+    assert bad_time.returncode == 2 and "bad time" in bad_time.stderr
+    neither = poslake(env, "replay")
+    assert neither.returncode == 2  # argparse: one of the positions is required
+
+
+def test_dlq_list_requeue_purge(redis_url: str, lake: Path, stream: str) -> None:
+    client: Any = redis.Redis.from_url(redis_url)
+    good = make_updates(5)
+    publish(redis_url, stream, good)
+    client.xadd(stream, {"v": b"1", "payload": b"{broken"})
+    client.xadd(stream, {"v": b"7", "payload": b"{}"})
+    env = consumer_env(redis_url, lake, "dlq-consumer", stream)
+    assert run_consumer(env) == 0
+    listing = poslake(env, "dlq", "list")
+    assert listing.returncode == 0 and "2 of 2 dead letters" in listing.stdout
+    assert "JSON is malformed" in listing.stdout and "unknown schema version 7" in listing.stdout
+    dead = [entry_id.decode() for entry_id, _ in client.xrange(f"{stream}:dlq")]
+    missing = poslake(env, "dlq", "requeue", "1-1", "--yes")
+    assert missing.returncode == 3
+    requeue = poslake(env, "dlq", "requeue", dead[0], "--yes")
+    assert requeue.returncode == 0 and "1 dead letters requeued" in requeue.stdout
+    last = client.xrevrange(stream, count=1)[0][1]
+    assert last == {b"v": b"1", b"payload": b"{broken"}  # the original fields only
+    assert client.xlen(f"{stream}:dlq") == 1
+    purge = poslake(env, "dlq", "purge", "--all", "--yes")
+    assert purge.returncode == 0 and client.xlen(f"{stream}:dlq") == 0
+    assert_table_exact(lake, good)
+
+
+def test_maintain(loaded: dict[str, Any], lake: Path) -> None:
+    env = loaded["env"]
+    refused = poslake(env, "maintain", "--retention-hours", "1")
+    assert refused.returncode == 2 and "would break time travel" in refused.stderr
+    done = poslake(env, "maintain", "--retention-hours", "0", "--force")
+    assert done.returncode == 0, done.stderr
+    assert "compacted" in done.stdout and "checkpoint written" in done.stdout
+    assert "removed" in done.stdout
+    assert_table_exact(lake, loaded["updates"])
+    missing = poslake({**env, "POSLAKE_LAKE_URI": str(lake / "none")}, "maintain")
+    assert missing.returncode == 3 and "no table" in missing.stderr
+
+
+def test_query_positions_history_and_time_travel(
+    loaded: dict[str, Any], lake: Path, tmp_path: Path
+) -> None:
+    env = loaded["env"]
+    updates = loaded["updates"]
+    latest: dict[tuple[str, int], Any] = {}
+    for update in sorted(updates, key=lambda u: u.timestamp):
+        latest[(update.account, update.conid)] = update
+    open_ = {k: u for k, u in latest.items() if u.position != 0}
+    done = poslake(env, "query", "positions", "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    shown = pl.read_csv(io.StringIO(done.stdout))
+    assert {(r["account"], r["conid"], r["position"]) for r in shown.iter_rows(named=True)} == {
+        (k[0], k[1], u.position) for k, u in open_.items()
+    }
+    with_closed = poslake(env, "query", "positions", "--include-closed", "--format", "csv")
+    assert pl.read_csv(io.StringIO(with_closed.stdout)).height == len(latest)
+
+    symbol = updates[0].symbol
+    account = updates[0].account
+    filtered = poslake(env, "query", "positions", "--symbol", symbol, "--account", account,
+                       "--format", "parquet", "--output", str(tmp_path / "p.parquet"))  # fmt: skip
+    assert filtered.returncode == 0, filtered.stderr
+    frame = pl.read_parquet(tmp_path / "p.parquet")
+    assert set(frame["symbol"]) <= {symbol} and set(frame["account"]) <= {account}
+    assert frame.height == sum(1 for (a, _), u in open_.items() if a == account
+                               and u.symbol == symbol)  # fmt: skip
+
+    conid = updates[0].conid
+    history = poslake(env, "query", "history", "--conid", str(conid), "--format", "csv")
+    rows = pl.read_csv(io.StringIO(history.stdout))
+    assert rows.height == sum(1 for u in updates if u.conid == conid)
+
+    # Version 0 is the empty table the consumer created; the first batch came after it.
+    at_zero = poslake(env, "query", "positions", "--version", "0", "--format", "csv")
+    assert at_zero.returncode == 0 and at_zero.stdout.count("\n") <= 1
+    table_time = poslake(env, "query", "positions", "--at", "2099-01-01T00:00:00Z")
+    assert table_time.returncode == 0
+
+
+def test_query_bad_input(loaded: dict[str, Any], lake: Path) -> None:
+    env = loaded["env"]
+    assert poslake(env, "query", "positions", "--version", "999").returncode == 2
+    before = poslake(env, "query", "positions", "--at", "2001-01-01T00:00:00Z")
+    assert before.returncode == 2 and "before the table existed" in before.stderr
+    assert poslake(env, "query", "positions", "--at", "soon").returncode == 2
+    parquet = poslake(env, "query", "positions", "--format", "parquet")
+    assert parquet.returncode == 2 and "needs --output" in parquet.stderr
+    unknown = poslake(env, "query", "history", "--conid", "1")
+    assert unknown.returncode == 3
+    missing = poslake({**env, "POSLAKE_LAKE_URI": str(lake / "none")}, "query", "positions")
+    assert missing.returncode == 3 and "no table" in missing.stderr
+    bad_setting = poslake({**env, "POSLAKE_BATCH_MAX_WAIT_S": "-1"}, "query", "positions")
+    assert bad_setting.returncode == 2 and "POSLAKE_BATCH_MAX_WAIT_S" in bad_setting.stderr
