@@ -7,7 +7,7 @@ COPY shared ./shared
 COPY consumer ./consumer
 COPY producer ./producer
 COPY poslake ./poslake
-RUN pip install . && useradd --create-home --uid 10001 poslake && mkdir /lake && chown poslake /lake
+RUN pip install . && useradd --create-home --uid 10001 poslake && mkdir /lake /spool && chown poslake /lake /spool
 USER poslake
 # The consumer name defaults to the container's hostname: stable across restarts
 # of one replica, unique between replicas.

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 
+from consumer.metrics import ConsumerMetrics
 from consumer.runner import Consumer
 from shared.logs import configure_logging
+from shared.metrics import MetricsServer
 from shared.settings import load_settings_or_report
 
 
@@ -32,7 +35,23 @@ def run(args: argparse.Namespace) -> int:
     tune_garbage_collector()
     consumer = Consumer(settings)
     consumer.install_signal_handlers()
-    return consumer.run(drain=bool(args.drain))
+    server: MetricsServer | None = None
+    if settings.metrics_port:
+        metrics = ConsumerMetrics(consumer)
+        server = MetricsServer(metrics.registry, metrics.health)
+        try:
+            server.start(settings.metrics_host, settings.metrics_port)
+        except OSError as exc:
+            print(
+                f"poslake consumer: POSLAKE_METRICS_PORT={settings.metrics_port}: {exc}",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        return consumer.run(drain=bool(args.drain))
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def tune_garbage_collector() -> None:

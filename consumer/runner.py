@@ -113,6 +113,9 @@ class Consumer:
         self.group = ConsumerGroup(self.client, settings)
         self.settler = Settler(self.client, settings.stream, settings.group, settings.consumer_name)
         self.stats = ConsumerStats()
+        # For metrics and health (consumer/metrics.py): batch observer, loop heartbeat.
+        self.on_batch: Callable[[int, float], None] | None = None
+        self.heartbeat = time.monotonic()
         self._stopping = False
         self._next_claim_at = 0.0
         self._claim_scan_open = False
@@ -163,6 +166,7 @@ class Consumer:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as reader:
             upcoming: Future[Batch] | None = reader.submit(self._collect, drain, frozenset())
             while upcoming is not None:
+                self.heartbeat = time.monotonic()
                 batch = upcoming.result()
                 upcoming = None
                 if batch.empty:
@@ -275,6 +279,8 @@ class Consumer:
         self.stats.rows_written += outcome.rows_written
         self.stats.duplicates += outcome.duplicates
         self.stats.dead_letters += len(dead)
+        if self.on_batch is not None:
+            self.on_batch(len(batch.ids), outcome.seconds)
         log.info(
             "batch settled",
             extra={

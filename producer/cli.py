@@ -9,8 +9,10 @@ import signal
 
 from producer.ib_mapping import UpdateClock
 from producer.ib_source import IbSource
+from producer.metrics import ProducerMetrics
 from producer.outbox import Outbox
 from shared.logs import configure_logging
+from shared.metrics import MetricsServer
 from shared.publisher import TrimPolicy
 from shared.settings import Settings, load_settings_or_report
 
@@ -46,6 +48,15 @@ async def run_producer(settings: Settings) -> int:
         log.error("POSLAKE_PRODUCER_SPOOL_DIR is not usable: %s", exc)
         return 2
     source = IbSource(settings, outbox, clock)
+    server: MetricsServer | None = None
+    if settings.metrics_port:
+        metrics = ProducerMetrics(source, outbox)
+        server = MetricsServer(metrics.registry, metrics.health)
+        try:
+            server.start(settings.metrics_host, settings.metrics_port)
+        except OSError as exc:
+            log.error("POSLAKE_METRICS_PORT %s is not usable: %s", settings.metrics_port, exc)
+            return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -54,6 +65,8 @@ async def run_producer(settings: Settings) -> int:
     log.info("producer started", extra={"stream": settings.stream, "ib_port": settings.ib_port})
     await source.run(stop)
     drained = await outbox.close(settings.producer_flush_timeout_s)
+    if server is not None:
+        server.stop()
     log.info(
         "producer stopped",
         extra={

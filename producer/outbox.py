@@ -182,6 +182,10 @@ class Outbox:
     def buffered(self) -> int:
         return len(self._memory)
 
+    def writer_failed(self) -> bool:
+        """The writer task ended while the outbox is open (it should never)."""
+        return self._task is not None and self._task.done() and not self._closing
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._write_forever(), name="outbox-writer")
 

@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     # with a shorter retention unless forced.
     history_retention_hours: Annotated[float, Field(ge=0)] = 168.0
 
+    # Prometheus /metrics and /healthz of the producer or consumer; port 0 turns it off.
+    metrics_host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
 

@@ -60,3 +60,17 @@ def test_producer_and_ib_sources() -> None:
     assert "gnzsnz/ib-gateway" in gateway["image"]
     assert gateway["environment"]["TRADING_MODE"] == "paper"
     assert "ports" not in gateway  # the API port stays inside the compose network
+
+
+def test_healthchecks_use_the_metrics_endpoint() -> None:
+    data = _compose()
+    shared_env = data["x-poslake-env"]
+    port = shared_env["POSLAKE_METRICS_PORT"]
+    assert shared_env["POSLAKE_METRICS_HOST"] == "0.0.0.0"
+    for name in ("producer", "consumer"):
+        check = " ".join(data["services"][name]["healthcheck"]["test"])
+        assert f"127.0.0.1:{port}/healthz" in check, name
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "USER poslake" in dockerfile and "-slim" in dockerfile
+    for folder in ("shared", "consumer", "producer", "poslake"):
+        assert f"COPY {folder} ./{folder}" in dockerfile

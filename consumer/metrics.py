@@ -1,0 +1,85 @@
+"""The consumer's Prometheus metrics and health check (served by shared.metrics)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry, Histogram
+
+from consumer.runner import Consumer
+from shared.metrics import StatsCollector
+
+LAG_COUNT_MAX = 100_000  # where Redis does not report lag, it is counted up to this
+COUNTERS = {
+    "batches": "batches committed and acknowledged",
+    "entries": "stream entries settled (updates out of the stream)",
+    "rows_written": "rows appended to the table",
+    "duplicates": "updates dropped as already stored",
+    "dead_letters": "entries moved to the dead-letter stream",
+    "commit_retries": "Delta commits retried (conflict or failure)",
+    "redis_retries": "Redis calls retried after a connection error",
+}
+GAUGES = {
+    "lag": "entries of the stream the group has not read yet",
+    "pending": "entries this consumer holds unacknowledged",
+    "group_pending": "entries the whole group holds unacknowledged",
+    "seconds_since_progress": "seconds since the consume loop last went round",
+}
+
+
+class ConsumerMetrics:
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+        settings = consumer.settings
+        self._client: Any = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+        )
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StatsCollector("poslake_consumer", self._read, COUNTERS, GAUGES))
+        self.batch_entries = Histogram(
+            "poslake_consumer_batch_entries",
+            "entries per batch",
+            registry=self.registry,
+            buckets=(10, 100, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000),
+        )
+        self.commit_seconds = Histogram(
+            "poslake_consumer_commit_seconds",
+            "Delta commit latency",
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        consumer.on_batch = self.observe
+
+    def observe(self, entries: int, commit_seconds: float) -> None:
+        self.batch_entries.observe(entries)
+        self.commit_seconds.observe(commit_seconds)
+
+    def _read(self) -> dict[str, float]:
+        stats = self.consumer.stats
+        values: dict[str, float] = {name: getattr(stats, name) for name in COUNTERS}
+        values["seconds_since_progress"] = time.monotonic() - self.consumer.heartbeat
+        settings = self.consumer.settings
+        try:
+            for group in self._client.xinfo_groups(settings.stream):
+                if group["name"].decode() == settings.group:
+                    lag = group.get("lag")
+                    if lag is None:  # Redis 6.2 does not report it: count, up to a bound
+                        after = "(" + group["last-delivered-id"].decode()
+                        lag = len(self._client.xrange(settings.stream, after, "+", LAG_COUNT_MAX))
+                    values["lag"] = lag
+                    values["group_pending"] = group["pending"]
+            for member in self._client.xinfo_consumers(settings.stream, settings.group):
+                if member["name"].decode() == settings.consumer_name:
+                    values["pending"] = member["pending"]
+        except redis.RedisError:
+            pass  # Redis away: the stats counters still go out
+        return values
+
+    def health(self) -> tuple[bool, str]:
+        limit = max(60.0, 5 * self.consumer.settings.batch_max_wait_s)
+        age = time.monotonic() - self.consumer.heartbeat
+        if age > limit:
+            return False, f"consume loop stuck for {age:.0f}s"
+        return True, "ok"

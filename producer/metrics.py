@@ -1,0 +1,62 @@
+"""The producer's Prometheus metrics and health check (served by shared.metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from prometheus_client import CollectorRegistry
+
+from producer.ib_source import IbSource
+from producer.outbox import Outbox
+from shared.metrics import StatsCollector
+
+COUNTERS = {
+    "received": "position messages received from IB",
+    "published": "updates handed to the stream writer (updates in)",
+    "unmappable": "IB updates skipped because the contract does not fit the model",
+    "connects": "successful IB connections (1 plus reconnects)",
+    "disconnects": "IB connections lost",
+    "client_id_refusals": "IB error 326 (client ID in use)",
+    "probes_failed": "liveness probes IB did not answer",
+    "xadd_published": "entries XADDed to the stream",
+    "recognised_duplicates": "retried XADDs recognised by their explicit IDs",
+    "spooled": "updates written to the spool file while Redis was away",
+    "replayed_from_spool": "updates published from the spool file",
+    "redis_retries": "publishing retries after Redis errors",
+}
+GAUGES = {
+    "buffered": "updates waiting in memory for the stream",
+    "ib_connected": "1 while connected to IB",
+    "redis_connected": "1 while the writer has a Redis connection",
+}
+
+
+class ProducerMetrics:
+    def __init__(self, source: IbSource, outbox: Outbox) -> None:
+        self.source = source
+        self.outbox = outbox
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StatsCollector("poslake_producer", self._read, COUNTERS, GAUGES))
+
+    def _read(self) -> dict[str, float]:
+        values: dict[str, float] = {k: float(v) for k, v in asdict(self.source.stats).items()}
+        box = self.outbox.stats
+        values.update(
+            xadd_published=box.published,
+            recognised_duplicates=box.recognised_duplicates,
+            spooled=box.spooled,
+            replayed_from_spool=box.replayed_from_spool,
+            redis_retries=box.retries,
+            buffered=self.outbox.buffered,
+            ib_connected=1.0 if self.source.ib.isConnected() else 0.0,
+            redis_connected=1.0 if self.outbox.connected else 0.0,
+        )
+        return values
+
+    def health(self) -> tuple[bool, str]:
+        # Alive is enough for a restart policy: the producer reconnects by itself, and a
+        # Redis outage is buffered, not fatal. A dead writer task is fatal.
+        if self.outbox.writer_failed():
+            return False, "stream writer stopped"
+        state = "ib connected" if self.source.ib.isConnected() else "ib reconnecting"
+        return True, f"ok ({state}, {self.outbox.buffered} buffered)"
