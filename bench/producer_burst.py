@@ -31,6 +31,7 @@ import redis
 
 from bench.common import log, private_redis, ratio, verdict, work_dir
 from producer.resp import RedisAddress, RespConnection, pack_command
+from shared.settings import Settings
 from shared.wire import decode_entry
 
 GOAL_RATE = 50_000
@@ -66,7 +67,9 @@ def start_simulator(folder: Path, positions: int) -> tuple[subprocess.Popen[str]
     return process, int(line.rsplit(":", 1)[1]), stats
 
 
-def run_burst(redis_url: str, folder: Path, positions: int, stream: str, fast: bool) -> BurstResult:
+def run_burst(
+    redis_url: str, folder: Path, positions: int, stream: str, fast: bool, chunk: int
+) -> BurstResult:
     simulator, port, stats_path = start_simulator(folder, positions)
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSLAKE_")}
     env.update(
@@ -78,7 +81,7 @@ def run_burst(redis_url: str, folder: Path, positions: int, stream: str, fast: b
             "POSLAKE_IB_FAST_DECODE": str(fast).lower(),
             "POSLAKE_IB_CONNECT_TIMEOUT_S": "60",
             "POSLAKE_PRODUCER_SPOOL_DIR": str(folder / f"spool-{stream}"),
-            "POSLAKE_PUBLISH_CHUNK": str(CHUNK),
+            "POSLAKE_PUBLISH_CHUNK": str(chunk),
             "POSLAKE_LOG_LEVEL": "WARNING",
         }
     )
@@ -141,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--positions", type=int, default=20_000)
     parser.add_argument("--quick", action="store_true", help="2,000 positions")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=Settings().publish_chunk,
+        help="the producer's POSLAKE_PUBLISH_CHUNK (default: the setting's)",
+    )
     parser.add_argument("--skip-standard", action="store_true",
                         help="do not also run ib_async's generic decoders")  # fmt: skip
     args = parser.parse_args(argv)
@@ -149,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     with work_dir("burst") as folder, private_redis(folder / "redis") as server:
         client: Any = redis.Redis.from_url(server.url)
         log(f"burst of {positions} positions, direct decoders")
-        fast = run_burst(server.url, folder, positions, "burst-fast", fast=True)
+        fast = run_burst(server.url, folder, positions, "burst-fast", True, args.chunk)
         standard = None
         if not args.skip_standard:
             log("the same burst with ib_async's generic decoders")
-            standard = run_burst(server.url, folder, positions, "burst-standard", fast=False)
+            standard = run_burst(server.url, folder, positions, "burst-standard", False, args.chunk)
         entries = client.xrange("burst-fast")
         for _, fields in entries:
             decode_entry(fields)  # every entry is a valid update
@@ -162,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         redis_py_rate = redis_py_baseline(client, payloads, "baseline-redis-py")
         resp_rate = asyncio.run(resp_baseline(server.url, payloads, "baseline-resp"))
 
-    print(f"snapshot burst: {positions} positions, one account, producer in its own process")
+    print(
+        f"snapshot burst: {positions} positions, one account, producer in its own process, "
+        f"XADD pipelines of up to {args.chunk}"
+    )
     print(f"  entries in the stream:                {fast.entries}")
     print(f"  first snapshot message -> last entry:  {fast.seconds:.3f}s")
     print(f"  rate (from first snapshot message):    {fast.snapshot_rate:,.0f} updates/s")

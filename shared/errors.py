@@ -8,8 +8,11 @@
     │   ├── StreamUnavailable       Redis unreachable or the connection dropped
     │   └── CommitFailed            a Delta commit did not land (conflict, I/O, permissions)
     │       └── CommitConflict      another writer committed first; re-check and retry
-    └── PoisonEntry                 a stream entry that can never be processed;
-                                    it goes to the dead-letter stream with ``reason``
+    ├── PoisonEntry                 a stream entry that can never be processed;
+    │                               it goes to the dead-letter stream with ``reason``
+    └── RepositoryError             bad input to a table repository (a row that does not
+                                    fit, a version or time the table does not have, an
+                                    unknown strategy); nothing of that call is written
 
 Retryable errors never lose data: the consumer keeps the batch in hand, does not
 acknowledge it, backs off and tries again. Poison is decided per entry and only
@@ -49,3 +52,7 @@ class PoisonEntry(PoslakeError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class RepositoryError(PoslakeError):
+    """Bad input to a repository call (shared/repository.py); the message says what."""
