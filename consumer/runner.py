@@ -24,12 +24,12 @@ from typing import TypeVar
 
 import redis
 
+from consumer.current import CurrentPositions
 from consumer.group import ConsumerGroup, Page, RawFields
 from consumer.maintenance import TableMaintainer
 from consumer.settle import DeadLetter, Settler
-from consumer.sink import CommitOutcome, DeltaSink
+from consumer.sink import DeltaSink
 from shared.errors import CommitConflict, CommitFailed, StreamUnavailable
-from shared.model import PositionUpdate
 from shared.publisher import TRANSIENT_REDIS_ERRORS
 from shared.settings import Settings
 from shared.wire import decode_entries, fields_as_dict
@@ -113,6 +113,7 @@ class Consumer:
         self.group = ConsumerGroup(self.client, settings)
         self.settler = Settler(self.client, settings.stream, settings.group, settings.consumer_name)
         self.stats = ConsumerStats()
+        self.current: CurrentPositions | None = None  # opened with the sink in run()
         # For metrics and health (consumer/metrics.py): batch observer, loop heartbeat.
         self.on_batch: Callable[[int, float], None] | None = None
         self.heartbeat = time.monotonic()
@@ -268,10 +269,18 @@ class Consumer:
             )
         self._crash_point("after_read", self.stats.batches)
 
-        outcome = self._commit_with_retry(sink, decoded.updates, decoded.entry_ids)
+        outcome = self._commit_with_retry(lambda: sink.commit(decoded.updates, decoded.entry_ids))
         if outcome is None:
             return False
         self._crash_point("after_commit", self.stats.batches)
+        # Every valid update of the batch, replays included: after a crash between the
+        # two commits, the replay repairs positions_current (consumer/current.py).
+        current = self.current
+        assert current is not None
+        merged = self._commit_with_retry(lambda: current.merge(decoded.updates, decoded.entry_ids))
+        if merged is None:
+            return False
+        self._crash_point("after_current", self.stats.batches)
 
         ids = batch.ids + batch.vanished
         self._redis(lambda: self.settler.settle(ids, dead))
@@ -294,18 +303,18 @@ class Consumer:
                 "max_delivery_count": max_count,
                 "table_version": outcome.table_version,
                 "commit_s": round(outcome.seconds, 4),
+                "current_merge_s": round(merged, 4),
             },
         )
         return True
 
-    def _commit_with_retry(
-        self, sink: DeltaSink, updates: list[PositionUpdate], entry_ids: list[bytes]
-    ) -> CommitOutcome | None:
+    def _commit_with_retry(self, commit: Callable[[], T]) -> T | None:
+        """Run a Delta commit until it lands; None if stopping after repeated failures."""
         s = self.settings
         failures = 0
         while True:
             try:
-                return sink.commit(updates, entry_ids)
+                return commit()
             except CommitConflict as exc:
                 # Lost a race with another consumer: re-check against its rows right away.
                 self.stats.commit_retries += 1
@@ -327,7 +336,9 @@ class Consumer:
         failures = 0
         while True:
             try:
-                return DeltaSink(self.settings)
+                sink = DeltaSink(self.settings)
+                self.current = CurrentPositions(self.settings)
+                return sink
             except (CommitFailed, OSError, Exception) as exc:
                 failures += 1
                 if self._stopping:

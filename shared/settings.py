@@ -20,7 +20,9 @@ from shared.errors import ConfigError
 
 ENV_PREFIX = "POSLAKE_"
 
-CrashPoint = Literal["after_read", "after_commit", "mid_claim"]
+# after_commit: after the history commit, before the positions_current merge;
+# after_current: after both, before the XACK.
+CrashPoint = Literal["after_read", "after_commit", "after_current", "mid_claim"]
 
 
 def _default_consumer_name() -> str:

@@ -168,6 +168,26 @@ def expected_rows(updates: Iterable[PositionUpdate]) -> list[dict[str, Any]]:
     return _sorted_rows(updates_to_arrow(unique, [b"0-0"] * len(unique)))
 
 
+def current_rows(lake: Path) -> list[dict[str, Any]]:
+    """Every row of ``positions_current`` (compared columns), sorted by key."""
+    return _sorted_rows(DeltaTable(str(lake / "positions_current")).to_pyarrow_table())
+
+
+def assert_current_exact(lake: Path, updates: Iterable[PositionUpdate]) -> None:
+    """positions_current holds one row per (account, conid): the newest update's fields."""
+    newest: dict[tuple[str, int], PositionUpdate] = {}
+    for update in updates:
+        seen = newest.get((update.account, update.conid))
+        if seen is None or seen.timestamp < update.timestamp:
+            newest[(update.account, update.conid)] = update
+    actual = current_rows(lake)
+    keys = [(r["account"], r["conid"]) for r in actual]
+    assert len(keys) == len(set(keys)), "positions_current holds a contract twice"
+    assert actual == expected_rows(newest.values()), (
+        f"positions_current differs: {len(actual)} rows vs {len(newest)} contracts"
+    )
+
+
 def assert_table_exact(lake: Path, updates: Iterable[PositionUpdate]) -> None:
     """The table holds exactly one row per key, equal field by field to the update."""
     actual = table_rows(lake)

@@ -13,6 +13,7 @@ import redis
 
 from tests.conftest import RedisTarget
 from tests.helpers import (
+    assert_current_exact,
     assert_table_exact,
     consumer_env,
     group_pending,
@@ -42,6 +43,7 @@ def _crash_then_recover(
     healthy = consumer_env(redis_url, lake, "c1", stream, batch_max_entries=300)
     assert run_consumer(healthy, log=logs / "recover.log") == 0
     assert_table_exact(lake, updates)
+    assert_current_exact(lake, updates)
     assert group_pending(redis_url, stream) == 0
 
 
@@ -55,6 +57,12 @@ def test_kill_after_commit_before_ack(
     redis_url: str, lake: Path, stream: str, tmp_path: Path
 ) -> None:
     _crash_then_recover(redis_url, lake, stream, tmp_path, "after_commit", on=3)
+
+
+def test_kill_after_current_merge_before_ack(
+    redis_url: str, lake: Path, stream: str, tmp_path: Path
+) -> None:
+    _crash_then_recover(redis_url, lake, stream, tmp_path, "after_current", on=2)
 
 
 def test_kill_in_the_middle_of_a_multi_page_claim(
@@ -80,6 +88,7 @@ def test_kill_in_the_middle_of_a_multi_page_claim(
     healthy = consumer_env(url, lake, "c1", stream, **claim)
     assert run_consumer(healthy, log=tmp_path / "recover.log") == 0
     assert_table_exact(lake, updates)
+    assert_current_exact(lake, updates)
     assert group_pending(url, stream) == 0
 
 
@@ -113,6 +122,7 @@ def test_three_consumers_one_killed_for_good(
         for proc in procs.values():
             kill(proc)
     assert_table_exact(lake, updates)
+    assert_current_exact(lake, updates)
 
 
 def _all_delivered(client: redis.Redis, stream: str) -> bool:
@@ -158,3 +168,4 @@ def test_randomized_sigkill_and_restart(
         )
     assert group_pending(redis_url, stream) == 0, f"seed {seed}"
     assert_table_exact(lake, updates)
+    assert_current_exact(lake, updates)
