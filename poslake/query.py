@@ -18,8 +18,12 @@ import polars as pl
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
+from consumer.current import CURRENT_TABLE
 from poslake.command import CommandError, ExitCode
+from shared.errors import RepositoryError
+from shared.repository import TableRepository
 from shared.settings import Settings
+from shared.strategy_tables import ALL_TABLES
 
 KEY = ["account", "conid"]
 SHOWN = [
@@ -48,7 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     history = what.add_parser("history", help="every update of one contract")
     history.add_argument("--conid", type=int, required=True)
-    for sub in (current, history):
+    model = what.add_parser(
+        "table",
+        help="a table of the options data model (latest row per key, or --history) or "
+        "positions_current",
+    )
+    model.add_argument("name", choices=[*sorted(ALL_TABLES), CURRENT_TABLE])
+    model.add_argument("--history", action="store_true", help="every row, not the latest")
+    model.add_argument("--strategy", help="only this strategy_id")
+    for sub in (current, history, model):
         sub.add_argument("--symbol", action="append", default=[], help="repeatable")
         sub.add_argument("--account", action="append", default=[], help="repeatable")
         when = sub.add_mutually_exclusive_group()
@@ -156,7 +168,44 @@ def write(frame: pl.DataFrame, fmt: str, output: Path | None) -> None:
             output.write_text(text + "\n")
 
 
+def query_model_table(args: argparse.Namespace, settings: Settings) -> pl.DataFrame:
+    """The options data model's tables through their repositories; positions_current."""
+    if args.name == CURRENT_TABLE:
+        uri = f"{settings.lake_uri.rstrip('/')}/{CURRENT_TABLE}"
+        try:
+            table = DeltaTable(uri, storage_options=settings.storage_options or None)
+        except TableNotFoundError:
+            raise CommandError(f"no table at {uri}", ExitCode.NOT_FOUND) from None
+        if args.version is not None:
+            table.load_as_version(args.version)
+        elif args.at is not None:
+            table.load_as_version(parse_time(args.at))
+        frame = _filtered(table, args.symbol, args.account)
+        return frame.select(SHOWN).sort(KEY).collect()
+    repository = TableRepository(
+        settings.lake_uri, ALL_TABLES[args.name], settings.storage_options or None
+    )
+    filters = {"strategy_id": args.strategy} if args.strategy else {}
+    symbol = args.symbol[0] if len(args.symbol) == 1 else None
+    if len(args.symbol) > 1:
+        raise CommandError("table queries take one --symbol", ExitCode.BAD_INPUT)
+    try:
+        if args.history:
+            return repository.history(symbol=symbol, version=args.version, **filters)
+        if args.version is not None:
+            return repository.at_version(args.version, symbol=symbol, **filters)
+        if args.at is not None:
+            return repository.at_time(parse_time(args.at), symbol=symbol, **filters)
+        return repository.latest(symbol=symbol, **filters)
+    except RepositoryError as exc:
+        code = ExitCode.NOT_FOUND if "does not exist yet" in str(exc) else ExitCode.BAD_INPUT
+        raise CommandError(str(exc), code) from None
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.what == "table":
+        write(query_model_table(args, settings), args.format, args.output)
+        return ExitCode.OK
     table = open_table(settings, args.version, args.at)
     if args.what == "positions":
         frame = current_positions(

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 import redis
 
+from shared.repository import StrategyPositionRepository
 from tests.helpers import (
     REPO_ROOT,
     assert_table_exact,
@@ -23,6 +24,7 @@ from tests.helpers import (
     run_consumer,
     table_rows,
 )
+from tests.test_repository import position
 
 
 def poslake(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -207,3 +209,41 @@ def test_query_bad_input(loaded: dict[str, Any], lake: Path) -> None:
     assert missing.returncode == 3 and "no table" in missing.stderr
     bad_setting = poslake({**env, "POSLAKE_BATCH_MAX_WAIT_S": "-1"}, "query", "positions")
     assert bad_setting.returncode == 2 and "POSLAKE_BATCH_MAX_WAIT_S" in bad_setting.stderr
+
+
+def test_query_model_tables_and_current(loaded: dict[str, Any], lake: Path) -> None:
+    env = loaded["env"]
+    repo = StrategyPositionRepository(str(lake))
+    repo.append([position("ic-1", "SPY"), position("ic-2", "QQQ")])
+    first = repo.version
+    repo.append([position("ic-1", "SPY", minutes=5, status="closed")])
+    latest = poslake(env, "query", "table", "positions", "--format", "csv")
+    assert latest.returncode == 0, latest.stderr
+    frame = pl.read_csv(io.StringIO(latest.stdout))
+    assert dict(zip(frame["strategy_id"], frame["status"], strict=True)) == {
+        "ic-1": "closed",
+        "ic-2": "open",
+    }
+    old = poslake(
+        env,
+        "query",
+        "table",
+        "positions",
+        "--version",
+        str(first),
+        "--symbol",
+        "SPY",
+        "--format",
+        "csv",
+    )
+    assert pl.read_csv(io.StringIO(old.stdout))["status"].to_list() == ["open"]
+    history = poslake(
+        env, "query", "table", "positions", "--history", "--strategy", "ic-1", "--format", "csv"
+    )
+    assert pl.read_csv(io.StringIO(history.stdout)).height == 2
+    missing = poslake(env, "query", "table", "legs")
+    assert missing.returncode == 3 and "does not exist yet" in missing.stderr
+    current = poslake(env, "query", "table", "positions_current", "--format", "csv")
+    assert current.returncode == 0, current.stderr
+    newest = {(u.account, u.conid) for u in loaded["updates"]}
+    assert pl.read_csv(io.StringIO(current.stdout)).height == len(newest)
