@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import argparse
 
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from consumer.current import CURRENT_TABLE
 from poslake.command import CommandError, ExitCode
 from poslake.query import open_table
 from shared.settings import Settings
@@ -45,21 +49,35 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             ExitCode.BAD_INPUT,
         )
     table = open_table(settings)
-    if not args.skip_compact:
-        metrics = table.optimize.compact(target_size=settings.compact_target_file_bytes)
-        print(
-            f"compacted: {metrics.get('numFilesRemoved', 0)} files into "
-            f"{metrics.get('numFilesAdded', 0)}"
+    tables = [("position_updates", table)]
+    try:
+        current_uri = f"{settings.lake_uri.rstrip('/')}/{CURRENT_TABLE}"
+        tables.append(
+            (
+                CURRENT_TABLE,
+                DeltaTable(current_uri, storage_options=settings.storage_options or None),
+            )
         )
-    if not args.skip_checkpoint:
-        table.create_checkpoint()
-        print(f"checkpoint written at version {table.version()}")
-    if not args.skip_vacuum:
-        removed = table.vacuum(
-            retention_hours=int(retention), dry_run=args.dry_run, enforce_retention_duration=False
-        )
-        verb = "would remove" if args.dry_run else "removed"
-        print(f"vacuum ({retention:g} h retention): {verb} {len(removed)} files")
-        if not args.dry_run:
-            table.cleanup_metadata()
+    except TableNotFoundError:
+        pass
+    for name, each in tables:
+        if not args.skip_compact:
+            metrics = each.optimize.compact(target_size=settings.compact_target_file_bytes)
+            print(
+                f"{name}: compacted {metrics.get('numFilesRemoved', 0)} files into "
+                f"{metrics.get('numFilesAdded', 0)}"
+            )
+        if not args.skip_checkpoint:
+            each.create_checkpoint()
+            print(f"{name}: checkpoint written at version {each.version()}")
+        if not args.skip_vacuum:
+            removed = each.vacuum(
+                retention_hours=int(retention),
+                dry_run=args.dry_run,
+                enforce_retention_duration=False,
+            )
+            verb = "would remove" if args.dry_run else "removed"
+            print(f"{name}: vacuum ({retention:g} h retention) {verb} {len(removed)} files")
+            if not args.dry_run:
+                each.cleanup_metadata()
     return ExitCode.OK
