@@ -14,7 +14,14 @@ Exit codes, for scripts:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from enum import IntEnum
+from typing import Any
+
+import redis
+
+from shared.settings import Settings
 
 
 class ExitCode(IntEnum):
@@ -44,3 +51,17 @@ def confirm(question: str, assume_yes: bool) -> None:
         answer = ""
     if answer.strip().lower() not in ("y", "yes"):
         raise CommandError("cancelled", ExitCode.CANCELLED)
+
+
+@contextlib.contextmanager
+def redis_client(settings: Settings) -> Iterator[Any]:
+    """A client for one command; an unreachable server becomes exit code 4."""
+    client: Any = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    try:
+        yield client
+    except redis.ConnectionError as exc:
+        raise CommandError(
+            f"cannot reach Redis at {settings.redis_url}: {exc}", ExitCode.UNREACHABLE
+        ) from None
+    finally:
+        client.close()

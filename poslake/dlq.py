@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from consumer.settle import DLQ_PREFIX
-from poslake.command import CommandError, ExitCode, confirm
+from poslake.command import CommandError, ExitCode, confirm, redis_client
 from shared.settings import Settings
 
 
@@ -56,8 +56,7 @@ def _chosen(
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     dlq = settings.dlq_stream
-    client: Any = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
-    try:
+    with redis_client(settings) as client:
         if args.action == "list":
             entries = client.xrange(dlq, count=args.limit)
             total = client.xlen(dlq)
@@ -85,12 +84,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 pipe.xadd(settings.stream, original)
             pipe.xdel(dlq, entry_id)
         pipe.execute()
-    except redis.ConnectionError as exc:
-        raise CommandError(
-            f"cannot reach Redis at {settings.redis_url}: {exc}", ExitCode.UNREACHABLE
-        ) from None
-    finally:
-        client.close()
     done = "requeued to " + settings.stream if args.action == "requeue" else "deleted"
     print(f"{len(entries)} dead letters {done}")
     return ExitCode.OK

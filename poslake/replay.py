@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from poslake.command import CommandError, ExitCode, confirm
+from poslake.command import CommandError, ExitCode, confirm, redis_client
 from poslake.query import parse_time
 from shared.settings import Settings
 
@@ -65,8 +65,7 @@ def target_id(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     group = args.group or settings.group
     new_position = target_id(args)
-    client: Any = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
-    try:
+    with redis_client(settings) as client:
         try:
             groups = {g["name"].decode(): g for g in client.xinfo_groups(settings.stream)}
         except redis.ResponseError:
@@ -98,12 +97,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             )
         else:
             client.xgroup_setid(settings.stream, group, new_position)
-    except redis.ConnectionError as exc:
-        raise CommandError(
-            f"cannot reach Redis at {settings.redis_url}: {exc}", ExitCode.UNREACHABLE
-        ) from None
-    finally:
-        client.close()
     print(
         f"group {group} moved to {new_position}; {again} entries will be delivered again "
         "(already stored ones are dropped by the consumers' dedup)"

@@ -8,11 +8,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from poslake.command import CommandError, ExitCode
+from poslake.command import ExitCode, redis_client
 from poslake.replay import count_between
 from shared.settings import Settings
 
@@ -123,17 +122,10 @@ def table_status(settings: Settings) -> TableStatus | None:
 
 
 def collect(settings: Settings) -> Status:
-    client: Any = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
-    try:
+    with redis_client(settings) as client:
         length, first, last = stream_status(client, settings)
         groups = group_status(client, settings)
         dead = int(client.xlen(settings.dlq_stream))
-    except redis.ConnectionError as exc:
-        raise CommandError(
-            f"cannot reach Redis at {settings.redis_url}: {exc}", ExitCode.UNREACHABLE
-        ) from None
-    finally:
-        client.close()
     return Status(settings.stream, length, first, last, groups, dead, table_status(settings))
 
 

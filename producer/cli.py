@@ -28,22 +28,27 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
 
 
+def build_outbox(settings: Settings, clock: UpdateClock) -> Outbox:
+    """The outbox the settings describe; the clock learns the stream's top from it."""
+    return Outbox(
+        settings.redis_url,
+        settings.stream,
+        spool_path=settings.spool_path,
+        memory_limit=settings.producer_buffer_max,
+        chunk=settings.publish_chunk,
+        explicit_ids=settings.producer_explicit_ids,
+        trim=TrimPolicy(settings.stream_maxlen, settings.stream_min_age_s),
+        retry_initial_s=settings.retry_initial_s,
+        retry_max_s=settings.retry_max_s,
+        on_stream_top=clock.raise_floor,
+    )
+
+
 async def run_producer(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then flush what is buffered and exit 0."""
     clock = UpdateClock()
     try:
-        outbox = Outbox(
-            settings.redis_url,
-            settings.stream,
-            spool_path=settings.spool_path,
-            memory_limit=settings.producer_buffer_max,
-            chunk=settings.publish_chunk,
-            explicit_ids=settings.producer_explicit_ids,
-            trim=TrimPolicy(settings.stream_maxlen, settings.stream_min_age_s),
-            retry_initial_s=settings.retry_initial_s,
-            retry_max_s=settings.retry_max_s,
-            on_stream_top=clock.raise_floor,
-        )
+        outbox = build_outbox(settings, clock)
     except OSError as exc:
         log.error("POSLAKE_PRODUCER_SPOOL_DIR is not usable: %s", exc)
         return 2

@@ -98,32 +98,11 @@ class ClientSession:
     # --- position-bearing messages (recorded) ---------------------------------
 
     def send_portfolio(self, holding: Holding) -> None:
-        data = holding.wire_portfolio
-        if data is None:
-            instrument = holding.instrument
-            data = holding.wire_portfolio = tws.update_portfolio(
-                instrument.wire_contract(exchange=_primary(instrument)),
-                holding.position,
-                holding.market_price,
-                holding.market_value,
-                holding.average_cost,
-                holding.unrealized_pnl,
-                holding.realized_pnl,
-                holding.account,
-            )
-        self.queue(data)
+        self.queue(holding.wire_portfolio or serialize(holding)[0])
         self._record("portfolio", holding)
 
     def send_position(self, holding: Holding) -> None:
-        data = holding.wire_position
-        if data is None:
-            data = holding.wire_position = tws.position(
-                holding.account,
-                holding.instrument.wire_contract(),
-                holding.position,
-                holding.average_cost,
-            )
-        self.queue(data)
+        self.queue(holding.wire_position or serialize(holding)[1])
         self._record("position", holding)
 
     def send_pnl_single(self, req_id: int, holding: Holding) -> None:
@@ -330,24 +309,30 @@ class ClientSession:
         self.pnl_by_req.clear()
 
 
+def serialize(holding: Holding) -> tuple[bytes, bytes]:
+    """The holding's portfolio and position messages, kept on it until it changes."""
+    instrument = holding.instrument
+    holding.wire_portfolio = tws.update_portfolio(
+        instrument.wire_contract(exchange=_primary(instrument)),
+        holding.position,
+        holding.market_price,
+        holding.market_value,
+        holding.average_cost,
+        holding.unrealized_pnl,
+        holding.realized_pnl,
+        holding.account,
+    )
+    holding.wire_position = tws.position(
+        holding.account, instrument.wire_contract(), holding.position, holding.average_cost
+    )
+    return holding.wire_portfolio, holding.wire_position
+
+
 def prerender(holdings: Iterable[Holding]) -> None:
     """Serialize the book's messages ahead, so the first snapshot streams at full speed
     (a gateway's cost to serialize is not what the producer's benchmark measures)."""
     for holding in holdings:
-        instrument = holding.instrument
-        holding.wire_portfolio = tws.update_portfolio(
-            instrument.wire_contract(exchange=_primary(instrument)),
-            holding.position,
-            holding.market_price,
-            holding.market_value,
-            holding.average_cost,
-            holding.unrealized_pnl,
-            holding.realized_pnl,
-            holding.account,
-        )
-        holding.wire_position = tws.position(
-            holding.account, instrument.wire_contract(), holding.position, holding.average_cost
-        )
+        serialize(holding)
 
 
 def _primary(instrument: Instrument) -> str:

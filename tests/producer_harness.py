@@ -20,13 +20,13 @@ from typing import Any
 
 import redis
 
+from producer.cli import build_outbox
 from producer.ib_mapping import UpdateClock
 from producer.ib_source import IbSource
 from producer.outbox import Outbox
 from producer.sim_session import SentUpdate
 from producer.simulator import GatewaySimulator, SimulatorConfig
 from shared.model import PositionUpdate
-from shared.publisher import TrimPolicy
 from shared.settings import Settings, load_settings
 from shared.wire import decode_entry
 
@@ -79,18 +79,7 @@ class RunningProducer:
 @contextlib.asynccontextmanager
 async def running_producer(settings: Settings) -> AsyncIterator[RunningProducer]:
     clock = UpdateClock()
-    outbox = Outbox(
-        settings.redis_url,
-        settings.stream,
-        spool_path=settings.spool_path,
-        memory_limit=settings.producer_buffer_max,
-        chunk=settings.publish_chunk,
-        explicit_ids=settings.producer_explicit_ids,
-        trim=TrimPolicy(settings.stream_maxlen, settings.stream_min_age_s),
-        retry_initial_s=settings.retry_initial_s,
-        retry_max_s=settings.retry_max_s,
-        on_stream_top=clock.raise_floor,
-    )
+    outbox = build_outbox(settings, clock)
     source = IbSource(settings, outbox, clock)
     outbox.start()
     stop = asyncio.Event()
