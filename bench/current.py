@@ -32,7 +32,7 @@ from bench.common import (
     work_dir,
 )
 from consumer.current import CURRENT_TABLE, CurrentPositions
-from shared.wire import decode_entries
+from shared.table import POSITION_UPDATES_SCHEMA
 
 KEY = ["account", "conid"]
 
@@ -67,17 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         settings = sink_settings(folder / "lake")
         current = CurrentPositions(settings)
-        updates_frame = newest.drop(["date", "stream_id"]).with_columns(
-            pl.col("timestamp").dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ"),
-            pl.col("expiry").cast(pl.String),
-        )
-        payloads = [
-            (f"{i}-0".encode(), [b"v", b"1", b"payload", line.encode()])
-            for i, line in enumerate(updates_frame.write_ndjson().splitlines())
-        ]
-        decoded = decode_entries(payloads)
-        assert not decoded.poison and len(decoded.updates) == newest.height
-        current.merge(decoded.updates, decoded.entry_ids)
+        current.merge(newest.to_arrow().cast(POSITION_UPDATES_SCHEMA))
         current_uri = f"{folder / 'lake'}/{CURRENT_TABLE}"
 
         def from_current() -> pl.DataFrame:

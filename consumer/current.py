@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 
+import polars as pl
+import pyarrow as pa
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from shared.errors import CommitConflict, CommitFailed
-from shared.model import PositionUpdate
 from shared.settings import Settings
 from shared.table import (
     PARTITION_COLUMNS,
     POSITION_UPDATES_SCHEMA,
     table_configuration,
-    updates_to_arrow,
 )
 
 log = logging.getLogger(__name__)
@@ -53,18 +52,14 @@ def open_or_create_current(settings: Settings) -> DeltaTable:
         )
 
 
-def newest_per_contract(
-    updates: Sequence[PositionUpdate], entry_ids: Sequence[bytes]
-) -> tuple[list[PositionUpdate], list[bytes]]:
-    """The newest update of each (account, conid) in a batch, with its entry ID."""
-    newest: dict[tuple[str, int], int] = {}
-    for index, update in enumerate(updates):
-        key = (update.account, update.conid)
-        seen = newest.get(key)
-        if seen is None or updates[seen].timestamp < update.timestamp:
-            newest[key] = index
-    chosen = sorted(newest.values())
-    return [updates[i] for i in chosen], [entry_ids[i] for i in chosen]
+def newest_per_contract(rows: pa.Table) -> pa.Table:
+    """The newest row of each (account, conid) among ``rows``."""
+    if rows.num_rows == 0:
+        return rows
+    frame = pl.from_arrow(rows)
+    assert isinstance(frame, pl.DataFrame)
+    newest = frame.sort("timestamp").unique(subset=["account", "conid"], keep="last")
+    return newest.to_arrow().cast(POSITION_UPDATES_SCHEMA)
 
 
 class CurrentPositions:
@@ -73,17 +68,17 @@ class CurrentPositions:
     def __init__(self, settings: Settings) -> None:
         self.table = open_or_create_current(settings)
 
-    def merge(self, updates: Sequence[PositionUpdate], entry_ids: Sequence[bytes]) -> float:
-        """Upsert, newest timestamp wins; returns seconds taken.
+    def merge(self, rows: pa.Table) -> float:
+        """Upsert the newest of ``rows`` per contract (the batch's rows, before history
+        dedup), newest timestamp wins; returns seconds taken.
 
         Raises :class:`CommitConflict` when another consumer's merge landed first (call
         again) and :class:`CommitFailed` for other failures; a merge is all or nothing.
         """
-        if not updates:
+        if rows.num_rows == 0:
             return 0.0
         started = time.perf_counter()
-        chosen, ids = newest_per_contract(updates, entry_ids)
-        source = updates_to_arrow(chosen, ids)
+        source = newest_per_contract(rows)
         try:
             self.table.update_incremental()
             metrics = (
@@ -100,7 +95,7 @@ class CurrentPositions:
         log.debug(
             "positions_current merged",
             extra={
-                "contracts": len(chosen),
+                "contracts": source.num_rows,
                 "inserted": metrics.get("num_target_rows_inserted"),
                 "updated": metrics.get("num_target_rows_updated"),
                 "merge_s": round(elapsed, 4),

@@ -32,6 +32,7 @@ from consumer.sink import DeltaSink
 from shared.errors import CommitConflict, CommitFailed, StreamUnavailable
 from shared.publisher import TRANSIENT_REDIS_ERRORS
 from shared.settings import Settings
+from shared.table import updates_to_arrow
 from shared.wire import decode_entries, fields_as_dict
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,8 @@ class Consumer:
             )
         self._crash_point("after_read", self.stats.batches)
 
-        outcome = self._commit_with_retry(lambda: sink.commit(decoded.updates, decoded.entry_ids))
+        rows = updates_to_arrow(decoded.updates, decoded.entry_ids)
+        outcome = self._commit_with_retry(lambda: sink.commit_rows(rows))
         if outcome is None:
             return False
         self._crash_point("after_commit", self.stats.batches)
@@ -277,7 +279,7 @@ class Consumer:
         # two commits, the replay repairs positions_current (consumer/current.py).
         current = self.current
         assert current is not None
-        merged = self._commit_with_retry(lambda: current.merge(decoded.updates, decoded.entry_ids))
+        merged = self._commit_with_retry(lambda: current.merge(rows))
         if merged is None:
             return False
         self._crash_point("after_current", self.stats.batches)

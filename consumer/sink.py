@@ -66,8 +66,15 @@ class DeltaSink:
         failure. Either way nothing of this batch is in the table, or, if the
         outcome was unknown, the next call finds out and does not write it twice.
         """
+        return self.commit_rows(updates_to_arrow(updates, entry_ids))
+
+    def commit_rows(self, rows: pa.Table) -> CommitOutcome:
+        """:meth:`commit` for rows already built by :func:`shared.table.updates_to_arrow`
+        (their ``stream_id`` column names the entries)."""
         started = time.perf_counter()
-        rows = updates_to_arrow(updates, entry_ids)
+        ids = rows.column("stream_id")
+        first_entry = ids[0].as_py() if len(ids) else ""
+        last_entry = ids[-1].as_py() if len(ids) else ""
         try:
             self.table.update_incremental()
         except (DeltaError, OSError) as exc:
@@ -97,8 +104,8 @@ class DeltaSink:
             custom_metadata={
                 "poslake.commit_id": commit_id,
                 "poslake.consumer": self._settings.consumer_name,
-                "poslake.first_entry": entry_ids[0].decode() if entry_ids else "",
-                "poslake.last_entry": entry_ids[-1].decode() if entry_ids else "",
+                "poslake.first_entry": first_entry,
+                "poslake.last_entry": last_entry,
             },
         )
         if self.before_write is not None:
