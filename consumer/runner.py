@@ -22,6 +22,7 @@ from functools import partial
 from types import FrameType
 from typing import TypeVar
 
+import pyarrow as pa
 import redis
 
 from consumer.group import ConsumerGroup, Page, RawFields
@@ -29,9 +30,9 @@ from consumer.maintenance import TableMaintainer
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
 from shared.errors import CommitConflict, CommitFailed, StreamUnavailable
-from shared.model import PositionUpdate
 from shared.publisher import TRANSIENT_REDIS_ERRORS
 from shared.settings import Settings
+from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
 from shared.wire import decode_entries, fields_as_dict
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,58 @@ _DRAIN_BLOCK_MS = 50
 
 
 @dataclass(slots=True)
-class Batch:
-    """Entries in hand, as parallel lists in delivery order."""
+class DecodedPage:
+    """What one page of new entries in hand turned into."""
 
+    rows: pa.Table | None  # the decodable entries' rows, in delivery order
+    over_limit: list[DeadLetter]  # delivered more often than allowed
+    poison: list[DeadLetter]
+
+
+def decode_page(
+    ids: list[bytes], fields: list[RawFields], counts: list[int] | None, max_deliveries: int
+) -> DecodedPage:
+    """Dead letters for entries delivered too often or undecodable; rows for the rest."""
+    over_limit: list[DeadLetter] = []
+    poison: list[DeadLetter] = []
+    if counts is None:  # first deliveries
+        entries = list(zip(ids, fields, strict=True))
+    else:
+        entries = []
+        for entry_id, raw, count in zip(ids, fields, counts, strict=True):
+            if count > max_deliveries:
+                reason = f"delivered {count} times (limit {max_deliveries})"
+                over_limit.append(DeadLetter(entry_id, fields_as_dict(raw), reason, count))
+            else:
+                entries.append((entry_id, raw))
+    decoded = decode_entries(entries)
+    del entries
+    if decoded.poison:
+        count_of = dict(zip(ids, counts, strict=True)) if counts is not None else {}
+        poison = [
+            DeadLetter(p.entry_id, p.fields, p.reason, count_of.get(p.entry_id, 1))
+            for p in decoded.poison
+        ]
+    rows = updates_to_arrow(decoded.updates, decoded.entry_ids) if decoded.updates else None
+    return DecodedPage(rows, over_limit, poison)
+
+
+@dataclass(slots=True)
+class Batch:
+    """Entries in hand: their IDs in delivery order, their rows and their dead letters.
+
+    Each page is decoded into Arrow rows as it is added (in the reader thread,
+    while the previous batch commits), so a batch never holds the raw replies or
+    update objects of more than the page being added.
+    """
+
+    max_deliveries: int
     ids: list[bytes] = field(default_factory=list)
-    fields: list[RawFields] = field(default_factory=list)
-    deliveries: list[int] = field(default_factory=list)
+    rows: list[pa.Table] = field(default_factory=list)
+    over_limit: list[DeadLetter] = field(default_factory=list)
+    poison: list[DeadLetter] = field(default_factory=list)
     vanished: list[bytes] = field(default_factory=list)
+    max_count: int = 0  # most deliveries of any entry in hand
     opened_at: float = 0.0
     in_flight: frozenset[bytes] = frozenset()
     _seen: set[bytes] | None = None
@@ -57,28 +103,54 @@ class Batch:
     def add(self, page: Page) -> None:
         if page.deliveries is None:
             # First deliveries (XREADGROUP >): new to everyone, nothing to filter.
-            if page.ids and not self.ids:
-                self.opened_at = time.monotonic()
-            self.ids.extend(page.ids)
-            self.fields.extend(page.fields)
-            self.deliveries.extend([1] * len(page.ids))
             if self._seen is not None:
                 self._seen.update(page.ids)
+            self._take(page.ids, page.fields, None)
         else:
             # A claim scan or pending re-read can hand back an entry already in hand
             # (here, or in the batch being committed meanwhile).
             if self._seen is None:
                 self._seen = set(self.ids) | self.in_flight
             seen = self._seen
-            for entry_id, fields, count in zip(page.ids, page.fields, page.deliveries, strict=True):
+            ids: list[bytes] = []
+            fields: list[RawFields] = []
+            counts: list[int] = []
+            for entry_id, raw, count in zip(page.ids, page.fields, page.deliveries, strict=True):
                 if entry_id not in seen:
-                    if not self.ids:
-                        self.opened_at = time.monotonic()
                     seen.add(entry_id)
-                    self.ids.append(entry_id)
-                    self.fields.append(fields)
-                    self.deliveries.append(count)
+                    ids.append(entry_id)
+                    fields.append(raw)
+                    counts.append(count)
+            self._take(ids, fields, counts)
         self.vanished.extend(page.vanished)
+
+    def _take(self, ids: list[bytes], fields: list[RawFields], counts: list[int] | None) -> None:
+        if not ids:
+            return
+        if not self.ids:
+            self.opened_at = time.monotonic()
+        self.ids.extend(ids)
+        self.max_count = max(self.max_count, 1 if counts is None else max(counts))
+        page = decode_page(ids, fields, counts, self.max_deliveries)
+        if page.rows is not None:
+            self.rows.append(page.rows)
+        self.over_limit.extend(page.over_limit)
+        self.poison.extend(page.poison)
+
+    def table(self) -> pa.Table:
+        """The rows of every decodable entry in delivery order, in one chunk.
+
+        One chunk rather than one per page: the Delta writer splits every chunk
+        by partition, so many small chunks cost it noticeably more.
+        """
+        if not self.rows:
+            return POSITION_UPDATES_SCHEMA.empty_table()
+        return pa.concat_tables(self.rows).combine_chunks()
+
+    @property
+    def dead(self) -> list[DeadLetter]:
+        """Dead letters: entries delivered too often, then undecodable ones."""
+        return self.over_limit + self.poison
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -158,8 +230,9 @@ class Consumer:
 
     def _consume(self, sink: DeltaSink, maintainer: TableMaintainer, drain: bool) -> int:
         exit_code = 0
-        # The next batch is read in a second thread while this one commits: the Delta
-        # write runs in Rust without the GIL, so reading and writing overlap on two cores.
+        # The next batch is read (and decoded) in a second thread while this one
+        # commits: the Delta write runs in Rust without the GIL, so reading and
+        # writing overlap on two cores.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as reader:
             upcoming: Future[Batch] | None = reader.submit(self._collect, drain, frozenset())
             while upcoming is not None:
@@ -187,7 +260,7 @@ class Consumer:
     def _collect(self, drain: bool, in_flight: frozenset[bytes]) -> Batch:
         """Read one batch; ``in_flight`` are entries of the batch being committed meanwhile."""
         s = self.settings
-        batch = Batch(in_flight=in_flight)
+        batch = Batch(s.max_deliveries, in_flight=in_flight)
         while len(batch) < s.batch_max_entries and not self._stopping:
             room = min(s.read_count, s.batch_max_entries - len(batch))
             if not self.group.own_pending_done:
@@ -233,38 +306,13 @@ class Consumer:
     def _process(self, batch: Batch, sink: DeltaSink) -> bool:
         s = self.settings
         self.stats.batches += 1
-        dead: list[DeadLetter] = []
-        limit = s.max_deliveries
-        max_count = max(batch.deliveries, default=0)
-        if max_count > limit:
-            keep = [i for i, n in enumerate(batch.deliveries) if n <= limit]
-            dead = [
-                DeadLetter(
-                    batch.ids[i],
-                    fields_as_dict(batch.fields[i]),
-                    f"delivered {n} times (limit {limit})",
-                    n,
-                )
-                for i, n in enumerate(batch.deliveries)
-                if n > limit
-            ]
-            entries = [(batch.ids[i], batch.fields[i]) for i in keep]
-        else:
-            entries = list(zip(batch.ids, batch.fields, strict=True))
-        decoded = decode_entries(entries)
-        # The raw replies are no longer needed (poison keeps its own copy): free them
-        # before the commit, while the next batch is being read.
-        del entries
-        batch.fields.clear()
-        if decoded.poison:
-            counts = dict(zip(batch.ids, batch.deliveries, strict=True))
-            dead.extend(
-                DeadLetter(p.entry_id, p.fields, p.reason, counts[p.entry_id])
-                for p in decoded.poison
-            )
+        dead = batch.dead
+        max_count = batch.max_count
+        rows = batch.table()
+        batch.rows.clear()
         self._crash_point("after_read", self.stats.batches)
 
-        outcome = self._commit_with_retry(sink, decoded.updates, decoded.entry_ids)
+        outcome = self._commit_with_retry(sink, rows)
         if outcome is None:
             return False
         self._crash_point("after_commit", self.stats.batches)
@@ -292,14 +340,12 @@ class Consumer:
         )
         return True
 
-    def _commit_with_retry(
-        self, sink: DeltaSink, updates: list[PositionUpdate], entry_ids: list[bytes]
-    ) -> CommitOutcome | None:
+    def _commit_with_retry(self, sink: DeltaSink, rows: pa.Table) -> CommitOutcome | None:
         s = self.settings
         failures = 0
         while True:
             try:
-                return sink.commit(updates, entry_ids)
+                return sink.commit_rows(rows)
             except CommitConflict as exc:
                 # Lost a race with another consumer: re-check against its rows right away.
                 self.stats.commit_retries += 1

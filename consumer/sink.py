@@ -66,8 +66,16 @@ class DeltaSink:
         failure. Either way nothing of this batch is in the table, or, if the
         outcome was unknown, the next call finds out and does not write it twice.
         """
+        return self.commit_rows(updates_to_arrow(updates, entry_ids))
+
+    def commit_rows(self, rows: pa.Table) -> CommitOutcome:
+        """:meth:`commit` for rows already built by :func:`shared.table.updates_to_arrow`.
+
+        ``rows`` may be several such tables concatenated; their ``stream_id``
+        column names the entries (first and last go into the commit's metadata).
+        """
         started = time.perf_counter()
-        rows = updates_to_arrow(updates, entry_ids)
+        first_entry, last_entry = _stream_id(rows, 0), _stream_id(rows, -1)
         try:
             self.table.update_incremental()
         except (DeltaError, OSError) as exc:
@@ -97,8 +105,8 @@ class DeltaSink:
             custom_metadata={
                 "poslake.commit_id": commit_id,
                 "poslake.consumer": self._settings.consumer_name,
-                "poslake.first_entry": entry_ids[0].decode() if entry_ids else "",
-                "poslake.last_entry": entry_ids[-1].decode() if entry_ids else "",
+                "poslake.first_entry": first_entry,
+                "poslake.last_entry": last_entry,
             },
         )
         if self.before_write is not None:
@@ -127,6 +135,15 @@ class DeltaSink:
             },
         )
         return CommitOutcome(rows.num_rows, duplicates, self.table.version(), elapsed)
+
+
+def _stream_id(rows: pa.Table, position: int) -> str:
+    """The stream ID of the row at ``position`` (``""`` for no rows)."""
+    ids = rows.column("stream_id")
+    if len(ids) == 0:
+        return ""
+    value: str = ids[position].as_py()
+    return value
 
 
 def _is_conflict(exc: CommitFailedError) -> bool:
