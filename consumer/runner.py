@@ -15,8 +15,9 @@ import os
 import random
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
@@ -41,6 +42,9 @@ T = TypeVar("T")
 
 _IDLE_BLOCK_S = 0.5  # longest blocking read, so a stop request is seen promptly
 _DRAIN_BLOCK_MS = 50
+# Pages read but not yet decoded: enough to keep the decoder busy, few enough that
+# raw replies never pile up.
+_PAGES_DECODING = 2
 
 
 @dataclass(slots=True)
@@ -84,12 +88,13 @@ def decode_page(
 class Batch:
     """Entries in hand: their IDs in delivery order, their rows and their dead letters.
 
-    Each page is decoded into Arrow rows as it is added (in the reader thread,
-    while the previous batch commits), so a batch never holds the raw replies or
-    update objects of more than the page being added.
+    Each page is decoded into Arrow rows as soon as it is added, by ``decoder``
+    when given (while the reader waits for the next page) or else right away, so
+    a batch holds the raw replies of a few pages at most, never of all its entries.
     """
 
     max_deliveries: int
+    decoder: Executor | None = None
     ids: list[bytes] = field(default_factory=list)
     rows: list[pa.Table] = field(default_factory=list)
     over_limit: list[DeadLetter] = field(default_factory=list)
@@ -99,6 +104,7 @@ class Batch:
     opened_at: float = 0.0
     in_flight: frozenset[bytes] = frozenset()
     _seen: set[bytes] | None = None
+    _decoding: deque[Future[DecodedPage]] = field(default_factory=deque)
 
     def add(self, page: Page) -> None:
         if page.deliveries is None:
@@ -131,11 +137,26 @@ class Batch:
             self.opened_at = time.monotonic()
         self.ids.extend(ids)
         self.max_count = max(self.max_count, 1 if counts is None else max(counts))
-        page = decode_page(ids, fields, counts, self.max_deliveries)
+        if self.decoder is None:
+            self._fold(decode_page(ids, fields, counts, self.max_deliveries))
+            return
+        self._decoding.append(
+            self.decoder.submit(decode_page, ids, fields, counts, self.max_deliveries)
+        )
+        while len(self._decoding) > _PAGES_DECODING:
+            self._fold(self._decoding.popleft().result())
+
+    def _fold(self, page: DecodedPage) -> None:
         if page.rows is not None:
             self.rows.append(page.rows)
         self.over_limit.extend(page.over_limit)
         self.poison.extend(page.poison)
+
+    def finish(self) -> Batch:
+        """Wait for the pages still being decoded."""
+        while self._decoding:
+            self._fold(self._decoding.popleft().result())
+        return self
 
     def table(self) -> pa.Table:
         """The rows of every decodable entry in delivery order, in one chunk.
@@ -143,6 +164,7 @@ class Batch:
         One chunk rather than one per page: the Delta writer splits every chunk
         by partition, so many small chunks cost it noticeably more.
         """
+        self.finish()
         if not self.rows:
             return POSITION_UPDATES_SCHEMA.empty_table()
         return pa.concat_tables(self.rows).combine_chunks()
@@ -150,6 +172,7 @@ class Batch:
     @property
     def dead(self) -> list[DeadLetter]:
         """Dead letters: entries delivered too often, then undecodable ones."""
+        self.finish()
         return self.over_limit + self.poison
 
     def __len__(self) -> int:
@@ -230,22 +253,27 @@ class Consumer:
 
     def _consume(self, sink: DeltaSink, maintainer: TableMaintainer, drain: bool) -> int:
         exit_code = 0
-        # The next batch is read (and decoded) in a second thread while this one
-        # commits: the Delta write runs in Rust without the GIL, so reading and
-        # writing overlap on two cores.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as reader:
-            upcoming: Future[Batch] | None = reader.submit(self._collect, drain, frozenset())
+        # The next batch is read in a second thread while this one commits: the Delta
+        # write runs in Rust without the GIL, so reading and writing overlap on two cores.
+        # A third thread decodes each page read while the reader waits for the next
+        # (the reader is shut down first: it may still hand pages to the decoder).
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder") as decoder,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as reader,
+        ):
+            collect = partial(self._collect, drain, decoder=decoder)
+            upcoming: Future[Batch] | None = reader.submit(collect, frozenset())
             while upcoming is not None:
                 batch = upcoming.result()
                 upcoming = None
                 if batch.empty:
                     if self._stopping or (drain and self._drained()):
                         break
-                    upcoming = reader.submit(self._collect, drain, frozenset())
+                    upcoming = reader.submit(collect, frozenset())
                     continue
                 if not self._stopping:
                     in_flight = frozenset(batch.ids)
-                    upcoming = reader.submit(self._collect, drain, in_flight)
+                    upcoming = reader.submit(collect, in_flight)
                 if not self._process(batch, sink):
                     exit_code = 1
                     self._stopping = True  # the reader returns what it holds; left pending
@@ -257,10 +285,12 @@ class Consumer:
 
     # -- reading -------------------------------------------------------------
 
-    def _collect(self, drain: bool, in_flight: frozenset[bytes]) -> Batch:
+    def _collect(
+        self, drain: bool, in_flight: frozenset[bytes], decoder: Executor | None = None
+    ) -> Batch:
         """Read one batch; ``in_flight`` are entries of the batch being committed meanwhile."""
         s = self.settings
-        batch = Batch(s.max_deliveries, in_flight=in_flight)
+        batch = Batch(s.max_deliveries, decoder, in_flight=in_flight)
         while len(batch) < s.batch_max_entries and not self._stopping:
             room = min(s.read_count, s.batch_max_entries - len(batch))
             if not self.group.own_pending_done:
@@ -281,7 +311,7 @@ class Consumer:
             if not page.ids and drain:
                 break  # nothing new: commit what is in hand, then check if drained
             batch.add(page)
-        return batch
+        return batch.finish()
 
     def _claim_once(self, batch: Batch) -> None:
         page, more = self._redis(self.group.claim_page)
