@@ -15,13 +15,15 @@ import os
 import random
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
 from typing import TypeVar
 
+import pyarrow as pa
 import redis
 
 from consumer.current import CurrentPositions
@@ -32,7 +34,7 @@ from consumer.sink import DeltaSink
 from shared.errors import CommitConflict, CommitFailed, StreamUnavailable
 from shared.publisher import TRANSIENT_REDIS_ERRORS
 from shared.settings import Settings
-from shared.table import updates_to_arrow
+from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
 from shared.wire import decode_entries, fields_as_dict
 
 log = logging.getLogger(__name__)
@@ -41,45 +43,138 @@ T = TypeVar("T")
 
 _IDLE_BLOCK_S = 0.5  # longest blocking read, so a stop request is seen promptly
 _DRAIN_BLOCK_MS = 50
+# Pages read but not yet decoded: enough to keep the decoder busy, few enough that
+# raw replies never pile up.
+_PAGES_DECODING = 2
+
+
+@dataclass(slots=True)
+class DecodedPage:
+    """What one page of new entries in hand turned into."""
+
+    rows: pa.Table | None  # the decodable entries' rows, in delivery order
+    over_limit: list[DeadLetter]  # delivered more often than allowed
+    poison: list[DeadLetter]
+
+
+def decode_page(
+    ids: list[bytes], fields: list[RawFields], counts: list[int] | None, max_deliveries: int
+) -> DecodedPage:
+    """Dead letters for entries delivered too often or undecodable; rows for the rest."""
+    over_limit: list[DeadLetter] = []
+    poison: list[DeadLetter] = []
+    if counts is None:  # first deliveries
+        entries = list(zip(ids, fields, strict=True))
+    else:
+        entries = []
+        for entry_id, raw, count in zip(ids, fields, counts, strict=True):
+            if count > max_deliveries:
+                reason = f"delivered {count} times (limit {max_deliveries})"
+                over_limit.append(DeadLetter(entry_id, fields_as_dict(raw), reason, count))
+            else:
+                entries.append((entry_id, raw))
+    decoded = decode_entries(entries)
+    del entries
+    if decoded.poison:
+        count_of = dict(zip(ids, counts, strict=True)) if counts is not None else {}
+        poison = [
+            DeadLetter(p.entry_id, p.fields, p.reason, count_of.get(p.entry_id, 1))
+            for p in decoded.poison
+        ]
+    rows = updates_to_arrow(decoded.updates, decoded.entry_ids) if decoded.updates else None
+    return DecodedPage(rows, over_limit, poison)
 
 
 @dataclass(slots=True)
 class Batch:
-    """Entries in hand, as parallel lists in delivery order."""
+    """Entries in hand: their IDs in delivery order, their rows and their dead letters.
 
+    Each page is decoded into Arrow rows as soon as it is added, by ``decoder``
+    when given (while the reader waits for the next page) or else right away, so
+    a batch holds the raw replies of a few pages at most, never of all its entries.
+    """
+
+    max_deliveries: int
+    decoder: Executor | None = None
     ids: list[bytes] = field(default_factory=list)
-    fields: list[RawFields] = field(default_factory=list)
-    deliveries: list[int] = field(default_factory=list)
+    rows: list[pa.Table] = field(default_factory=list)
+    over_limit: list[DeadLetter] = field(default_factory=list)
+    poison: list[DeadLetter] = field(default_factory=list)
     vanished: list[bytes] = field(default_factory=list)
+    max_count: int = 0  # most deliveries of any entry in hand
     opened_at: float = 0.0
     in_flight: frozenset[bytes] = frozenset()
     _seen: set[bytes] | None = None
+    _decoding: deque[Future[DecodedPage]] = field(default_factory=deque)
 
     def add(self, page: Page) -> None:
         if page.deliveries is None:
             # First deliveries (XREADGROUP >): new to everyone, nothing to filter.
-            if page.ids and not self.ids:
-                self.opened_at = time.monotonic()
-            self.ids.extend(page.ids)
-            self.fields.extend(page.fields)
-            self.deliveries.extend([1] * len(page.ids))
             if self._seen is not None:
                 self._seen.update(page.ids)
+            self._take(page.ids, page.fields, None)
         else:
             # A claim scan or pending re-read can hand back an entry already in hand
             # (here, or in the batch being committed meanwhile).
             if self._seen is None:
                 self._seen = set(self.ids) | self.in_flight
             seen = self._seen
-            for entry_id, fields, count in zip(page.ids, page.fields, page.deliveries, strict=True):
+            ids: list[bytes] = []
+            fields: list[RawFields] = []
+            counts: list[int] = []
+            for entry_id, raw, count in zip(page.ids, page.fields, page.deliveries, strict=True):
                 if entry_id not in seen:
-                    if not self.ids:
-                        self.opened_at = time.monotonic()
                     seen.add(entry_id)
-                    self.ids.append(entry_id)
-                    self.fields.append(fields)
-                    self.deliveries.append(count)
+                    ids.append(entry_id)
+                    fields.append(raw)
+                    counts.append(count)
+            self._take(ids, fields, counts)
         self.vanished.extend(page.vanished)
+
+    def _take(self, ids: list[bytes], fields: list[RawFields], counts: list[int] | None) -> None:
+        if not ids:
+            return
+        if not self.ids:
+            self.opened_at = time.monotonic()
+        self.ids.extend(ids)
+        self.max_count = max(self.max_count, 1 if counts is None else max(counts))
+        if self.decoder is None:
+            self._fold(decode_page(ids, fields, counts, self.max_deliveries))
+            return
+        self._decoding.append(
+            self.decoder.submit(decode_page, ids, fields, counts, self.max_deliveries)
+        )
+        while len(self._decoding) > _PAGES_DECODING:
+            self._fold(self._decoding.popleft().result())
+
+    def _fold(self, page: DecodedPage) -> None:
+        if page.rows is not None:
+            self.rows.append(page.rows)
+        self.over_limit.extend(page.over_limit)
+        self.poison.extend(page.poison)
+
+    def finish(self) -> Batch:
+        """Wait for the pages still being decoded."""
+        while self._decoding:
+            self._fold(self._decoding.popleft().result())
+        return self
+
+    def table(self) -> pa.Table:
+        """The rows of every decodable entry in delivery order, in one chunk.
+
+        One chunk rather than one per page: the Delta writer splits every chunk
+        by partition, so many small chunks cost it noticeably more.
+        """
+        self.finish()
+        if not self.rows:
+            return POSITION_UPDATES_SCHEMA.empty_table()
+        return pa.concat_tables(self.rows).combine_chunks()
+
+    @property
+    def dead(self) -> list[DeadLetter]:
+        """Dead letters: entries delivered too often, then undecodable ones."""
+        self.finish()
+        return self.over_limit + self.poison
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -165,8 +260,14 @@ class Consumer:
         exit_code = 0
         # The next batch is read in a second thread while this one commits: the Delta
         # write runs in Rust without the GIL, so reading and writing overlap on two cores.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as reader:
-            upcoming: Future[Batch] | None = reader.submit(self._collect, drain, frozenset())
+        # A third thread decodes each page read while the reader waits for the next
+        # (the reader is shut down first: it may still hand pages to the decoder).
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder") as decoder,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as reader,
+        ):
+            collect = partial(self._collect, drain, decoder=decoder)
+            upcoming: Future[Batch] | None = reader.submit(collect, frozenset())
             while upcoming is not None:
                 self.heartbeat = time.monotonic()
                 batch = upcoming.result()
@@ -174,11 +275,11 @@ class Consumer:
                 if batch.empty:
                     if self._stopping or (drain and self._drained()):
                         break
-                    upcoming = reader.submit(self._collect, drain, frozenset())
+                    upcoming = reader.submit(collect, frozenset())
                     continue
                 if not self._stopping:
                     in_flight = frozenset(batch.ids)
-                    upcoming = reader.submit(self._collect, drain, in_flight)
+                    upcoming = reader.submit(collect, in_flight)
                 if not self._process(batch, sink):
                     exit_code = 1
                     self._stopping = True  # the reader returns what it holds; left pending
@@ -190,10 +291,12 @@ class Consumer:
 
     # -- reading -------------------------------------------------------------
 
-    def _collect(self, drain: bool, in_flight: frozenset[bytes]) -> Batch:
+    def _collect(
+        self, drain: bool, in_flight: frozenset[bytes], decoder: Executor | None = None
+    ) -> Batch:
         """Read one batch; ``in_flight`` are entries of the batch being committed meanwhile."""
         s = self.settings
-        batch = Batch(in_flight=in_flight)
+        batch = Batch(s.max_deliveries, decoder, in_flight=in_flight)
         while len(batch) < s.batch_max_entries and not self._stopping:
             room = min(s.read_count, s.batch_max_entries - len(batch))
             if not self.group.own_pending_done:
@@ -214,7 +317,7 @@ class Consumer:
             if not page.ids and drain:
                 break  # nothing new: commit what is in hand, then check if drained
             batch.add(page)
-        return batch
+        return batch.finish()
 
     def _claim_once(self, batch: Batch) -> None:
         page, more = self._redis(self.group.claim_page)
@@ -239,44 +342,18 @@ class Consumer:
     def _process(self, batch: Batch, sink: DeltaSink) -> bool:
         s = self.settings
         self.stats.batches += 1
-        dead: list[DeadLetter] = []
-        limit = s.max_deliveries
-        max_count = max(batch.deliveries, default=0)
-        if max_count > limit:
-            keep = [i for i, n in enumerate(batch.deliveries) if n <= limit]
-            dead = [
-                DeadLetter(
-                    batch.ids[i],
-                    fields_as_dict(batch.fields[i]),
-                    f"delivered {n} times (limit {limit})",
-                    n,
-                )
-                for i, n in enumerate(batch.deliveries)
-                if n > limit
-            ]
-            entries = [(batch.ids[i], batch.fields[i]) for i in keep]
-        else:
-            entries = list(zip(batch.ids, batch.fields, strict=True))
-        decoded = decode_entries(entries)
-        # The raw replies are no longer needed (poison keeps its own copy): free them
-        # before the commit, while the next batch is being read.
-        del entries
-        batch.fields.clear()
-        if decoded.poison:
-            counts = dict(zip(batch.ids, batch.deliveries, strict=True))
-            dead.extend(
-                DeadLetter(p.entry_id, p.fields, p.reason, counts[p.entry_id])
-                for p in decoded.poison
-            )
+        dead = batch.dead
+        max_count = batch.max_count
+        rows = batch.table()
+        batch.rows.clear()
         self._crash_point("after_read", self.stats.batches)
 
-        rows = updates_to_arrow(decoded.updates, decoded.entry_ids)
         outcome = self._commit_with_retry(lambda: sink.commit_rows(rows))
         if outcome is None:
             return False
         self._crash_point("after_commit", self.stats.batches)
-        # Every valid update of the batch, replays included: after a crash between the
-        # two commits, the replay repairs positions_current (consumer/current.py).
+        # Every valid row of the batch, replays included: after a crash between the two
+        # commits, the replay repairs positions_current (consumer/current.py).
         current = self.current
         assert current is not None
         merged = self._commit_with_retry(lambda: current.merge(rows))

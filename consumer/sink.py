@@ -69,12 +69,13 @@ class DeltaSink:
         return self.commit_rows(updates_to_arrow(updates, entry_ids))
 
     def commit_rows(self, rows: pa.Table) -> CommitOutcome:
-        """:meth:`commit` for rows already built by :func:`shared.table.updates_to_arrow`
-        (their ``stream_id`` column names the entries)."""
+        """:meth:`commit` for rows already built by :func:`shared.table.updates_to_arrow`.
+
+        ``rows`` may be several such tables concatenated; their ``stream_id``
+        column names the entries (first and last go into the commit's metadata).
+        """
         started = time.perf_counter()
-        ids = rows.column("stream_id")
-        first_entry = ids[0].as_py() if len(ids) else ""
-        last_entry = ids[-1].as_py() if len(ids) else ""
+        first_entry, last_entry = _stream_id(rows, 0), _stream_id(rows, -1)
         try:
             self.table.update_incremental()
         except (DeltaError, OSError) as exc:
@@ -134,6 +135,15 @@ class DeltaSink:
             },
         )
         return CommitOutcome(rows.num_rows, duplicates, self.table.version(), elapsed)
+
+
+def _stream_id(rows: pa.Table, position: int) -> str:
+    """The stream ID of the row at ``position`` (``""`` for no rows)."""
+    ids = rows.column("stream_id")
+    if len(ids) == 0:
+        return ""
+    value: str = ids[position].as_py()
+    return value
 
 
 def _is_conflict(exc: CommitFailedError) -> bool:
