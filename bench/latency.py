@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import redis
 from deltalake import DeltaTable
 
-from bench.common import log, private_redis, verdict, work_dir
+from bench.common import log, median, parse_log, private_redis, verdict, work_dir
 from shared.wire import decode_entry
 
 GOAL_P99_S = 1.5
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 "POSLAKE_PRODUCER_SPOOL_DIR": str(folder / "spool"),
                 "POSLAKE_BATCH_MAX_WAIT_S": str(args.batch_wait),
                 "POSLAKE_CONSUMER_NAME": "latency",
-                "POSLAKE_LOG_LEVEL": "WARNING",
+                "POSLAKE_LOG_LEVEL": "INFO",
             }
         )
         consumer = start(["consumer"], env, folder / "consumer.log")
@@ -117,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             process.send_signal(signal.SIGTERM)
             process.wait(30)
 
+        batch_lines = [
+            line
+            for line in parse_log((folder / "consumer.log").read_text())
+            if line.message.startswith("batch settled")
+        ]
+        commit_s = [float(line.field("commit_s") or 0) for line in batch_lines]
+        merge_s = [float(line.field("current_merge_s") or 0) for line in batch_lines]
         client: Any = redis.Redis.from_url(server.url)
         entries = client.xrange("positions")
         sent = [json.loads(line) for line in record.read_text().splitlines()]
@@ -152,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
           f"max {max(end_to_end):.3f}s")  # fmt: skip
     print(f"  producer share (send -> stream entry): p50 {percentile(to_stream, 0.5) * 1000:.1f}ms"
           f"  p99 {percentile(to_stream, 0.99) * 1000:.1f}ms")  # fmt: skip
+    if commit_s:
+        print(
+            f"  consumer per batch: history commit median {median(commit_s):.3f}s "
+            f"(max {max(commit_s):.3f}), positions_current merge median "
+            f"{median(merge_s):.3f}s (max {max(merge_s):.3f}), {len(commit_s)} batches"
+        )
     print(f"  baseline: the batch wait alone is {args.batch_wait:.3f}s; "
           f"p99 / batch wait = {p99 / args.batch_wait:.2f}")  # fmt: skip
     print(f"  p99: {verdict(p99, GOAL_P99_S, higher_is_better=False)}")
