@@ -12,7 +12,10 @@ from typing import Any
 import polars as pl
 import pytest
 import redis
+from rich.console import Console
 
+from poslake.live_view import render
+from poslake.status import ConsumerStatus, GroupStatus, Status, TableStatus
 from shared.repository import StrategyPositionRepository
 from tests.helpers import (
     REPO_ROOT,
@@ -247,3 +250,47 @@ def test_query_model_tables_and_current(loaded: dict[str, Any], lake: Path) -> N
     assert current.returncode == 0, current.stderr
     newest = {(u.account, u.conid) for u in loaded["updates"]}
     assert pl.read_csv(io.StringIO(current.stdout)).height == len(newest)
+
+
+def test_replay_on_each_redis_version(redis_any_version: Any, lake: Path, stream: str) -> None:
+    """ENTRIESREAD is set where the server has it (7.x), so the group's lag stays right."""
+    url = redis_any_version.url
+    updates = make_updates(120)
+    publish(url, stream, updates)
+    env = consumer_env(url, lake, "c1", stream)
+    assert run_consumer(env) == 0
+    done = poslake(env, "replay", "--beginning", "--yes")
+    assert done.returncode == 0, done.stderr
+    client: Any = redis.Redis.from_url(url)
+    group = client.xinfo_groups(stream)[0]
+    if redis_any_version.version.startswith("7"):
+        assert group["entries-read"] == 0 and group["lag"] == 120
+    status = poslake(env, "status")
+    assert "lag 120" in status.stdout
+    assert run_consumer(env) == 0
+    assert "lag 0" in poslake(env, "status").stdout
+    assert_table_exact(lake, updates)
+
+
+def test_live_view_renders_the_flow() -> None:
+    status = Status(
+        "positions",
+        1200,
+        "1-0",
+        "9-0",
+        [GroupStatus("lake", "9-0", 1200, 3, 5, [ConsumerStatus("c1", 5, 1500, 2)])],
+        4,
+        TableStatus("lake/position_updates", 7, 1195, 12, "now"),
+    )
+    console = Console(record=True, width=100)
+    console.print(render(status, 250.0, 240.0))
+    text = console.export_text()
+    for shown in (
+        "250 -> 240",
+        "1200 entries",
+        "lag 3, pending 5",
+        "c1",
+        "dead letters",
+        "version 7, 1,195 rows, 12 files",
+    ):
+        assert shown in text, shown
