@@ -293,12 +293,13 @@ async def serve(
     stats_path: Path | None = None,
 ) -> int:
     simulator = GatewaySimulator(config)
-    port = await simulator.start()
-    print(f"gateway simulator listening on {config.host}:{port}", flush=True)
+    # Signals first: a parent may stop us as soon as it reads the line below.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    port = await simulator.start()
+    print(f"gateway simulator listening on {config.host}:{port}", flush=True)
     written = 0
     record_file = record_path.open("a") if record_path else None
     try:
