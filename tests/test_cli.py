@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,19 +95,28 @@ def test_replay_to_the_beginning_leaves_the_table_unchanged(
     assert group_pending(redis_url, stream) == 0 and group.get("lag") in (0, None)
 
 
-def test_replay_to_a_time_and_an_id(loaded: dict[str, Any], redis_url: str, stream: str) -> None:
+def test_replay_to_a_time_and_an_id(redis_url: str, lake: Path, stream: str) -> None:
+    # Two bursts a little apart, so a time falls between them (a burst can share a ms).
+    early, late = make_updates(300)[:150], make_updates(300)[150:]
+    publish(redis_url, stream, early)
+    time.sleep(0.05)
+    publish(redis_url, stream, late)
+    env = consumer_env(redis_url, lake, "c1", stream)
+    assert run_consumer(env) == 0
     client: Any = redis.Redis.from_url(redis_url)
     ids = [entry_id.decode() for entry_id, _ in client.xrange(stream)]
-    millis = int(ids[250].split("-")[0])
+    millis = int(ids[150].split("-")[0])
     at = pl.Series([millis], dtype=pl.Datetime("ms", "UTC")).dt.to_string("%Y-%m-%dT%H:%M:%S%.3fZ")
-    done = poslake(loaded["env"], "replay", "--to-time", at[0], "--yes")
+    done = poslake(env, "replay", "--to-time", at[0], "--yes")
     assert done.returncode == 0, done.stderr
-    expected = sum(1 for i in ids if int(i.split("-")[0]) >= millis)
-    assert f"{expected} entries will be delivered again" in done.stdout
-    done = poslake(loaded["env"], "replay", "--to-id", ids[99], "--yes")
-    assert done.returncode == 0 and f"{len(ids) - 100 - expected} entries" in done.stdout
-    ahead = poslake(loaded["env"], "replay", "--to-id", ids[200], "--yes")
+    assert "150 entries will be delivered again" in done.stdout
+    done = poslake(env, "replay", "--to-id", ids[49], "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "100 entries will be delivered again" in done.stdout  # ids[50:150]
+    ahead = poslake(env, "replay", "--to-id", ids[200], "--yes")
     assert ahead.returncode == 2 and "would skip entries" in ahead.stderr
+    assert run_consumer(env) == 0
+    assert_table_exact(lake, early + late)
 
 
 def test_replay_bad_input(loaded: dict[str, Any]) -> None:
