@@ -9,12 +9,14 @@ left by an earlier run is replayed first at start.
 
 With ``explicit_ids`` (only for a stream's sole producer) each entry's ID is
 derived from its microsecond timestamp (``<ms>-<us % 1000>``), strictly
-increasing. A chunk retried after a dropped connection is then recognised by
-Redis ("ID equal or smaller than the top item"), not written twice. Entries
-that were never sent but are behind the stream's top (a clock behind an earlier
-producer's) fall back to server-assigned IDs instead of being mistaken for
-duplicates. Without explicit IDs a retried chunk may land twice; the
-consumer's key dedup absorbs that.
+increasing. A chunk retried after a dropped connection is then refused by
+Redis ("ID equal or smaller than the top item") instead of written twice. A
+refusal is never taken on trust: the writer reads the entry with that ID back
+and counts it as already written only if it holds the same payload; otherwise
+(an entry added with a server-assigned ID in between, e.g. a dead letter
+requeued, or a clock that stepped back) the update is written with a
+server-assigned ID, and the clock moves past the stream's top. Without explicit
+IDs a retried chunk may land twice; the consumer's key dedup absorbs that.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 from collections import deque
 from collections.abc import Callable
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 Entry = tuple[int, bytes]  # (timestamp in µs, payload)
 _DUPLICATE_ID = "equal or smaller than the target stream top item"
+REPLY_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -48,15 +52,58 @@ class OutboxStats:
     replayed_from_spool: int = 0
     retries: int = 0
     reconnects: int = 0
+    server_assigned_ids: int = 0  # explicit IDs refused and not found: written with '*'
 
 
 def entry_id(stamp_us: int) -> bytes:
     return b"%d-%d" % divmod(stamp_us, 1000)
 
 
+def _payload_of(reply: object) -> bytes | None:
+    """The payload field of an XRANGE reply holding one entry, if any."""
+    if not isinstance(reply, list) or not reply:
+        return None
+    fields = reply[0][1]
+    for name, value in zip(fields[::2], fields[1::2], strict=True):
+        if name == b"payload":
+            return bytes(value)
+    return None
+
+
 def id_to_us(entry: bytes) -> int:
     ms, _, seq = entry.partition(b"-")
     return int(ms) * 1000 + min(int(seq or 0), 999)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a partial last line (the process died mid-write) so appends start clean."""
+    if not path.exists():
+        return
+    with path.open("r+b") as spool:
+        size = spool.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        start = max(0, size - 65536)
+        while True:
+            spool.seek(start)
+            tail = spool.read(size - start)
+            cut = tail.rfind(b"\n")
+            if cut >= 0 or start == 0:
+                break
+            start = max(0, start - 65536)
+        keep = start + cut + 1 if cut >= 0 else 0
+        if keep < size:
+            log.warning("dropping a torn last line of the spool", extra={"bytes": size - keep})
+            spool.truncate(keep)
 
 
 class Spool:
@@ -66,8 +113,18 @@ class Spool:
         self.path = path
         self._offset_path = path.with_name(path.name + ".offset")
         path.parent.mkdir(parents=True, exist_ok=True)
+        _cut_torn_tail(path)
         self._append = path.open("ab")
-        self.offset = int(self._offset_path.read_text()) if self._offset_path.exists() else 0
+        self.offset = self._read_offset()
+
+    def _read_offset(self) -> int:
+        # A missing, torn or stale offset means "from the start": replaying entries
+        # already published is safe (explicit IDs or the consumer's dedup catch them).
+        try:
+            offset = int(self._offset_path.read_text())
+        except (OSError, ValueError):
+            return 0
+        return offset if 0 <= offset <= self.path.stat().st_size else 0
 
     def append(self, entry: Entry) -> None:
         self._append.write(b"%d %s\n" % entry)
@@ -104,7 +161,17 @@ class Spool:
             self._append.truncate(0)
             self._append.seek(0)
             self.offset = 0
-        self._offset_path.write_text(str(self.offset))
+        _write_atomically(self._offset_path, str(self.offset).encode())
+
+    def rewrite(self, entries: list[Entry]) -> None:
+        """Replace the spool's unread part with ``entries`` (written aside, then renamed:
+        a crash in between leaves the old spool whole)."""
+        self._append.close()
+        data = b"".join(b"%d %s\n" % entry for entry in entries)
+        _write_atomically(self.path, data)
+        _write_atomically(self._offset_path, b"0")
+        self.offset = 0
+        self._append = self.path.open("ab")
 
     def close(self) -> None:
         self._append.flush()
@@ -151,8 +218,7 @@ class Outbox:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._connection: RespConnection | None = None
-        self._top_us = 0  # the stream's last ID when this connection opened
-        self._in_doubt_us = 0  # highest stamp sent without a reply read
+        self._top_us = 0  # the newest stream ID seen (µs), for the clock's floor
         self._closing = False
         self.connected = False
         self.stats = OutboxStats()
@@ -208,9 +274,7 @@ class Outbox:
             log.warning("spooling unsent updates at exit", extra={"count": len(self._memory)})
             self.stats.spooled += len(self._memory)
             pending, _ = self._spool.peek(10**12) if self._spooling else ([], 0)
-            self._spool.advance(self._spool.path.stat().st_size)  # start the file over
-            for entry in [*self._memory, *pending]:
-                self._spool.append(entry)
+            self._spool.rewrite([*self._memory, *pending])
             self._memory.clear()
         self._spool.close()
         if self._connection is not None:
@@ -232,11 +296,14 @@ class Outbox:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if from_spool:
-                entries, next_offset = self._spool.peek(self._chunk)
-            else:
-                entries, next_offset = list(islice(self._memory, self._chunk)), 0
             try:
+                if from_spool:
+                    entries, next_offset = self._spool.peek(self._chunk)
+                    if not entries:  # unreadable rest of the file: nothing more to send
+                        self._spool.advance(self._spool.path.stat().st_size)
+                        continue
+                else:
+                    entries, next_offset = list(islice(self._memory, self._chunk)), 0
                 await self._send(entries)
             except Exception as exc:
                 # Connection errors and error replies are expected while Redis is away;
@@ -275,26 +342,74 @@ class Outbox:
         retried (entries before it that landed are then recognised with explicit IDs,
         or deduplicated by the consumer's key otherwise)."""
         connection = await self._connect()
-        commands = [self._xadd(stamp, payload) for stamp, payload in entries]
-        self._in_doubt_us = max(self._in_doubt_us, entries[-1][0])
-        replies = await connection.execute(commands)
+        commands = [self._xadd(stamp, payload, self._explicit) for stamp, payload in entries]
+        replies = await self._execute(connection, commands)
+        refused: list[Entry] = []
+        newest: object = None
         for index, reply in enumerate(replies):
             if isinstance(reply, RespError):
                 if self._explicit and _DUPLICATE_ID in str(reply):
-                    self.stats.recognised_duplicates += 1
+                    refused.append(entries[index])
                     continue
                 # e.g. OOM or WRONGTYPE: keep this entry and the rest for a retry.
-                self.stats.published += index
+                self.stats.published += index - len(refused)
                 log.error("XADD rejected", extra={"error": str(reply), "stream": self._stream})
                 raise reply
-        self.stats.published += len(replies)
+            newest = reply
+        self._note_top(newest)  # IDs only grow: the last one is the newest
+        self.stats.published += len(replies) - len(refused)
+        if refused:
+            await self._settle_refused(connection, refused)
 
-    def _xadd(self, stamp_us: int, payload: bytes) -> bytes:
+    async def _settle_refused(self, connection: RespConnection, refused: list[Entry]) -> None:
+        """Entries whose explicit ID Redis refused: already written by us (same payload
+        under that ID), or not there at all, then written with a server-assigned ID."""
+        lookups = [
+            pack_command(b"XRANGE", self._stream, entry_id(stamp), entry_id(stamp))
+            for stamp, _ in refused
+        ]
+        found = await self._execute(connection, lookups)
+        missing: list[Entry] = []
+        for (stamp, payload), reply in zip(refused, found, strict=True):
+            if isinstance(reply, RespError):
+                raise reply
+            stored = _payload_of(reply)
+            if stored == payload:
+                self.stats.recognised_duplicates += 1
+            else:
+                missing.append((stamp, payload))
+        if not missing:
+            return
+        log.warning(
+            "explicit IDs behind the stream's top: writing with server-assigned IDs",
+            extra={"count": len(missing), "stream": self._stream.decode()},
+        )
+        replies = await self._execute(
+            connection, [self._xadd(stamp, payload, False) for stamp, payload in missing]
+        )
+        for reply in replies:
+            if isinstance(reply, RespError):
+                raise reply
+            self._note_top(reply)
+        self.stats.published += len(missing)
+        self.stats.server_assigned_ids += len(missing)
+
+    def _note_top(self, reply: object) -> None:
+        # Keep the clock past the stream's newest ID, so explicit IDs stay ahead of it.
+        if isinstance(reply, bytes):
+            top = id_to_us(reply)
+            if top > self._top_us:
+                self._top_us = top
+                if self._on_stream_top is not None:
+                    self._on_stream_top(top)
+
+    async def _execute(self, connection: RespConnection, commands: list[bytes]) -> list[object]:
+        # A half-open connection (a partitioned or vanished host) must not hang the writer.
+        return await asyncio.wait_for(connection.execute(commands), REPLY_TIMEOUT_S)
+
+    def _xadd(self, stamp_us: int, payload: bytes, explicit: bool) -> bytes:
         trim = self._trim
-        if self._explicit and (stamp_us > self._top_us or stamp_us <= self._in_doubt_us):
-            entry = entry_id(stamp_us)
-        else:
-            entry = b"*"
+        entry = entry_id(stamp_us) if explicit else b"*"
         if trim.min_age_s is not None and trim.maxlen is None:
             cutoff_ms = max(0, stamp_us // 1000 - int(trim.min_age_s * 1000))
             return pack_command(b"XADD", self._stream, b"MINID", b"~", b"%d-0" % cutoff_ms,
@@ -314,16 +429,19 @@ class Outbox:
             return self._connection
         connection = await RespConnection.open(self._address)
         if self._explicit:
-            (top,) = await connection.execute(
-                [pack_command(b"XREVRANGE", self._stream, b"+", b"-", b"COUNT", b"1")]
-            )
+            try:
+                (top,) = await self._execute(
+                    connection,
+                    [pack_command(b"XREVRANGE", self._stream, b"+", b"-", b"COUNT", b"1")],
+                )
+            except BaseException:
+                connection.close()
+                raise
             if isinstance(top, RespError):
                 connection.close()
                 raise top
-            newest = top[0][0] if top else b"0-0"  # type: ignore[index]
-            self._top_us = id_to_us(newest)
-            if self._on_stream_top is not None:
-                self._on_stream_top(self._top_us)
+            if top:
+                self._note_top(top[0][0])  # type: ignore[index]
         self._connection = connection
         if not self.connected:
             log.info("connected to Redis", extra={"stream": self._stream.decode()})

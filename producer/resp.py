@@ -13,6 +13,7 @@ rejected XADD (e.g. an explicit ID already written) does not hide the others.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,6 +86,10 @@ class RespConnection:
             context = ssl.create_default_context() if address.tls else None
             opening = asyncio.open_connection(address.host, address.port, ssl=context)
         reader, writer = await asyncio.wait_for(opening, timeout_s)
+        raw = writer.get_extra_info("socket")
+        if raw is not None and address.path is None:
+            # Notice a vanished peer on an idle connection too.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         connection = cls(reader, writer)
         try:
             setup: list[bytes] = []

@@ -11,12 +11,15 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 from producer.outbox import Outbox
 from producer.resp import RedisAddress, RespConnection, pack_command
 from shared.redis_server import RedisServer, find_redis_server
+from shared.wire import decode_entry, encode_payload
 from tests.conftest import RedisTarget
 from tests.helpers import make_updates
 from tests.producer_harness import (
@@ -314,3 +317,83 @@ def test_resp_connection_round_trip(redis_target: RedisTarget) -> None:
         connection.close()
 
     asyncio.run(scenario())
+
+
+def test_explicit_ids_never_drop_an_update_behind_a_server_assigned_entry(
+    redis_target: RedisTarget, stream: str, tmp_path: Path
+) -> None:
+    """An entry added with '*' in between (a requeued dead letter, another writer) puts the
+    stream's top past our stamps: the refused updates are looked up, found missing, and
+    written with server-assigned IDs, never counted as duplicates."""
+    updates = make_updates(8)
+    client: Any = redis.Redis.from_url(redis_target.url)
+
+    async def scenario() -> None:
+        outbox = Outbox(
+            redis_target.url, stream, spool_path=tmp_path / "s.spool", explicit_ids=True
+        )
+        outbox.start()
+        stamp = 1_700_000_000_000_000  # in 2023: behind the '*' entry added now
+        outbox.put(stamp, updates[0])
+        await until(lambda: stream_length(redis_target.url, stream) == 1)
+        client.xadd(stream, {"v": b"1", "payload": b"{}"})  # e.g. a requeued dead letter
+        for offset, update in enumerate(updates[1:], start=1):
+            outbox.put(stamp + offset, update)
+        await until(lambda: outbox.buffered == 0)
+        assert await outbox.close(timeout_s=5)
+        assert outbox.stats.recognised_duplicates == 0
+        assert outbox.stats.server_assigned_ids == 7
+
+    asyncio.run(scenario())
+    kept = [decode_entry(f) for _, f in client.xrange(stream) if f[b"payload"] != b"{}"]
+    assert kept == updates
+
+
+def test_spool_replay_after_a_crash_between_xadd_and_offset(
+    redis_target: RedisTarget, stream: str, tmp_path: Path
+) -> None:
+    """A spool whose first entries already reached the stream (killed before the offset
+    was saved): with explicit IDs those are recognised, the rest written once."""
+    updates = make_updates(6)
+    stamps = [1_800_000_000_000_000 + i for i in range(6)]
+    spool = tmp_path / "spool" / "s.spool"
+    spool.parent.mkdir()
+    spool.write_bytes(
+        b"".join(b"%d %s\n" % (s, encode_payload(u)) for s, u in zip(stamps, updates, strict=True))
+    )
+    client: Any = redis.Redis.from_url(redis_target.url)
+    for stamp, update in list(zip(stamps, updates, strict=True))[:2]:
+        ms, us = divmod(stamp, 1000)
+        client.xadd(stream, {"v": b"1", "payload": encode_payload(update)}, id=f"{ms}-{us}")
+
+    async def scenario() -> None:
+        outbox = Outbox(redis_target.url, stream, spool_path=spool, explicit_ids=True)
+        outbox.start()
+        await until(lambda: stream_length(redis_target.url, stream) == 6)
+        assert await outbox.close(timeout_s=5)
+        assert outbox.stats.recognised_duplicates == 2
+        assert outbox.stats.server_assigned_ids == 0
+
+    asyncio.run(scenario())
+    assert read_stream(redis_target.url, stream) == updates
+
+
+def test_a_torn_spool_line_is_dropped_not_sent(
+    redis_target: RedisTarget, stream: str, tmp_path: Path
+) -> None:
+    """Killed mid-write: the partial last line is cut at start, later appends are clean."""
+    updates = make_updates(4)
+    spool = tmp_path / "spool" / "s.spool"
+    spool.parent.mkdir()
+    good = b"".join(b"%d %s\n" % (i + 1, encode_payload(u)) for i, u in enumerate(updates[:3]))
+    spool.write_bytes(good + b'4 {"account":"DU1","co')
+
+    async def scenario() -> None:
+        outbox = Outbox(redis_target.url, stream, spool_path=spool)
+        outbox.put(5, updates[3])  # queued behind the replay
+        outbox.start()
+        await until(lambda: stream_length(redis_target.url, stream) == 4)
+        assert await outbox.close(timeout_s=5)
+
+    asyncio.run(scenario())
+    assert read_stream(redis_target.url, stream) == updates
