@@ -91,7 +91,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
         version = tuple(int(p) for p in client.info("server")["redis_version"].split(".")[:2])
         if version >= (7, 0):
-            read = count_between(client, settings.stream, "0", new_position)
+            # Entries ever added minus those after the new position: right after trims
+            # and deletions too, where counting what is left would not be.
+            added = int(client.xinfo_stream(settings.stream)["entries-added"])
+            last = client.xrevrange(settings.stream, count=1)
+            top = last[0][0].decode() if last else "0-0"
+            read = added - count_between(client, settings.stream, new_position, top)
             client.execute_command(
                 "XGROUP", "SETID", settings.stream, group, new_position, "ENTRIESREAD", read
             )

@@ -28,6 +28,7 @@ from typing import Any
 import redis
 
 from poslake import status as status_mod
+from poslake.command import CommandError
 from poslake.live_view import LiveView
 from shared.logs import configure_logging
 from shared.redis_server import RedisServer, find_redis_server
@@ -113,7 +114,11 @@ def _spawn(
     log = logs / f"{name}.log"
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", *module], env=env, stdout=stdout or out, stderr=out
+            [sys.executable, "-m", *module],
+            env=env,
+            stdout=stdout or out,
+            stderr=out,
+            start_new_session=True,  # Ctrl-C reaches only `poslake run`, which stops them in order
         )
     part = Part(name, process, log)
     stack.callback(_stop, part)
@@ -189,6 +194,14 @@ def _wait_for_first_entry(client: Any, settings: Settings, producer: Part, timeo
 
 
 def _wait_drained(client: Any, settings: Settings, timeout: float) -> bool:
+    try:
+        return _poll_drained(client, settings, timeout)
+    except redis.RedisError as exc:
+        print(f"poslake run: cannot check the group: {exc}", file=sys.stderr)
+        return False
+
+
+def _poll_drained(client: Any, settings: Settings, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         groups = {g["name"].decode(): g for g in client.xinfo_groups(settings.stream)}
@@ -263,7 +276,10 @@ def run(args: argparse.Namespace) -> int:
                 failed = next((p for p in parts if p.process.poll() is not None), None)
                 if failed is not None:
                     break
-                view.update(status_mod.collect(view_settings))
+                try:
+                    view.update(status_mod.collect(view_settings))
+                except CommandError as exc:  # Redis away for a moment: the parts go on
+                    print(f"poslake run: {exc}", file=sys.stderr)
                 time.sleep(1.0)
         if failed is not None:
             print(
@@ -278,7 +294,11 @@ def run(args: argparse.Namespace) -> int:
             _stop(simulator)
         _stop(producer)
         drained = _wait_drained(client, settings, timeout=120)
-        final = status_mod.collect(view_settings)
+        try:
+            final = status_mod.collect(view_settings)
+        except CommandError as exc:
+            print(f"poslake run: {exc}", file=sys.stderr)
+            return 1
     print_summary(final, lake_uri, url if not private_redis else None, drained, data_dir)
     return 0 if drained else 1
 

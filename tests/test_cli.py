@@ -304,3 +304,19 @@ def test_live_view_renders_the_flow() -> None:
         "version 7, 1,195 rows, 12 files",
     ):
         assert shown in text, shown
+
+
+def test_replay_keeps_the_lag_right_after_trimming(
+    redis_any_version: Any, lake: Path, stream: str
+) -> None:
+    url = redis_any_version.url
+    publish(url, stream, make_updates(100))
+    client: Any = redis.Redis.from_url(url)
+    client.xtrim(stream, maxlen=60, approximate=False)
+    env = consumer_env(url, lake, "c1", stream)
+    assert run_consumer(env) == 0
+    done = poslake(env, "replay", "--beginning", "--yes")
+    assert done.returncode == 0 and "60 entries will be delivered again" in done.stdout
+    assert "lag 60" in poslake(env, "status").stdout
+    if redis_any_version.version.startswith("7"):
+        assert client.xinfo_groups(stream)[0]["lag"] == 60

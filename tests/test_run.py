@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -90,3 +92,36 @@ def test_run_uses_configured_redis_and_ib(tmp_path: Path, redis_url: str) -> Non
     assert not (tmp_path / "data" / "simulator-final-state.json").exists()
     table = pl.read_delta(str(tmp_path / "data" / "lake" / "position_updates"))
     assert set(table["account"]) == {"DU7"} and table.height >= 20
+
+
+def test_ctrl_c_stops_everything_in_order(tmp_path: Path) -> None:
+    """Ctrl-C at a terminal signals the whole foreground process group: the servers and
+    workers must not die with it; `poslake run` stops them in flow order."""
+    data = tmp_path / "data"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "poslake", "run", "--data-dir", str(data)],
+        env=_env(POSLAKE_BATCH_MAX_WAIT_S="0.5"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        lake = data / "lake" / "position_updates"
+        while (
+            not (lake / "_delta_log").exists()
+            or len(list((lake / "_delta_log").glob("*.json"))) < 3
+        ):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        out, err = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err[-3000:]
+    assert "NOT fully drained" not in out
+    stream_length = int(out.split("poslake run: ")[1].split(" updates")[0])
+    assert pl.read_delta(str(lake)).height == stream_length > 0
