@@ -6,9 +6,10 @@ key filters are pushed into the Parquet scan (statistics), so no call loads a
 whole table to answer for one symbol or strategy. "Latest" means the newest
 row per key (``TableSpec.key``) at the version read. Time travel: by version or
 by time; a version that does not exist and a time before the table existed are
-errors (not version 0). Appends are batched and validated against the schema
-and the allowed codes first: a row that does not fit is refused with its index
-and field, and nothing of that call is written. Transactions are deduplicated
+errors (not version 0). Appends are validated against the schema and the
+allowed codes first (a row that does not fit is refused with its index and
+field) and written in one commit, streamed in record batches: a call writes
+all of its rows or none. Transactions are deduplicated
 by ``transaction_id`` with a MERGE (insert when not matched), so a retried
 append does not double a fill, even when two writers race.
 """
@@ -146,14 +147,17 @@ class TableRepository:
         self._create()
         if self.spec.unique is not None:
             return self._append_unique(table, self.spec.unique)
-        for batch in table.to_batches(max_chunksize=self._batch_rows):
-            write_deltalake(
-                self.uri,
-                pa.Table.from_batches([batch]),
-                mode="append",
-                partition_by=["symbol"],
-                storage_options=self._storage,
-            )
+        # One commit for the whole call (the writer streams it in record batches of
+        # ``batch_rows``): a failure leaves nothing behind, so a retry cannot double rows.
+        write_deltalake(
+            self.uri,
+            pa.RecordBatchReader.from_batches(
+                table.schema, table.to_batches(max_chunksize=self._batch_rows)
+            ),
+            mode="append",
+            partition_by=["symbol"],
+            storage_options=self._storage,
+        )
         return int(table.num_rows)
 
     def _append_unique(self, table: pa.Table, column: str) -> int:
@@ -253,6 +257,11 @@ class StrategyPositionRepository(TableRepository):
         current = self.latest(strategy_id=strategy_id)
         if current.is_empty():
             raise RepositoryError(f"positions: unknown strategy {strategy_id!r}")
+        if current.height > 1:
+            raise RepositoryError(
+                f"positions: strategy {strategy_id!r} has {current.height} rows at its latest "
+                "timestamp; cannot tell which to update"
+            )
         row = current.row(0, named=True)
         changed = {**row, "timestamp": datetime.now(UTC), **fields}
         source = self.to_arrow([changed])

@@ -12,7 +12,14 @@ import pytest
 from deltalake import DeltaTable
 
 from shared.errors import RepositoryError
-from shared.repository import StrategyPositionRepository, greeks, legs, transactions
+from shared.repository import (
+    StrategyPositionRepository,
+    TableRepository,
+    greeks,
+    legs,
+    transactions,
+)
+from shared.strategy_tables import POSITIONS
 
 T0 = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
 
@@ -205,3 +212,17 @@ def test_transactions_are_deduplicated_by_id(tmp_path: Path) -> None:
     assert repo.append(as_arrow) == 1
     with pytest.raises(RepositoryError, match="'HOLD' is not one of"):
         repo.append([{**fills[0], "transaction_id": "t10", "action": "HOLD"}])
+
+
+def test_update_refuses_an_ambiguous_latest_row(tmp_path: Path) -> None:
+    repo = StrategyPositionRepository(str(tmp_path))
+    repo.append([position("ic-1", "SPY"), position("ic-1", "SPY", quantity=3.0)])  # same time
+    with pytest.raises(RepositoryError, match="2 rows at its latest timestamp"):
+        repo.update("ic-1", status="closed")
+    assert set(repo.history()["status"]) == {"open"}  # nothing written
+
+
+def test_an_append_is_one_commit(tmp_path: Path) -> None:
+    repo = TableRepository(str(tmp_path), POSITIONS, batch_rows=3)  # several record batches
+    repo.append([position(f"s{i}", "SPY") for i in range(10)])
+    assert repo.version == 1 and repo.history().height == 10
