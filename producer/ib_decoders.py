@@ -21,7 +21,8 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from producer.ib_mapping import UNSET_DOUBLE, ContractInfo, MappingError, map_contract
+from producer.ib_mapping import ContractInfo, MappingError, map_contract
+from producer.tws_protocol import UNSET_DOUBLE
 
 decoder_log = logging.getLogger("ib_async.Decoder")
 log = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ from typing import Any
 
 import msgspec
 
+from producer.tws_protocol import UNSET_DOUBLE
 from shared.model import DERIVATIVE_SEC_TYPES, PositionUpdate
 
-UNSET_DOUBLE = 1.7976931348623157e308
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _RIGHTS = {"C": "C", "CALL": "C", "P": "P", "PUT": "P"}
 

@@ -474,13 +474,10 @@ class IbSource:
         timeout = self.settings.ib_connect_timeout_s
         if self.portfolio_account:
             await asyncio.wait_for(self.ib.reqAccountUpdatesAsync(self.portfolio_account), timeout)
-        keys = list(self.pnl_requests.values())
-        for key in keys:
+        for key in list(self.pnl_requests.values()):
             self._cancel_pnl(key)
+        # The positions IB resends subscribe their PnL-single again (on_position).
         await asyncio.wait_for(self.ib.reqPositionsAsync(), timeout)
-        for key in keys:
-            if key in self.held:
-                self._request_pnl(key)
 
     def _forget_connection(self) -> None:
         # ib_async wipes its subscriptions on disconnect; so do we.

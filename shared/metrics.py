@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -100,10 +100,3 @@ class MetricsServer:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-
-
-def registry_with(collectors: Iterable[Collector]) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    for collector in collectors:
-        registry.register(collector)
-    return registry

@@ -12,7 +12,6 @@ import msgspec
 import pytest
 
 from producer.ib_mapping import (
-    UNSET_DOUBLE,
     MappingError,
     UpdateClock,
     build_update,
@@ -20,6 +19,7 @@ from producer.ib_mapping import (
     number,
     price_from_value,
 )
+from producer.tws_protocol import UNSET_DOUBLE
 from shared.model import PositionUpdate
 from shared.wire import decode_entry, encode_update
 from tests.helpers import REPO_ROOT
