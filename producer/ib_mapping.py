@@ -152,7 +152,6 @@ def build_update(
     contract: ContractInfo,
     position: float,
     timestamp: datetime,
-    *,
     market_price: float | None = None,
     market_value: float | None = None,
     average_cost: float | None = None,

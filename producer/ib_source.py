@@ -24,7 +24,6 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ib_async import IB
@@ -40,11 +39,9 @@ from producer.ib_mapping import (
     price_from_value,
 )
 from producer.outbox import Outbox
-from shared.model import PositionUpdate
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 LINK_LOST, LINK_RESTORED_DATA_LOST, LINK_RESTORED_DATA_KEPT = 1100, 1101, 1102
 CLIENT_ID_IN_USE = 326
@@ -179,11 +176,11 @@ class IbSource:
                 contract,
                 position,
                 UpdateClock.as_datetime(stamp),
-                market_price=market_price,
-                market_value=market_value,
-                average_cost=average_cost,
-                unrealized_pnl=unrealized_pnl,
-                realized_pnl=realized_pnl,
+                market_price,
+                market_value,
+                average_cost,
+                unrealized_pnl,
+                realized_pnl,
             )
         except MappingError as exc:
             self.on_unmappable(exc)
@@ -205,31 +202,16 @@ class IbSource:
         self.stats.received += 1
         if account != self.portfolio_account:
             return
-        # The snapshot's hot path: the update is built here rather than via _publish.
-        if position - position != 0.0:
-            self.on_unmappable(MappingError(f"position {position!r} is not finite"))
-            return
-        stamp = self.clock.stamp_us()
-        update = PositionUpdate(
-            account=account,
-            conid=contract.conid,
-            symbol=contract.symbol,
-            sec_type=contract.sec_type,
-            currency=contract.currency,
-            position=position,
-            timestamp=_EPOCH + timedelta(microseconds=stamp),
-            right=contract.right,  # type: ignore[arg-type]
-            strike=contract.strike,
-            expiry=contract.expiry,
-            multiplier=contract.multiplier,
-            market_price=market_price,
-            market_value=market_value,
-            average_cost=average_cost,
-            unrealized_pnl=unrealized_pnl,
-            realized_pnl=realized_pnl,
+        self._publish(
+            account,
+            contract,
+            position,
+            market_price,
+            market_value,
+            average_cost,
+            unrealized_pnl,
+            realized_pnl,
         )
-        self.outbox.put(stamp, update)
-        self.stats.published += 1
 
     def on_position(
         self, account: str, contract: ContractInfo, position: float, average_cost: float | None
