@@ -118,13 +118,9 @@ def make_decoders(sink: PositionSink) -> dict[int, Callable[[list[str]], None]]:
                 conid, symbol, sec_type, expiry, strike, right, multiplier, currency
             )
             values = [
-                float(text) if text else None
+                _value(text)
                 for text in (market_price, market_value, average_cost, unrealized_pnl, realized_pnl)
             ]
-            # IB's unset double and non-finite numbers mean "no value" (inlined: hot path).
-            for index, number in enumerate(values):
-                if number is not None and (number == UNSET_DOUBLE or number - number != 0.0):
-                    values[index] = None
             sink.on_portfolio(account, contract, float(position or 0), *values)
         except MappingError as exc:
             sink.on_unmappable(exc)
