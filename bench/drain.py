@@ -51,6 +51,7 @@ class ConsumerRun:
     exit_code: int
     wall_s: float
     peak_rss_mb: float
+    cpu_s: float  # user + system CPU seconds of the consumer process (wait4)
     loop_s: float | None  # "consumer started" .. "consumer stopped", from its log
     commit_s: float  # sum of the sink's commit_s over all batches
     batches: int
@@ -127,12 +128,12 @@ def run_consumer(
             # VmHWM, polled: wait4's ru_maxrss is not usable here, because a child
             # started with vfork+exec inherits the parent's high-water mark.
             peak_kib = max(peak_kib, _vm_hwm_kib(proc.pid))
-            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid == proc.pid:
                 break
             if time.perf_counter() > deadline:
                 proc.kill()
-                _, status, _ = os.wait4(proc.pid, 0)
+                _, status, usage = os.wait4(proc.pid, 0)
                 log("consumer timed out and was killed")
                 break
             time.sleep(0.005)
@@ -148,6 +149,7 @@ def run_consumer(
         exit_code=proc.returncode,
         wall_s=wall,
         peak_rss_mb=peak_kib / 1024.0,
+        cpu_s=usage.ru_utime + usage.ru_stime,
         loop_s=loop_s,
         commit_s=commit_s,
         batches=len(settled),
@@ -237,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             f"consumer exit code {run.exit_code}; {run.batches} batches; "
             f"wall {run.wall_s:.2f}s (start-up+open {run.wall_s - (run.loop_s or 0):.2f}s, "
             f"loop {run.loop_s or float('nan'):.2f}s, of which sink.commit {run.commit_s:.2f}s)"
+        )
+        print(
+            f"consumer CPU: {run.cpu_s:.2f}s user+sys in {run.wall_s:.2f}s wall "
+            f"({run.cpu_s / run.wall_s:.2f} cores busy on average)"
         )
         print(f"consumer end to end (process start to exit): {rate_wall:,.0f} entries/s")
         print(f"consumer own loop (log 'started'..'stopped'): {rate_loop:,.0f} entries/s")

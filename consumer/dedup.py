@@ -18,6 +18,8 @@ turns memory answers into table reads, never into wrong answers.
 from __future__ import annotations
 
 import logging
+from array import array
+from bisect import bisect_left, insort
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,35 +48,41 @@ def keys_of(rows: pa.Table) -> list[UpdateKey]:
 
 @dataclass(frozen=True, slots=True)
 class BatchKeys:
-    """A batch's keys packed to single ints, with their timestamps, row by row."""
+    """A batch's keys, row by row: the contract as one int, and the timestamp."""
 
-    packed: list[int]
+    contracts: list[int]  # account_id << 64 | conid
     micros: list[int]
 
 
 class CommittedKeyIndex:
     """Keys committed at or after :attr:`horizon_us`, as of table :attr:`version`.
 
-    A key is held as one int, ``account_id << 128 | conid << 64 | timestamp``
-    (~70 bytes a key in the set, against ~200 for a tuple with its own strings),
-    so millions of keys fit in the consumer's memory budget.
+    Per contract (account, conid), the committed timestamps in ascending order,
+    as an ``array('q')`` of 8 bytes a key: millions of keys fit in a few tens of
+    MB, where a set of key objects would take ~90 bytes a key. A key newer than
+    its contract's last stamp (the common case: a new observation) is answered
+    by one comparison; an older one (a replay) by a binary search.
     """
 
     def __init__(self, max_keys: int) -> None:
-        self._keys: set[int] = set()
+        self._stamps: dict[int, array[int]] = {}
         self._accounts: dict[str, int] = {}
+        self._size = 0
         self._max_keys = max_keys
         self.horizon_us = 0
         self.version = -1
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._size
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, tuple) or len(key) != 3:
             return False
         account, conid, micros = key
-        return self._pack(self._account_id(account), conid, micros) in self._keys
+        if micros < self.horizon_us:
+            return False  # below the horizon only the table knows
+        stamps = self._stamps.get(self._contract(self._account_id(account), conid))
+        return stamps is not None and _holds(stamps, micros)
 
     def _account_id(self, account: str) -> int:
         found = self._accounts.get(account)
@@ -83,31 +91,24 @@ class CommittedKeyIndex:
         return found
 
     @staticmethod
-    def _pack(account_id: int, conid: int, micros: int) -> int:
-        return (account_id << 128) | ((conid & _MASK64) << 64) | (micros & _MASK64)
-
-    @staticmethod
-    def _micros_of(packed: int) -> int:
-        micros = packed & _MASK64
-        return micros - (1 << 64) if micros >> 63 else micros
+    def _contract(account_id: int, conid: int) -> int:
+        return (account_id << 64) | (conid & _MASK64)
 
     def keys_for(self, rows: pa.Table) -> BatchKeys:
-        """Packed keys of ``rows`` (account strings are mapped through a small dictionary)."""
+        """Keys of ``rows`` (account strings are mapped through a small dictionary)."""
         encoded = pc.dictionary_encode(rows.column("account")).combine_chunks()
         ids = [self._account_id(a) for a in encoded.dictionary.to_pylist()]
         accounts = [ids[i] for i in encoded.indices.to_pylist()]
         conids = rows.column("conid").to_pylist()
         micros = rows.column("timestamp").cast(pa.int64()).to_pylist()
-        mask = _MASK64  # the packing of _pack, inlined: this runs once per entry
-        packed = [
-            (a << 128) | ((c & mask) << 64) | (t & mask)
-            for a, c, t in zip(accounts, conids, micros, strict=True)
-        ]
-        return BatchKeys(packed, micros)
+        mask = _MASK64  # _contract, inlined: this runs once per entry
+        contracts = [(a << 64) | (c & mask) for a, c in zip(accounts, conids, strict=True)]
+        return BatchKeys(contracts, micros)
 
     def bootstrap(self, table: DeltaTable) -> None:
         """Start empty, just past the newest committed timestamp: complete by construction."""
-        self._keys.clear()
+        self._stamps.clear()
+        self._size = 0
         self.version = table.version()
         self.horizon_us = newest_timestamp_us(table) + _STATS_RESOLUTION_US
         log.info(
@@ -117,29 +118,54 @@ class CommittedKeyIndex:
 
     def add_committed(self, batch: BatchKeys, indices: Sequence[int]) -> None:
         """Record the rows of ``batch`` at ``indices``, just committed."""
-        packed, micros = batch.packed, batch.micros
-        if len(indices) == len(packed) and (not micros or min(micros) >= self.horizon_us):
-            self._keys.update(packed)  # the common case, at C speed
-            if len(self._keys) > self._max_keys:
-                self._raise_horizon()
-            return
-        self._add_packed([(packed[i], micros[i]) for i in indices])
-
-    def _add_packed(self, entries: list[tuple[int, int]]) -> None:
         horizon = self.horizon_us  # older keys are not needed: below it the table answers
-        self._keys.update(k for k, t in entries if t >= horizon)
-        if len(self._keys) > self._max_keys:
+        stamps_of = self._stamps
+        contracts, micros = batch.contracts, batch.micros
+        added = 0
+        for i in indices:
+            t = micros[i]
+            if t < horizon:
+                continue
+            stamps = stamps_of.get(contracts[i])
+            if stamps is None:
+                stamps_of[contracts[i]] = array("q", (t,))
+            elif t > stamps[-1]:
+                stamps.append(t)  # the common case: a newer observation
+            elif not _holds(stamps, t):
+                insort(stamps, t)
+            else:
+                continue
+            added += 1
+        self._size += added
+        if self._size > self._max_keys:
             self._raise_horizon()
 
     def _raise_horizon(self) -> None:
-        # Keep the newest half: one sort per halving keeps the cost amortised O(log n).
-        stamps = sorted(self._micros_of(k) for k in self._keys)
-        self.horizon_us = stamps[len(stamps) // 2]
-        micros_of, horizon = self._micros_of, self.horizon_us
-        self._keys = {k for k in self._keys if micros_of(k) >= horizon}
+        # Keep the newest half: one pass per halving keeps the cost amortised O(1) a key.
+        every = array("q")
+        for stamps in self._stamps.values():
+            every.extend(stamps)
+        values = pa.Array.from_buffers(pa.int64(), len(every), [None, pa.py_buffer(every)])
+        self.horizon_us = int(pc.quantile(values, q=0.5, interpolation="higher")[0].as_py())
+        del values, every
+        horizon, size = self.horizon_us, 0
+        for contract in list(self._stamps):
+            stamps = self._stamps[contract]
+            cut = bisect_left(stamps, horizon)
+            if cut == len(stamps):
+                del self._stamps[contract]
+                continue
+            if cut:
+                del stamps[:cut]
+            size += len(stamps)
+        self._size = size
+        if size > self._max_keys:  # one timestamp held by most keys: forget them all
+            self.horizon_us += 1
+            self._stamps.clear()
+            self._size = 0
         log.info(
             "dedup index horizon raised",
-            extra={"horizon_us": self.horizon_us, "keys": len(self._keys)},
+            extra={"horizon_us": self.horizon_us, "keys": self._size},
         )
 
     def sync(self, table: DeltaTable, own_commit_ids: set[str]) -> int:
@@ -183,23 +209,29 @@ class CommittedKeyIndex:
     def split_new(self, batch: BatchKeys, rows: pa.Table, table: DeltaTable) -> list[int]:
         """Indices of the rows whose keys the table lacks, first occurrence only."""
         horizon = self.horizon_us
-        known = self._keys
-        packed = batch.packed
-        if (
-            (not batch.micros or min(batch.micros) >= horizon)
-            and known.isdisjoint(packed)
-            and len(set(packed)) == len(packed)
-        ):
-            return list(range(len(packed)))  # the common case: all new, no table read
-        seen: set[int] = set()
+        stamps_of = self._stamps
+        contracts, micros = batch.contracts, batch.micros
+        pairs = list(zip(contracts, micros, strict=True))
+        if (not micros or min(micros) >= horizon) and len(set(pairs)) == len(pairs):
+            # The common case: every key newer than its contract's last committed
+            # stamp. One comparison a key, no table read.
+            for contract, t in pairs:
+                stamps = stamps_of.get(contract)
+                if stamps is not None and t <= stamps[-1]:
+                    break
+            else:
+                return list(range(len(pairs)))
+        seen: set[tuple[int, int]] = set()
         fresh: list[int] = []
         cold: list[int] = []
-        for i, (key, micros) in enumerate(zip(batch.packed, batch.micros, strict=True)):
-            if key in seen:
+        for i, pair in enumerate(pairs):
+            if pair in seen:
                 continue
-            seen.add(key)
-            if micros >= horizon:
-                if key not in known:
+            seen.add(pair)
+            contract, t = pair
+            if t >= horizon:
+                stamps = stamps_of.get(contract)
+                if stamps is None or not _holds(stamps, t):
                     fresh.append(i)
             else:
                 cold.append(i)
@@ -246,6 +278,12 @@ def newest_timestamp_us(table: DeltaTable) -> int:
     column = table.to_pyarrow_dataset().to_table(columns=["timestamp"]).column("timestamp")
     newest = pc.max(column.cast(pa.int64())).as_py()
     return int(newest) if newest is not None else 0
+
+
+def _holds(stamps: array[int], micros: int) -> bool:
+    """Whether the ascending ``stamps`` hold ``micros``."""
+    at = bisect_left(stamps, micros)
+    return at < len(stamps) and stamps[at] == micros
 
 
 def _adds_rows(commit: dict[str, object]) -> bool:

@@ -18,7 +18,8 @@ COUNTERS = {
     "rows_written": "rows appended to the table",
     "duplicates": "updates dropped as already stored",
     "dead_letters": "entries moved to the dead-letter stream",
-    "commit_retries": "Delta commits retried (conflict or failure)",
+    "commit_retries": "position_updates commits retried (conflict or failure)",
+    "current_commit_retries": "positions_current merges retried (conflict or failure)",
     "redis_retries": "Redis calls retried after a connection error",
 }
 GAUGES = {

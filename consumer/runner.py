@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from consumer.current import CurrentPositions
 from consumer.group import ConsumerGroup, Page, RawFields
 from consumer.maintenance import TableMaintainer
 from consumer.settle import DeadLetter, Settler
-from consumer.sink import DeltaSink
+from consumer.sink import CommitOutcome, DeltaSink
 from shared.errors import CommitConflict, CommitFailed, StreamUnavailable
 from shared.publisher import TRANSIENT_REDIS_ERRORS
 from shared.settings import Settings
@@ -184,6 +185,19 @@ class Batch:
         return not self.ids and not self.vanished
 
 
+@dataclass(frozen=True, slots=True)
+class CommittedBatch:
+    """A batch whose history commit landed, on its way to the merge and the ack."""
+
+    number: int  # 1-based count of this process's batches
+    ids: list[bytes]  # every entry to acknowledge: read ones, then vanished ones
+    entries: int  # entries read (without the vanished)
+    max_count: int
+    rows: pa.Table
+    dead: list[DeadLetter]
+    outcome: CommitOutcome
+
+
 @dataclass(slots=True)
 class ConsumerStats:
     batches: int = 0
@@ -192,6 +206,7 @@ class ConsumerStats:
     duplicates: int = 0
     dead_letters: int = 0
     commit_retries: int = 0
+    current_commit_retries: int = 0
     redis_retries: int = 0
 
 
@@ -209,6 +224,8 @@ class Consumer:
         self.group = ConsumerGroup(self.client, settings)
         self.settler = Settler(self.client, settings.stream, settings.group, settings.consumer_name)
         self.stats = ConsumerStats()
+        self._stats_lock = threading.Lock()
+        self._batches_in_hand = 0  # numbers batches for the crash points
         self.current: CurrentPositions | None = None  # opened with the sink in run()
         # For metrics and health (consumer/metrics.py): batch observer, loop heartbeat.
         self.on_batch: Callable[[int, float], None] | None = None
@@ -257,36 +274,57 @@ class Consumer:
         return exit_code
 
     def _consume(self, sink: DeltaSink, maintainer: TableMaintainer, drain: bool) -> int:
+        # Three stages overlap, each in its own thread: reading batch N+2 (with a
+        # fourth thread decoding its pages while the reader waits for the next one),
+        # the history commit of batch N+1 (here), and the positions_current merge and
+        # settlement of batch N (the finisher). The Delta writes run in Rust without
+        # the GIL, so they use both cores. Batches settle in order, one at a time; a
+        # crash anywhere leaves the unsettled ones pending, and their replay is a
+        # no-op for the history and repairs positions_current (consumer/current.py).
+        # Executors shut down in reverse: the finisher, then the reader (it may still
+        # hand pages to the decoder), then the decoder.
         exit_code = 0
-        # The next batch is read in a second thread while this one commits: the Delta
-        # write runs in Rust without the GIL, so reading and writing overlap on two cores.
-        # A third thread decodes each page read while the reader waits for the next
-        # (the reader is shut down first: it may still hand pages to the decoder).
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder") as decoder,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as reader,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="finisher") as finisher,
         ):
             collect = partial(self._collect, drain, decoder=decoder)
             upcoming: Future[Batch] | None = reader.submit(collect, frozenset())
+            finishing: Future[bool] | None = None
+            finishing_ids: frozenset[bytes] = frozenset()
             while upcoming is not None:
                 self.heartbeat = time.monotonic()
                 batch = upcoming.result()
                 upcoming = None
                 if batch.empty:
+                    # Settle what is in hand before deciding that the group is drained.
+                    if finishing is not None and not finishing.result():
+                        exit_code = 1
+                        break
+                    finishing, finishing_ids = None, frozenset()
                     if self._stopping or (drain and self._drained()):
                         break
                     upcoming = reader.submit(collect, frozenset())
                     continue
                 if not self._stopping:
-                    in_flight = frozenset(batch.ids)
+                    # Entries of both unsettled batches are in hand: a claim must skip them.
+                    in_flight = frozenset(batch.ids) | finishing_ids
                     upcoming = reader.submit(collect, in_flight)
-                if not self._process(batch, sink):
+                committed = self._commit_history(batch, sink)
+                previous_ok = finishing.result() if finishing is not None else True
+                finishing, finishing_ids = None, frozenset()
+                if committed is None or not previous_ok:
                     exit_code = 1
                     self._stopping = True  # the reader returns what it holds; left pending
                     if upcoming is not None:
                         upcoming.result()
                     break
+                finishing = finisher.submit(self._finish, committed)
+                finishing_ids = frozenset(batch.ids)
                 maintainer.after_commit(sink.commits)
+            if finishing is not None and not finishing.result():
+                exit_code = 1
         return exit_code
 
     # -- reading -------------------------------------------------------------
@@ -339,47 +377,63 @@ class Consumer:
 
     # -- processing ----------------------------------------------------------
 
-    def _process(self, batch: Batch, sink: DeltaSink) -> bool:
-        s = self.settings
-        self.stats.batches += 1
+    def _commit_history(self, batch: Batch, sink: DeltaSink) -> CommittedBatch | None:
+        """Append the batch's new rows to the history; None if stopping after failures."""
+        self._batches_in_hand += 1
+        number = self._batches_in_hand
         dead = batch.dead
-        max_count = batch.max_count
         rows = batch.table()
         batch.rows.clear()
-        self._crash_point("after_read", self.stats.batches)
-
-        outcome = self._commit_with_retry(lambda: sink.commit_rows(rows))
+        self._crash_point("after_read", number)
+        outcome = self._commit_with_retry(lambda: sink.commit_rows(rows), "commit_retries")
         if outcome is None:
-            return False
-        self._crash_point("after_commit", self.stats.batches)
-        # Every valid row of the batch, replays included: after a crash between the two
-        # commits, the replay repairs positions_current (consumer/current.py).
+            return None
+        self._crash_point("after_commit", number)
+        return CommittedBatch(
+            number=number,
+            ids=batch.ids + batch.vanished,
+            entries=len(batch.ids),
+            max_count=batch.max_count,
+            rows=rows,
+            dead=dead,
+            outcome=outcome,
+        )
+
+    def _finish(self, committed: CommittedBatch) -> bool:
+        """Merge into positions_current, then settle: the batch's second commit and its ack.
+
+        Every valid row of the batch goes into the merge, replays included: after a
+        crash between the two commits, the replay repairs positions_current.
+        """
         current = self.current
         assert current is not None
-        merged = self._commit_with_retry(lambda: current.merge(rows))
+        merged = self._commit_with_retry(
+            lambda: current.merge(committed.rows), "current_commit_retries"
+        )
         if merged is None:
             return False
-        self._crash_point("after_current", self.stats.batches)
-
-        ids = batch.ids + batch.vanished
+        self._crash_point("after_current", committed.number)
+        ids, dead, outcome = committed.ids, committed.dead, committed.outcome
         self._redis(lambda: self.settler.settle(ids, dead))
-        self.stats.entries += len(batch.ids)
-        self.stats.rows_written += outcome.rows_written
-        self.stats.duplicates += outcome.duplicates
-        self.stats.dead_letters += len(dead)
+        entries = committed.entries
+        self._count("batches")
+        self._count("entries", entries)
+        self._count("rows_written", outcome.rows_written)
+        self._count("duplicates", outcome.duplicates)
+        self._count("dead_letters", len(dead))
         if self.on_batch is not None:
-            self.on_batch(len(batch.ids), outcome.seconds)
+            self.on_batch(entries, outcome.seconds)
         log.info(
             "batch settled",
             extra={
-                "consumer": s.consumer_name,
+                "consumer": self.settings.consumer_name,
                 "first_id": ids[0].decode() if ids else "",
                 "last_id": ids[-1].decode() if ids else "",
-                "entries": len(batch.ids),
+                "entries": entries,
                 "rows": outcome.rows_written,
                 "duplicates": outcome.duplicates,
                 "dead_letters": len(dead),
-                "max_delivery_count": max_count,
+                "max_delivery_count": committed.max_count,
                 "table_version": outcome.table_version,
                 "commit_s": round(outcome.seconds, 4),
                 "current_merge_s": round(merged, 4),
@@ -387,8 +441,11 @@ class Consumer:
         )
         return True
 
-    def _commit_with_retry(self, commit: Callable[[], T]) -> T | None:
-        """Run a Delta commit until it lands; None if stopping after repeated failures."""
+    def _commit_with_retry(self, commit: Callable[[], T], retries_stat: str) -> T | None:
+        """Run a Delta commit until it lands; None if stopping after repeated failures.
+
+        ``retries_stat`` names the :class:`ConsumerStats` counter of its retries.
+        """
         s = self.settings
         failures = 0
         while True:
@@ -396,11 +453,11 @@ class Consumer:
                 return commit()
             except CommitConflict as exc:
                 # Lost a race with another consumer: re-check against its rows right away.
-                self.stats.commit_retries += 1
+                self._count(retries_stat)
                 log.info("commit conflict, retrying", extra={"error": str(exc)})
                 time.sleep(random.uniform(0, 0.05))
             except CommitFailed as exc:
-                self.stats.commit_retries += 1
+                self._count(retries_stat)
                 failures += 1
                 if self._stopping and failures > 3:
                     log.error("giving up on stop; batch stays pending", extra={"error": str(exc)})
@@ -410,6 +467,11 @@ class Consumer:
                 time.sleep(delay)
 
     # -- helpers -------------------------------------------------------------
+
+    def _count(self, stat: str, n: int = 1) -> None:
+        # The reader, this thread and the finisher all count: += is not atomic.
+        with self._stats_lock:
+            setattr(self.stats, stat, getattr(self.stats, stat) + n)
 
     def _open_sink(self) -> DeltaSink:
         failures = 0
@@ -442,7 +504,7 @@ class Consumer:
                 return result
             except TRANSIENT_REDIS_ERRORS as exc:
                 failures += 1
-                self.stats.redis_retries += 1
+                self._count("redis_retries")
                 if self._stopping and failures > 5:
                     # Stop anyway: whatever is unacknowledged stays pending and replays.
                     raise StreamUnavailable(f"redis unavailable while stopping: {exc}") from exc
