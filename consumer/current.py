@@ -36,7 +36,7 @@ MERGE_PREDICATE = "t.symbol = s.symbol AND t.account = s.account AND t.conid = s
 
 
 def open_or_create_current(settings: Settings) -> DeltaTable:
-    uri = f"{settings.lake_uri.rstrip('/')}/{CURRENT_TABLE}"
+    uri = settings.current_table_uri
     options = settings.storage_options or None
     try:
         return DeltaTable(uri, storage_options=options)
@@ -47,7 +47,9 @@ def open_or_create_current(settings: Settings) -> DeltaTable:
             mode="ignore",
             partition_by=PARTITION_COLUMNS,
             name=CURRENT_TABLE,
-            configuration=table_configuration(settings.checkpoint_interval),
+            configuration=table_configuration(
+                settings.checkpoint_interval, settings.history_retention_hours
+            ),
             storage_options=options,
         )
 

@@ -1,17 +1,21 @@
-"""Table upkeep the consumer does by itself: compaction of small files.
+"""Table upkeep the consumer does by itself: compaction, checkpoints, vacuum.
 
 Each batch adds one small file to every symbol partition it touches; a 3-second
 batch over 50 symbols makes ~1.4M files a day, and every open, append and read
 slows with the file count. Every few commits one consumer of the group (the one
 holding a short Redis lease) compacts the partitions that have gathered small
 files, in a background thread with its own table handle: compaction commits
-carry no app transaction and never conflict with the appends. Checkpoints are
-written by the appends themselves every ``delta.checkpointInterval`` commits.
+carry no app transaction and never conflict with the appends. Each compaction
+is followed by a checkpoint; the appends also write one every
+``delta.checkpointInterval`` commits. Once an hour (``POSLAKE_VACUUM_INTERVAL_S``)
+the run also vacuums both tables: files retired longer ago than the history
+(``POSLAKE_HISTORY_RETENTION_HOURS``) are deleted.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -19,7 +23,7 @@ from collections import Counter
 import pyarrow as pa
 import redis
 from deltalake import DeltaTable
-from deltalake.exceptions import DeltaError
+from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from shared.settings import Settings
 
@@ -59,6 +63,7 @@ class TableMaintainer:
         self._thread: threading.Thread | None = None
         self.runs = 0
         self._last_trigger = 0
+        self._next_vacuum_at = 0.0  # the first run after start vacuums too
         self.last_error: str | None = None
 
     def after_commit(self, commits: int) -> None:
@@ -67,14 +72,19 @@ class TableMaintainer:
         self._last_trigger = commits
         if self._thread is not None and self._thread.is_alive():
             return
-        self._thread = threading.Thread(target=self._run, name="table-maintenance", daemon=True)
+        vacuum = time.monotonic() >= self._next_vacuum_at
+        if vacuum:
+            self._next_vacuum_at = time.monotonic() + self._settings.vacuum_interval_s
+        self._thread = threading.Thread(
+            target=self._run, args=(vacuum,), name="table-maintenance", daemon=True
+        )
         self._thread.start()
 
     def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _run(self) -> None:
+    def _run(self, vacuum: bool) -> None:
         token = self._settings.consumer_name
         try:
             if not self._client.set(self._lease_key, token, nx=True, px=_LEASE_MS):
@@ -84,6 +94,8 @@ class TableMaintainer:
             return
         try:
             self.run_once()
+            if vacuum:
+                self.vacuum(math.ceil(self._settings.history_retention_hours))
         finally:
             try:
                 if self._client.get(self._lease_key) == token.encode():
@@ -102,13 +114,20 @@ class TableMaintainer:
             )
             if symbols:
                 metrics = compact_partitions(table, symbols, s.compact_target_file_bytes)
+                compacted_s = time.perf_counter() - started
+                # A checkpoint right after the compaction: opening the table then replays
+                # only the appends since (not the compaction's thousands of removes), so
+                # open and append times stay flat between the automatic checkpoints.
+                table.create_checkpoint()
                 log.info(
                     "compacted partitions",
                     extra={
                         "partitions": len(symbols),
                         "files_removed": metrics.get("numFilesRemoved"),
                         "files_added": metrics.get("numFilesAdded"),
-                        "seconds": round(time.perf_counter() - started, 3),
+                        "table_version": table.version(),
+                        "compact_s": round(compacted_s, 3),
+                        "checkpoint_s": round(time.perf_counter() - started - compacted_s, 3),
                     },
                 )
             self.runs += 1
@@ -118,3 +137,41 @@ class TableMaintainer:
             self.last_error = str(exc)
             log.warning("maintenance failed", extra={"error": str(exc)})
             return []
+
+    def vacuum(self, retention_hours: int) -> int:
+        """Delete the files both tables retired more than ``retention_hours`` ago.
+
+        Only files with a tombstone are candidates (delta-rs' lite vacuum), so a
+        file a concurrent writer has not committed yet is never touched. Each batch
+        retires ~50 files of ``position_updates`` (compaction) and as many of
+        ``positions_current`` (the merge rewrites them); without this they would
+        stay on disk for good. Returns the number of files deleted.
+        """
+        s = self._settings
+        deleted = 0
+        for uri in (s.table_uri, s.current_table_uri):
+            started = time.perf_counter()
+            try:
+                table = DeltaTable(uri, storage_options=s.storage_options or None)
+                removed = table.vacuum(
+                    retention_hours=retention_hours,
+                    dry_run=False,
+                    enforce_retention_duration=False,
+                )
+            except TableNotFoundError:
+                continue
+            except (DeltaError, OSError) as exc:
+                self.last_error = str(exc)
+                log.warning("vacuum failed", extra={"table": uri, "error": str(exc)})
+                continue
+            deleted += len(removed)
+            log.info(
+                "vacuumed",
+                extra={
+                    "table": uri,
+                    "files_deleted": len(removed),
+                    "retention_hours": retention_hours,
+                    "seconds": round(time.perf_counter() - started, 3),
+                },
+            )
+        return deleted

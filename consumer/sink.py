@@ -46,7 +46,10 @@ class DeltaSink:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.table = open_or_create_table(
-            settings.table_uri, settings.storage_options or None, settings.checkpoint_interval
+            settings.table_uri,
+            settings.storage_options or None,
+            settings.checkpoint_interval,
+            settings.history_retention_hours,
         )
         self.app_id = f"poslake:{settings.stream}:{settings.group}"
         self.index = CommittedKeyIndex(settings.dedup_index_max_keys)

@@ -5,13 +5,18 @@ full pass: compact every partition to the target file size, write a
 checkpoint, and vacuum files that no version within the retention needs.
 Vacuuming with a retention shorter than ``POSLAKE_HISTORY_RETENTION_HOURS``
 would break time travel to versions inside that history, so it is refused
-unless ``--force``. Running it while consumers commit is safe: compaction only
-rewrites files, and a concurrent append conflicts with nothing it removes.
+unless ``--force``. It also sets each table's tombstone retention
+and log retention (``delta.deletedFileRetentionDuration``,
+``delta.logRetentionDuration``) to that history and a margin, if the setting
+changed since the table was created. Running it while consumers commit is safe:
+compaction only rewrites files, and a concurrent append conflicts with nothing
+it removes (a property change makes in-flight appends retry once).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
@@ -20,6 +25,7 @@ from consumer.current import CURRENT_TABLE
 from poslake.command import CommandError, ExitCode
 from poslake.query import open_table
 from shared.settings import Settings
+from shared.table import LOG_RETENTION, TOMBSTONE_RETENTION, retention_interval
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     table = open_table(settings)
     tables = [("position_updates", table)]
     try:
-        current_uri = f"{settings.lake_uri.rstrip('/')}/{CURRENT_TABLE}"
+        current_uri = settings.current_table_uri
         tables.append(
             (
                 CURRENT_TABLE,
@@ -60,7 +66,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
     except TableNotFoundError:
         pass
+    wanted = retention_interval(history)
     for name, each in tables:
+        configuration = each.metadata().configuration
+        stale = {
+            key: wanted
+            for key in (TOMBSTONE_RETENTION, LOG_RETENTION)
+            if configuration.get(key) != wanted
+        }
+        if stale and not args.dry_run:
+            # POSLAKE_HISTORY_RETENTION_HOURS changed since the table was created.
+            each.alter.set_table_properties(stale)
+            print(f"{name}: {', '.join(stale)} set to '{wanted}'")
         if not args.skip_compact:
             metrics = each.optimize.compact(target_size=settings.compact_target_file_bytes)
             print(
@@ -72,7 +89,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{name}: checkpoint written at version {each.version()}")
         if not args.skip_vacuum:
             removed = each.vacuum(
-                retention_hours=int(retention),
+                retention_hours=math.ceil(retention),
                 dry_run=args.dry_run,
                 enforce_retention_duration=False,
             )

@@ -50,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     current.add_argument(
         "--include-closed", action="store_true", help="also positions that closed (position 0)"
     )
+    current.add_argument(
+        "--as-of",
+        help="positions as they stood at this time (ISO 8601, UTC if naive): the newest "
+        "row per contract observed by then; needs no time travel, so any time works",
+    )
     history = what.add_parser("history", help="every update of one contract")
     history.add_argument("--conid", type=int, required=True)
     model = what.add_parser(
@@ -97,21 +102,26 @@ def open_table(settings: Settings, version: int | None = None, at: str | None = 
         table.load_as_version(version)
     elif at is not None:
         moment = parse_time(at)
-        created = _created_at(table)
-        if moment < created:
-            raise CommandError(
-                f"{moment.isoformat()} is before the table existed (created {created.isoformat()})",
-                ExitCode.BAD_INPUT,
-            )
+        oldest_version, oldest = _oldest_commit(table)
+        if moment < oldest:
+            if oldest_version == 0:
+                reason = f"is before the table existed (created {oldest.isoformat()})"
+            else:
+                reason = (
+                    f"is older than the history kept for time travel (oldest version "
+                    f"{oldest_version}, {oldest.isoformat()}; POSLAKE_HISTORY_RETENTION_HOURS); "
+                    "for positions at that time use `query positions --as-of`"
+                )
+            raise CommandError(f"{moment.isoformat()} {reason}", ExitCode.BAD_INPUT)
         table.load_as_version(moment)
     return table
 
 
-def _created_at(table: DeltaTable) -> datetime:
+def _oldest_commit(table: DeltaTable) -> tuple[int, datetime]:
     # history() lists newest first; the oldest retained commit is the creation
     # unless log cleanup removed it, in which case it is the oldest time we can read.
     oldest = table.history()[-1]
-    return datetime.fromtimestamp(int(oldest["timestamp"]) / 1000, UTC)
+    return int(oldest["version"]), datetime.fromtimestamp(int(oldest["timestamp"]) / 1000, UTC)
 
 
 def _filtered(table: DeltaTable, symbols: list[str], accounts: list[str]) -> pl.LazyFrame:
@@ -129,9 +139,13 @@ def current_positions(
     symbols: list[str] | None = None,
     accounts: list[str] | None = None,
     include_closed: bool = False,
+    as_of: datetime | None = None,
 ) -> pl.DataFrame:
-    """The latest row per (account, conid); closed positions left out unless asked."""
+    """The latest row per (account, conid) (observed by ``as_of`` if given); closed
+    positions left out unless asked."""
     frame = _filtered(table, symbols or [], accounts or [])
+    if as_of is not None:
+        frame = frame.filter(pl.col("timestamp") <= as_of)
     latest = frame.filter(pl.col("timestamp") == pl.col("timestamp").max().over(KEY))
     if not include_closed:
         latest = latest.filter(pl.col("position") != 0)
@@ -171,7 +185,7 @@ def write(frame: pl.DataFrame, fmt: str, output: Path | None) -> None:
 def query_model_table(args: argparse.Namespace, settings: Settings) -> pl.DataFrame:
     """The options data model's tables through their repositories; positions_current."""
     if args.name == CURRENT_TABLE:
-        uri = f"{settings.lake_uri.rstrip('/')}/{CURRENT_TABLE}"
+        uri = settings.current_table_uri
         try:
             table = DeltaTable(uri, storage_options=settings.storage_options or None)
         except TableNotFoundError:
@@ -209,7 +223,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     table = open_table(settings, args.version, args.at)
     if args.what == "positions":
         frame = current_positions(
-            table, symbols=args.symbol, accounts=args.account, include_closed=args.include_closed
+            table,
+            symbols=args.symbol,
+            accounts=args.account,
+            include_closed=args.include_closed,
+            as_of=parse_time(args.as_of) if args.as_of is not None else None,
         )
     else:
         frame = contract_history(table, args.conid, symbols=args.symbol, accounts=args.account)

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     compact_target_file_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     maintenance_every_commits: Annotated[int, Field(ge=1)] = 25
     checkpoint_interval: Annotated[int, Field(ge=1)] = 100
+    # Vacuum of files retired longer ago than the history: at most hourly, because a
+    # tombstone outlives the history by only TOMBSTONE_MARGIN_HOURS (shared/table.py).
+    vacuum_interval_s: Annotated[float, Field(ge=60, le=3600)] = 3600.0
 
     # Producer side: optional approximate trimming of the stream on XADD.
     stream_maxlen: Annotated[int, Field(ge=1)] | None = None
@@ -106,9 +109,11 @@ class Settings(BaseSettings):
     producer_explicit_ids: bool = False
     producer_flush_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 
-    # How far back time travel must keep working: `poslake maintain` refuses to vacuum
-    # with a shorter retention unless forced.
-    history_retention_hours: Annotated[float, Field(ge=0)] = 168.0
+    # How far back time travel must keep working: the tables' tombstone retention
+    # (set at creation and by `poslake maintain`), and the vacuum floor `poslake maintain`
+    # keeps unless forced. Every checkpoint carries a tombstone per file removed within
+    # it (~50 a batch), so a longer window makes every open and checkpoint dearer.
+    history_retention_hours: Annotated[float, Field(gt=0)] = 24.0
 
     # Prometheus /metrics and /healthz of the producer or consumer; port 0 turns it off.
     metrics_host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
@@ -164,6 +169,11 @@ class Settings(BaseSettings):
     def table_uri(self) -> str:
         """Where the ``position_updates`` table lives."""
         return f"{self.lake_uri.rstrip('/')}/position_updates"
+
+    @property
+    def current_table_uri(self) -> str:
+        """Where the ``positions_current`` table lives."""
+        return f"{self.lake_uri.rstrip('/')}/positions_current"
 
 
 def _env_name(location: tuple[int | str, ...]) -> str:

@@ -62,12 +62,38 @@ _JSON_PARSE = pj.ParseOptions(
 _encoder = msgspec.json.Encoder()
 
 
-def table_configuration(checkpoint_interval: int) -> dict[str, str | None]:
+DEFAULT_HISTORY_RETENTION_HOURS = 24.0
+TOMBSTONE_RETENTION = "delta.deletedFileRetentionDuration"
+LOG_RETENTION = "delta.logRetentionDuration"
+# Tombstones and log files outlive the history by this much, so that the consumers'
+# vacuum (at most hourly) always sees a retired file's tombstone before it expires.
+TOMBSTONE_MARGIN_HOURS = 2
+
+
+def retention_interval(history_retention_hours: float) -> str:
+    """Tombstone and log retention for a time-travel window of that many hours."""
+    seconds = round((history_retention_hours + TOMBSTONE_MARGIN_HOURS) * 3600)
+    return f"interval {seconds} seconds"
+
+
+def table_configuration(
+    checkpoint_interval: int, history_retention_hours: float = DEFAULT_HISTORY_RETENTION_HOURS
+) -> dict[str, str | None]:
     """Table properties set at creation."""
+    retention = retention_interval(history_retention_hours)
     return {
         "delta.checkpointInterval": str(checkpoint_interval),
         # Statistics on every column: dedup and queries prune on timestamp and conid.
         "delta.dataSkippingNumIndexedCols": "-1",
+        # Every checkpoint carries a tombstone for each file retired within this window
+        # (vacuum needs it to delete the file once the history no longer does). Each
+        # batch retires ~50 small files, so the window sets the checkpoint's size and
+        # with it the cost of every open and checkpoint: the history, and a margin.
+        TOMBSTONE_RETENTION: retention,
+        # Log files past it are removed when a checkpoint is written: one a batch
+        # otherwise piles up, and every open lists them.
+        LOG_RETENTION: retention,
+        "delta.enableExpiredLogCleanup": "true",
     }
 
 
@@ -75,6 +101,7 @@ def open_or_create_table(
     uri: str,
     storage_options: dict[str, str] | None = None,
     checkpoint_interval: int = 100,
+    history_retention_hours: float = DEFAULT_HISTORY_RETENTION_HOURS,
 ) -> DeltaTable:
     """Open the table, creating it with the explicit schema on first use."""
     try:
@@ -87,7 +114,7 @@ def open_or_create_table(
         mode="ignore",  # another consumer may create it at the same moment
         partition_by=PARTITION_COLUMNS,
         name=TABLE_NAME,
-        configuration=table_configuration(checkpoint_interval),
+        configuration=table_configuration(checkpoint_interval, history_retention_hours),
         storage_options=storage_options,
     )
 

@@ -13,11 +13,13 @@ from typing import Any
 import polars as pl
 import pytest
 import redis
+from deltalake import DeltaTable, write_deltalake
 from rich.console import Console
 
 from poslake.live_view import render
 from poslake.status import ConsumerStatus, GroupStatus, Status, TableStatus
 from shared.repository import StrategyPositionRepository
+from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
 from tests.helpers import (
     REPO_ROOT,
     assert_table_exact,
@@ -164,6 +166,14 @@ def test_maintain(loaded: dict[str, Any], lake: Path) -> None:
     assert "compacted" in done.stdout and "checkpoint written" in done.stdout
     assert "removed" in done.stdout
     assert_table_exact(lake, loaded["updates"])
+    # A changed history setting reaches both tables' tombstone and log retention.
+    longer = {**env, "POSLAKE_HISTORY_RETENTION_HOURS": "48"}
+    changed = poslake(longer, "maintain", "--skip-compact", "--skip-vacuum")
+    assert changed.returncode == 0, changed.stderr
+    for name in ("position_updates", "positions_current"):
+        configuration = DeltaTable(str(lake / name)).metadata().configuration
+        for key in ("delta.deletedFileRetentionDuration", "delta.logRetentionDuration"):
+            assert configuration[key] == f"interval {50 * 3600} seconds", (name, key)
     missing = poslake({**env, "POSLAKE_LAKE_URI": str(lake / "none")}, "maintain")
     assert missing.returncode == 3 and "no table" in missing.stderr
 
@@ -207,6 +217,22 @@ def test_query_positions_history_and_time_travel(
     table_time = poslake(env, "query", "positions", "--at", "2099-01-01T00:00:00Z")
     assert table_time.returncode == 0
 
+    # --as-of: the newest row per contract observed by then, from the rows themselves.
+    ordered = sorted(updates, key=lambda u: u.timestamp)
+    cut = ordered[len(ordered) // 2].timestamp
+    then: dict[tuple[str, int], Any] = {}
+    for update in ordered:
+        if update.timestamp <= cut:
+            then[(update.account, update.conid)] = update
+    as_of = poslake(env, "query", "positions", "--as-of", cut.isoformat(), "--include-closed",
+                    "--format", "csv")  # fmt: skip
+    assert as_of.returncode == 0, as_of.stderr
+    stood = pl.read_csv(io.StringIO(as_of.stdout))
+    assert {(r["account"], r["conid"], r["position"]) for r in stood.iter_rows(named=True)} == {
+        (k[0], k[1], u.position) for k, u in then.items()
+    }
+    assert then != latest
+
 
 def test_query_bad_input(loaded: dict[str, Any], lake: Path) -> None:
     env = loaded["env"]
@@ -222,6 +248,29 @@ def test_query_bad_input(loaded: dict[str, Any], lake: Path) -> None:
     assert missing.returncode == 3 and "no table" in missing.stderr
     bad_setting = poslake({**env, "POSLAKE_BATCH_MAX_WAIT_S": "-1"}, "query", "positions")
     assert bad_setting.returncode == 2 and "POSLAKE_BATCH_MAX_WAIT_S" in bad_setting.stderr
+
+
+def test_time_travel_past_the_kept_log_names_the_history_setting(
+    loaded: dict[str, Any], tmp_path: Path
+) -> None:
+    lake = tmp_path / "short-log"
+    uri = str(lake / "position_updates")
+    config = {"delta.checkpointInterval": "3", "delta.logRetentionDuration": "interval 1 seconds"}
+    DeltaTable.create(uri, POSITION_UPDATES_SCHEMA, partition_by=["symbol"], configuration=config)
+    updates = make_updates(60, seed=41)
+    for i in range(0, 60, 10):
+        write_deltalake(
+            uri, updates_to_arrow(updates[i : i + 10], [b"1-%d" % i] * 10), mode="append"
+        )
+        if i == 20:
+            time.sleep(1.5)  # the commits before this expire; the next checkpoint drops them
+    assert DeltaTable(uri).history()[-1]["version"] > 0
+    env = {**loaded["env"], "POSLAKE_LAKE_URI": str(lake)}
+    old = poslake(env, "query", "positions", "--at", "2001-01-01T00:00:00Z")
+    assert old.returncode == 2 and "POSLAKE_HISTORY_RETENTION_HOURS" in old.stderr
+    assert "--as-of" in old.stderr
+    as_of = poslake(env, "query", "positions", "--as-of", "2001-01-01T00:00:00Z", "--format", "csv")
+    assert as_of.returncode == 0 and as_of.stdout.count("\n") <= 1  # nothing observed by then
 
 
 def test_query_model_tables_and_current(loaded: dict[str, Any], lake: Path) -> None:

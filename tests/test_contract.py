@@ -68,6 +68,8 @@ def test_date_is_the_utc_date_of_the_timestamp() -> None:
         ("POSLAKE_STORAGE_OPTIONS", "{not json"),
         ("POSLAKE_FAULT_CRASH_AT", "somewhere"),
         ("POSLAKE_STREAM", ""),
+        ("POSLAKE_VACUUM_INTERVAL_S", "7200"),
+        ("POSLAKE_HISTORY_RETENTION_HOURS", "0"),
     ],
 )
 def test_bad_setting_is_named(variable: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,13 +8,14 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
+from consumer.current import CurrentPositions
 from consumer.dedup import CommittedKeyIndex
 from consumer.maintenance import TableMaintainer, partitions_to_compact
 from consumer.sink import DeltaSink
 from shared.errors import CommitConflict
 from shared.settings import Settings
-from shared.table import updates_to_arrow
-from tests.helpers import assert_table_exact, make_updates
+from shared.table import TOMBSTONE_MARGIN_HOURS, updates_to_arrow
+from tests.helpers import assert_current_exact, assert_table_exact, make_updates
 
 
 def _settings(lake: Path, name: str = "c1", **extra: object) -> Settings:
@@ -104,9 +105,66 @@ def test_maintenance_compacts_small_files_and_keeps_every_row(lake: Path) -> Non
     )
     assert all(per_partition.count(symbol) == 1 for symbol in compacted)
     assert len(per_partition) < files_before
-    assert (Path(settings.table_uri) / "_delta_log" / "_last_checkpoint").exists()
+    # The compaction is followed by a checkpoint at its own version.
+    table.update_incremental()
+    checkpoint = (
+        Path(settings.table_uri) / "_delta_log" / f"{table.version():020d}.checkpoint.parquet"
+    )
+    assert checkpoint.exists()
     # Appends after compaction still dedup and land once.
     sink.commit(updates[::3], _ids(len(updates[::3])))
     assert_table_exact(lake, updates)
     rows = pa.table(table.get_add_actions(flatten=True)).column("num_records").to_pylist()
     assert sum(rows) == 4_000
+
+
+def _live_files(table: DeltaTable) -> set[str]:
+    return set(pa.table(table.get_add_actions()).column("path").to_pylist())
+
+
+def _data_files(uri: str) -> set[str]:
+    root = Path(uri)
+    return {
+        str(p.relative_to(root)) for p in root.rglob("*.parquet") if "_delta_log" not in p.parts
+    }
+
+
+def test_vacuum_deletes_retired_files_of_both_tables_and_nothing_live(lake: Path) -> None:
+    settings = _settings(lake, compact_min_small_files=5)
+    sink = DeltaSink(settings)
+    current = CurrentPositions(settings)
+    updates = make_updates(2_000, seed=38)
+    for i in range(0, 2_000, 100):
+        part, ids = updates[i : i + 100], _ids(100, i)
+        sink.commit(part, ids)
+        current.merge(updates_to_arrow(part, ids))
+    maintainer = TableMaintainer(settings, client=None)  # type: ignore[arg-type]
+    assert maintainer.run_once()
+    history, positions = DeltaTable(settings.table_uri), DeltaTable(settings.current_table_uri)
+    live = {
+        settings.table_uri: _live_files(history),
+        settings.current_table_uri: _live_files(positions),
+    }
+    for uri, files in live.items():
+        assert _data_files(uri) > files  # retired files still on disk: the history needs them
+    # Within the history window nothing goes.
+    assert maintainer.vacuum(retention_hours=1) == 0
+    assert DeltaTable(settings.table_uri, version=3).to_pyarrow_table().num_rows == 300
+    # Past it, every retired file goes and every live one stays.
+    deleted = maintainer.vacuum(retention_hours=0)
+    assert deleted > 0
+    for uri, files in live.items():
+        assert _data_files(uri) == files
+    assert_table_exact(lake, updates)
+    assert_current_exact(lake, updates)
+
+
+def test_tables_keep_tombstones_and_logs_for_the_history_and_a_margin(lake: Path) -> None:
+    settings = _settings(lake, history_retention_hours=10)
+    DeltaSink(settings)
+    CurrentPositions(settings)
+    for uri in (settings.table_uri, settings.current_table_uri):
+        configuration = DeltaTable(uri).metadata().configuration
+        expected = f"interval {(10 + TOMBSTONE_MARGIN_HOURS) * 3600} seconds"
+        assert configuration["delta.deletedFileRetentionDuration"] == expected
+        assert configuration["delta.logRetentionDuration"] == expected
