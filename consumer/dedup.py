@@ -141,13 +141,20 @@ class CommittedKeyIndex:
             self._raise_horizon()
 
     def _raise_horizon(self) -> None:
-        # Keep the newest half: one pass per halving keeps the cost amortised O(1) a key.
+        # Keep the newest half of the bound: one pass per raise keeps the cost
+        # amortised O(1) a key. The horizon only ever moves forward, and every key
+        # at or after it stays: below it, the table answers.
         every = array("q")
         for stamps in self._stamps.values():
             every.extend(stamps)
         values = pa.Array.from_buffers(pa.int64(), len(every), [None, pa.py_buffer(every)])
-        self.horizon_us = int(pc.quantile(values, q=0.5, interpolation="higher")[0].as_py())
-        del values, every
+        keep = self._max_keys // 2
+        order = pc.array_sort_indices(values, order="descending")
+        pivot = int(values[order[keep].as_py()].as_py())  # the (keep+1)-th newest stamp
+        if int(pc.sum(pc.greater_equal(values, pivot)).as_py()) > self._max_keys:
+            pivot += 1  # one stamp held by very many keys: keep only the newer ones
+        del values, every, order
+        self.horizon_us = max(self.horizon_us, pivot)
         horizon, size = self.horizon_us, 0
         for contract in list(self._stamps):
             stamps = self._stamps[contract]
@@ -159,10 +166,6 @@ class CommittedKeyIndex:
                 del stamps[:cut]
             size += len(stamps)
         self._size = size
-        if size > self._max_keys:  # one timestamp held by most keys: forget them all
-            self.horizon_us += 1
-            self._stamps.clear()
-            self._size = 0
         log.info(
             "dedup index horizon raised",
             extra={"horizon_us": self.horizon_us, "keys": self._size},
@@ -180,7 +183,14 @@ class CommittedKeyIndex:
         if target <= self.version:
             return 0
         to_read: list[int] = []
-        for commit in table.history(limit=target - self.version):
+        commits = table.history(limit=target - self.version)
+        if min((int(c["version"]) for c in commits), default=target + 1) > self.version + 1:
+            # The log of the versions right after ours was cleaned up (we were idle
+            # longer than its retention): what they added is unknown. Start afresh.
+            log.warning("dedup index re-bootstrapped: log gap", extra={"from": self.version})
+            self.bootstrap(table)
+            return 0
+        for commit in commits:
             version = int(commit["version"])
             if version <= self.version:
                 continue

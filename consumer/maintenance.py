@@ -15,7 +15,6 @@ the run also vacuums both tables: files retired longer ago than the history
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ import redis
 from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
+from consumer.vacuum import vacuum_table
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def compact_partitions(
 
 
 class TableMaintainer:
-    """Runs compaction in the background every ``maintenance_every_commits`` commits."""
+    """Runs compaction every ``maintenance_every_commits`` commits and vacuum every
+    ``vacuum_interval_s`` seconds, in a background thread, one consumer at a time."""
 
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         self._settings = settings
@@ -63,28 +64,42 @@ class TableMaintainer:
         self._thread: threading.Thread | None = None
         self.runs = 0
         self._last_trigger = 0
-        self._next_vacuum_at = 0.0  # the first run after start vacuums too
+        self._next_vacuum_at = 0.0  # right after start, then on the interval
         self.last_error: str | None = None
 
     def after_commit(self, commits: int) -> None:
+        """Call after each commit: compaction is due every few commits."""
         if commits - self._last_trigger < self._settings.maintenance_every_commits:
             return
         self._last_trigger = commits
+        self._start(compact=True)
+
+    def poll(self) -> None:
+        """Call every loop turn, busy or idle: vacuum runs on the clock, not on commits,
+        because a tombstone it has not seen within its margin is gone from the log."""
+        if time.monotonic() >= self._next_vacuum_at:
+            self._start(compact=False)
+
+    def _start(self, compact: bool) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
         vacuum = time.monotonic() >= self._next_vacuum_at
-        if vacuum:
-            self._next_vacuum_at = time.monotonic() + self._settings.vacuum_interval_s
+        if not (compact or vacuum):
+            return
+        if vacuum:  # retried in a minute unless it succeeds (a lost lease, a failure)
+            self._next_vacuum_at = time.monotonic() + 60.0
         self._thread = threading.Thread(
-            target=self._run, args=(vacuum,), name="table-maintenance", daemon=True
+            target=self._run, args=(compact, vacuum), name="table-maintenance", daemon=True
         )
         self._thread.start()
 
     def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("stopping while table maintenance runs; it resumes after restart")
 
-    def _run(self, vacuum: bool) -> None:
+    def _run(self, compact: bool, vacuum: bool) -> None:
         token = self._settings.consumer_name
         try:
             if not self._client.set(self._lease_key, token, nx=True, px=_LEASE_MS):
@@ -93,9 +108,11 @@ class TableMaintainer:
             log.warning("maintenance lease unavailable", extra={"error": str(exc)})
             return
         try:
-            self.run_once()
-            if vacuum:
-                self.vacuum(math.ceil(self._settings.history_retention_hours))
+            # Vacuum first: the compaction's checkpoint drops expired tombstones.
+            if vacuum and self.vacuum():
+                self._next_vacuum_at = time.monotonic() + self._settings.vacuum_interval_s
+            if compact:
+                self.run_once()
         finally:
             try:
                 if self._client.get(self._lease_key) == token.encode():
@@ -104,7 +121,7 @@ class TableMaintainer:
                 pass  # the lease expires by itself
 
     def run_once(self) -> list[str]:
-        """Compact what needs it now; returns the symbols compacted."""
+        """Compact what needs it now, then checkpoint; returns the symbols compacted."""
         s = self._settings
         started = time.perf_counter()
         try:
@@ -138,40 +155,18 @@ class TableMaintainer:
             log.warning("maintenance failed", extra={"error": str(exc)})
             return []
 
-    def vacuum(self, retention_hours: int) -> int:
-        """Delete the files both tables retired more than ``retention_hours`` ago.
-
-        Only files with a tombstone are candidates (delta-rs' lite vacuum), so a
-        file a concurrent writer has not committed yet is never touched. Each batch
-        retires ~50 files of ``position_updates`` (compaction) and as many of
-        ``positions_current`` (the merge rewrites them); without this they would
-        stay on disk for good. Returns the number of files deleted.
-        """
+    def vacuum(self) -> bool:
+        """Vacuum both tables (consumer/vacuum.py); False if either failed."""
         s = self._settings
-        deleted = 0
+        done = True
         for uri in (s.table_uri, s.current_table_uri):
-            started = time.perf_counter()
             try:
                 table = DeltaTable(uri, storage_options=s.storage_options or None)
-                removed = table.vacuum(
-                    retention_hours=retention_hours,
-                    dry_run=False,
-                    enforce_retention_duration=False,
-                )
+                vacuum_table(table, uri, s.history_retention_hours)
             except TableNotFoundError:
                 continue
             except (DeltaError, OSError) as exc:
                 self.last_error = str(exc)
                 log.warning("vacuum failed", extra={"table": uri, "error": str(exc)})
-                continue
-            deleted += len(removed)
-            log.info(
-                "vacuumed",
-                extra={
-                    "table": uri,
-                    "files_deleted": len(removed),
-                    "retention_hours": retention_hours,
-                    "seconds": round(time.perf_counter() - started, 3),
-                },
-            )
-        return deleted
+                done = False
+        return done

@@ -1,6 +1,7 @@
 """One consumer process: read a batch, validate, dedup, commit to Delta, then settle.
 
-At most two batches are in hand: one committing, the next being read. Redis
+At most three batches are in hand: one merging into positions_current and
+settling, one committing to the history, the next being read. Redis
 errors are retried with backoff around each call (the batches in hand stay in
 hand); a failed Delta commit is retried with backoff without acknowledging
 anything. SIGTERM/SIGINT stop the
@@ -47,6 +48,9 @@ _DRAIN_BLOCK_MS = 50
 # Pages read but not yet decoded: enough to keep the decoder busy, few enough that
 # raw replies never pile up.
 _PAGES_DECODING = 2
+# At stop, how long to let a running compaction or vacuum finish: both are safe to
+# cut short (a compaction commits atomically, a vacuum resumes at the next start).
+_MAINTENANCE_STOP_WAIT_S = 20.0
 
 
 @dataclass(slots=True)
@@ -266,7 +270,7 @@ class Consumer:
         except StreamUnavailable as exc:
             log.error("stopped without redis", extra={"error": str(exc)})
             exit_code = 1
-        maintainer.wait()
+        maintainer.wait(timeout=_MAINTENANCE_STOP_WAIT_S)
         log.info(
             "consumer stopped",
             extra={"consumer": s.consumer_name, "exit_code": exit_code, **_as_fields(self.stats)},
@@ -295,6 +299,7 @@ class Consumer:
             finishing_ids: frozenset[bytes] = frozenset()
             while upcoming is not None:
                 self.heartbeat = time.monotonic()
+                maintainer.poll()
                 batch = upcoming.result()
                 upcoming = None
                 if batch.empty:
@@ -332,7 +337,7 @@ class Consumer:
     def _collect(
         self, drain: bool, in_flight: frozenset[bytes], decoder: Executor | None = None
     ) -> Batch:
-        """Read one batch; ``in_flight`` are entries of the batch being committed meanwhile."""
+        """Read one batch; ``in_flight`` are entries of the unsettled batches in hand."""
         s = self.settings
         batch = Batch(s.max_deliveries, decoder, in_flight=in_flight)
         while len(batch) < s.batch_max_entries and not self._stopping:

@@ -1,8 +1,9 @@
-"""``poslake maintain``: compact, checkpoint, vacuum the ``position_updates`` table.
+"""``poslake maintain``: vacuum, compact, checkpoint both tables.
 
-Consumers compact small files themselves as they go; this is the operator's
-full pass: compact every partition to the target file size, write a
-checkpoint, and vacuum files that no version within the retention needs.
+Consumers do all of this themselves as they go; this is the operator's full
+pass: vacuum files that no version within the retention needs (and orphans,
+consumer/vacuum.py), compact every partition to the target file size, write a
+checkpoint.
 Vacuuming with a retention shorter than ``POSLAKE_HISTORY_RETENTION_HOURS``
 would break time travel to versions inside that history, so it is refused
 unless ``--force``. It also sets each table's tombstone retention
@@ -22,6 +23,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from consumer.current import CURRENT_TABLE
+from consumer.vacuum import local_root, sweep_orphans
 from poslake.command import CommandError, ExitCode
 from poslake.query import open_table
 from shared.settings import Settings
@@ -55,29 +57,45 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             ExitCode.BAD_INPUT,
         )
     table = open_table(settings)
-    tables = [("position_updates", table)]
+    tables = [("position_updates", table, settings.table_uri)]
     try:
         current_uri = settings.current_table_uri
         tables.append(
             (
                 CURRENT_TABLE,
                 DeltaTable(current_uri, storage_options=settings.storage_options or None),
+                current_uri,
             )
         )
     except TableNotFoundError:
         pass
     wanted = retention_interval(history)
-    for name, each in tables:
+    for name, each, uri in tables:
         configuration = each.metadata().configuration
         stale = {
             key: wanted
             for key in (TOMBSTONE_RETENTION, LOG_RETENTION)
             if configuration.get(key) != wanted
         }
-        if stale and not args.dry_run:
+        if stale:
             # POSLAKE_HISTORY_RETENTION_HOURS changed since the table was created.
-            each.alter.set_table_properties(stale)
-            print(f"{name}: {', '.join(stale)} set to '{wanted}'")
+            if not args.dry_run:
+                each.alter.set_table_properties(stale)
+            verb = "would set" if args.dry_run else "set"
+            print(f"{name}: {verb} {', '.join(stale)} to '{wanted}'")
+        # Vacuum before the checkpoint below: a checkpoint drops expired tombstones.
+        if not args.skip_vacuum:
+            removed = each.vacuum(
+                retention_hours=math.ceil(retention),
+                dry_run=args.dry_run,
+                enforce_retention_duration=False,
+            )
+            verb = "would remove" if args.dry_run else "removed"
+            print(f"{name}: vacuum ({retention:g} h retention) {verb} {len(removed)} files")
+            root = local_root(uri)
+            if root is not None and not args.dry_run:
+                swept = sweep_orphans(each, root)
+                print(f"{name}: removed {len(swept)} orphaned files (in no kept version)")
         if not args.skip_compact:
             metrics = each.optimize.compact(target_size=settings.compact_target_file_bytes)
             print(
@@ -87,14 +105,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if not args.skip_checkpoint:
             each.create_checkpoint()
             print(f"{name}: checkpoint written at version {each.version()}")
-        if not args.skip_vacuum:
-            removed = each.vacuum(
-                retention_hours=math.ceil(retention),
-                dry_run=args.dry_run,
-                enforce_retention_duration=False,
-            )
-            verb = "would remove" if args.dry_run else "removed"
-            print(f"{name}: vacuum ({retention:g} h retention) {verb} {len(removed)} files")
             if not args.dry_run:
                 each.cleanup_metadata()
     return ExitCode.OK

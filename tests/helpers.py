@@ -149,7 +149,7 @@ _COMPARED = [
 ]  # fmt: skip
 
 
-def _sorted_rows(table: pa.Table) -> list[dict[str, Any]]:
+def sorted_rows(table: pa.Table) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = table.select(_COMPARED).to_pylist()
     rows.sort(key=lambda r: (r["account"], r["conid"], r["timestamp"]))
     return rows
@@ -158,19 +158,19 @@ def _sorted_rows(table: pa.Table) -> list[dict[str, Any]]:
 def table_rows(lake: Path) -> list[dict[str, Any]]:
     """Every row of ``position_updates`` (compared columns), sorted by key."""
     table = DeltaTable(str(lake / "position_updates"))
-    return _sorted_rows(table.to_pyarrow_table())
+    return sorted_rows(table.to_pyarrow_table())
 
 
 def expected_rows(updates: Iterable[PositionUpdate]) -> list[dict[str, Any]]:
     """The rows a correct pipeline holds for these updates: one per key."""
     by_key = {u.key: u for u in updates}
     unique = list(by_key.values())
-    return _sorted_rows(updates_to_arrow(unique, [b"0-0"] * len(unique)))
+    return sorted_rows(updates_to_arrow(unique, [b"0-0"] * len(unique)))
 
 
 def current_rows(lake: Path) -> list[dict[str, Any]]:
     """Every row of ``positions_current`` (compared columns), sorted by key."""
-    return _sorted_rows(DeltaTable(str(lake / "positions_current")).to_pyarrow_table())
+    return sorted_rows(DeltaTable(str(lake / "positions_current")).to_pyarrow_table())
 
 
 def assert_current_exact(lake: Path, updates: Iterable[PositionUpdate]) -> None:

@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pyarrow as pa
 import redis
 
+from consumer.current import newest_per_contract
 from shared.model import PositionUpdate
+from shared.table import updates_to_arrow
 from tests.helpers import (
     assert_current_exact,
     assert_table_exact,
@@ -20,6 +23,7 @@ from tests.helpers import (
     make_updates,
     publish,
     run_consumer,
+    sorted_rows,
     table_rows,
 )
 
@@ -121,3 +125,21 @@ def _newest(updates: list[PositionUpdate]) -> list[PositionUpdate]:
         if old is None or old.timestamp < update.timestamp:
             by_key[(update.account, update.conid)] = update
     return list(by_key.values())
+
+
+def test_newest_per_contract_takes_the_first_of_equal_timestamps_like_the_history() -> None:
+    updates = make_updates(300, seed=12, contracts_per_symbol=2)
+    # Same keys again with other fields (a second payload for a key), some out of order.
+    twins = [msgspec.structs.replace(u, position=u.position + 1) for u in updates[::3]]
+    mixed = updates[:150] + twins + updates[150:]
+    ids = [f"{i + 1}-0".encode() for i in range(len(mixed))]
+    chunked = pa.concat_tables(
+        [updates_to_arrow(mixed[:200], ids[:200]), updates_to_arrow(mixed[200:], ids[200:])]
+    )
+    expected: dict[tuple[str, int], PositionUpdate] = {}
+    for update in mixed:
+        seen = expected.get((update.account, update.conid))
+        if seen is None or update.timestamp > seen.timestamp:
+            expected[(update.account, update.conid)] = update
+    newest = newest_per_contract(chunked)
+    assert sorted_rows(newest) == expected_rows(expected.values())

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import redis
 from deltalake import DeltaTable
 
 from consumer.current import CurrentPositions
-from consumer.dedup import CommittedKeyIndex
+from consumer.dedup import BatchKeys, CommittedKeyIndex
 from consumer.maintenance import TableMaintainer, partitions_to_compact
 from consumer.sink import DeltaSink
+from consumer.vacuum import history_hours, interval_seconds, sweep_orphans, vacuum_retired
 from shared.errors import CommitConflict
+from shared.model import PositionUpdate
 from shared.settings import Settings
 from shared.table import TOMBSTONE_MARGIN_HOURS, updates_to_arrow
 from tests.helpers import assert_current_exact, assert_table_exact, make_updates
@@ -88,6 +94,26 @@ def test_index_never_answers_for_keys_below_its_horizon() -> None:
     assert below.key not in index and at.key in index
 
 
+@pytest.mark.parametrize(
+    "stamps",
+    [
+        [1_000 + i for i in range(3_000)],  # one add three times the bound
+        [7] * 1_001 + [9, 9, 12],  # most keys share one timestamp
+        [5] * 400 + [6] * 400 + [8] * 400,
+    ],
+)
+def test_index_bound_keeps_every_key_at_or_after_the_horizon(stamps: list[int]) -> None:
+    index = CommittedKeyIndex(max_keys=1_000)
+    batch = BatchKeys(list(range(len(stamps))), stamps)
+    index.add_committed(batch, range(len(stamps)))
+    assert index.horizon_us > 0 and len(index) <= 1_000
+    kept = [(c, t) for c, t in zip(batch.contracts, stamps, strict=True) if t >= index.horizon_us]
+    assert len(kept) == len(index)
+    # Every key at or after the horizon is answered from memory as already committed.
+    known = BatchKeys([c for c, _ in kept], [t for _, t in kept])
+    assert index.split_new(known, pa.table({}), None) == []  # type: ignore[arg-type]
+
+
 def test_maintenance_compacts_small_files_and_keeps_every_row(lake: Path) -> None:
     settings = _settings(lake, compact_min_small_files=5, checkpoint_interval=10)
     sink = DeltaSink(settings)
@@ -129,8 +155,9 @@ def _data_files(uri: str) -> set[str]:
     }
 
 
-def test_vacuum_deletes_retired_files_of_both_tables_and_nothing_live(lake: Path) -> None:
-    settings = _settings(lake, compact_min_small_files=5)
+def _filled_lake(lake: Path, history: float = 24.0) -> tuple[Settings, list[PositionUpdate]]:
+    """Both tables after 20 commits and a compaction: retired files in both."""
+    settings = _settings(lake, compact_min_small_files=5, history_retention_hours=history)
     sink = DeltaSink(settings)
     current = CurrentPositions(settings)
     updates = make_updates(2_000, seed=38)
@@ -138,25 +165,90 @@ def test_vacuum_deletes_retired_files_of_both_tables_and_nothing_live(lake: Path
         part, ids = updates[i : i + 100], _ids(100, i)
         sink.commit(part, ids)
         current.merge(updates_to_arrow(part, ids))
-    maintainer = TableMaintainer(settings, client=None)  # type: ignore[arg-type]
-    assert maintainer.run_once()
-    history, positions = DeltaTable(settings.table_uri), DeltaTable(settings.current_table_uri)
-    live = {
-        settings.table_uri: _live_files(history),
-        settings.current_table_uri: _live_files(positions),
-    }
-    for uri, files in live.items():
-        assert _data_files(uri) > files  # retired files still on disk: the history needs them
+    assert TableMaintainer(settings, client=None).run_once()  # type: ignore[arg-type]
+    return settings, updates
+
+
+def _age(path: Path, hours: float) -> None:
+    then = time.time() - hours * 3600
+    os.utime(path, (then, then))
+
+
+def test_vacuum_deletes_retired_files_of_both_tables_and_nothing_live(lake: Path) -> None:
+    settings, updates = _filled_lake(lake)
+    uris = (settings.table_uri, settings.current_table_uri)
+    live = {uri: _live_files(DeltaTable(uri)) for uri in uris}
+    for uri in uris:
+        assert _data_files(uri) > live[uri]  # retired files still on disk: the history needs them
     # Within the history window nothing goes.
-    assert maintainer.vacuum(retention_hours=1) == 0
+    assert TableMaintainer(settings, client=None).vacuum()  # type: ignore[arg-type]
+    for uri in uris:
+        assert _data_files(uri) > live[uri]
     assert DeltaTable(settings.table_uri, version=3).to_pyarrow_table().num_rows == 300
     # Past it, every retired file goes and every live one stays.
-    deleted = maintainer.vacuum(retention_hours=0)
-    assert deleted > 0
-    for uri, files in live.items():
-        assert _data_files(uri) == files
+    for uri in uris:
+        assert vacuum_retired(DeltaTable(uri), history=0)
+        assert _data_files(uri) == live[uri]
     assert_table_exact(lake, updates)
     assert_current_exact(lake, updates)
+
+
+def test_orphan_sweep_deletes_only_old_files_no_kept_version_knows(lake: Path) -> None:
+    settings, updates = _filled_lake(lake)
+    root = Path(settings.table_uri)
+    table = DeltaTable(settings.table_uri)
+    live = _live_files(table)
+    retired = sorted(_data_files(settings.table_uri) - live)
+    some_live = root / sorted(live)[0]
+    orphan = some_live.with_name("part-99999-orphan-c000.zstd.parquet")  # a failed write's file
+    young = some_live.with_name("part-99998-being-committed-c000.zstd.parquet")
+    shutil.copy(some_live, orphan)
+    shutil.copy(some_live, young)
+    for path in (orphan, some_live, root / retired[0]):
+        _age(path, hours=2)
+    swept = sweep_orphans(table, root)
+    assert swept == [orphan.relative_to(root).as_posix()]
+    assert not orphan.exists() and young.exists()
+    assert some_live.exists() and (root / retired[0]).exists()  # live; retired in the window
+    assert DeltaTable(settings.table_uri, version=3).to_pyarrow_table().num_rows == 300
+    assert_table_exact(lake, updates)
+
+
+def test_vacuum_keeps_the_longer_of_the_setting_and_the_tables_history(lake: Path) -> None:
+    settings, _ = _filled_lake(lake, history=10)
+    table = DeltaTable(settings.table_uri)
+    assert history_hours(table, 5) == 10  # raised on the table, this process not told yet
+    assert history_hours(table, 30) == 30
+    assert interval_seconds("interval 1 week") == 604_800
+    assert interval_seconds("interval 90 minutes") == 5_400
+    assert interval_seconds("1 week") is None
+
+
+def test_maintainer_vacuums_on_the_clock_under_the_lease(lake: Path, redis_url: str) -> None:
+    settings, _ = _filled_lake(lake)
+    client = redis.Redis.from_url(redis_url)
+    root = Path(settings.current_table_uri)
+    stray = root / "symbol=AAPL" / "part-99999-orphan-c000.zstd.parquet"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"not even parquet")
+    _age(stray, hours=2)
+    maintainer = TableMaintainer(settings, client)
+    maintainer.poll()  # due at start: no commit needed
+    maintainer.wait()
+    assert not stray.exists()
+    stray.write_bytes(b"again")
+    _age(stray, hours=2)
+    maintainer.poll()  # not due again for vacuum_interval_s
+    maintainer.wait()
+    assert stray.exists()
+    # Another consumer holding the lease: this one skips, and tries again within a minute.
+    key = f"poslake:{settings.stream}:{settings.group}:maintenance"
+    client.set(key, "someone-else", px=60_000)
+    waiting = TableMaintainer(settings, client)
+    waiting.poll()
+    waiting.wait()
+    assert stray.exists()
+    client.delete(key)
 
 
 def test_tables_keep_tombstones_and_logs_for_the_history_and_a_margin(lake: Path) -> None:
