@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 from deltalake import DeltaTable
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from consumer.current import CURRENT_TABLE
 from poslake.command import CommandError, ExitCode
@@ -99,29 +99,34 @@ def open_table(settings: Settings, version: int | None = None, at: str | None = 
             raise CommandError(
                 f"version {version} does not exist (latest is {latest})", ExitCode.BAD_INPUT
             )
-        table.load_as_version(version)
+        try:
+            table.load_as_version(version)
+        except (TableNotFoundError, DeltaError):
+            raise CommandError(
+                f"version {version} is older than the history kept for time travel "
+                f"(POSLAKE_HISTORY_RETENTION_HOURS){_AS_OF_HINT}",
+                ExitCode.BAD_INPUT,
+            ) from None
     elif at is not None:
         moment = parse_time(at)
-        oldest_version, oldest = _oldest_commit(table)
-        if moment < oldest:
-            if oldest_version == 0:
-                reason = f"is before the table existed (created {oldest.isoformat()})"
+        # A time before the oldest kept commit loads that commit: compare with it.
+        table.load_as_version(moment)
+        loaded = table.history(limit=1)[0]
+        committed = datetime.fromtimestamp(int(loaded["timestamp"]) / 1000, UTC)
+        if moment < committed:
+            if int(loaded["version"]) == 0:
+                reason = f"is before the table existed (created {committed.isoformat()})"
             else:
                 reason = (
                     f"is older than the history kept for time travel (oldest version "
-                    f"{oldest_version}, {oldest.isoformat()}; POSLAKE_HISTORY_RETENTION_HOURS); "
-                    "for positions at that time use `query positions --as-of`"
+                    f"{loaded['version']}, {committed.isoformat()}; "
+                    f"POSLAKE_HISTORY_RETENTION_HOURS){_AS_OF_HINT}"
                 )
             raise CommandError(f"{moment.isoformat()} {reason}", ExitCode.BAD_INPUT)
-        table.load_as_version(moment)
     return table
 
 
-def _oldest_commit(table: DeltaTable) -> tuple[int, datetime]:
-    # history() lists newest first; the oldest retained commit is the creation
-    # unless log cleanup removed it, in which case it is the oldest time we can read.
-    oldest = table.history()[-1]
-    return int(oldest["version"]), datetime.fromtimestamp(int(oldest["timestamp"]) / 1000, UTC)
+_AS_OF_HINT = "; for positions at that time use `query positions --as-of`"
 
 
 def _filtered(table: DeltaTable, symbols: list[str], accounts: list[str]) -> pl.LazyFrame:

@@ -269,6 +269,8 @@ def test_time_travel_past_the_kept_log_names_the_history_setting(
     old = poslake(env, "query", "positions", "--at", "2001-01-01T00:00:00Z")
     assert old.returncode == 2 and "POSLAKE_HISTORY_RETENTION_HOURS" in old.stderr
     assert "--as-of" in old.stderr
+    version_one = poslake(env, "query", "positions", "--version", "1")
+    assert version_one.returncode == 2 and "POSLAKE_HISTORY_RETENTION_HOURS" in version_one.stderr
     as_of = poslake(env, "query", "positions", "--as-of", "2001-01-01T00:00:00Z", "--format", "csv")
     assert as_of.returncode == 0 and as_of.stdout.count("\n") <= 1  # nothing observed by then
 
