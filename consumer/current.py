@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from consumer.sink import NO_CHECKPOINT
 from shared.errors import CommitConflict, CommitFailed
 from shared.settings import Settings
 from shared.table import (
@@ -108,7 +109,13 @@ class CurrentPositions:
         try:
             self.table.update_incremental()
             metrics = (
-                self.table.merge(source, MERGE_PREDICATE, source_alias="s", target_alias="t")
+                self.table.merge(
+                    source,
+                    MERGE_PREDICATE,
+                    source_alias="s",
+                    target_alias="t",
+                    post_commithook_properties=NO_CHECKPOINT,
+                )
                 .when_matched_update_all(predicate="s.timestamp > t.timestamp")
                 .when_not_matched_insert_all()
                 .execute()

@@ -5,11 +5,12 @@ batch over 50 symbols makes ~1.4M files a day, and every open, append and read
 slows with the file count. Every few commits one consumer of the group (the one
 holding a short Redis lease) compacts the partitions that have gathered small
 files, in a background thread with its own table handle: compaction commits
-carry no app transaction and never conflict with the appends. Each compaction
-is followed by a checkpoint; the appends also write one every
-``delta.checkpointInterval`` commits. Once an hour (``POSLAKE_VACUUM_INTERVAL_S``)
-the run also vacuums both tables: files retired longer ago than the history
-(``POSLAKE_HISTORY_RETENTION_HOURS``) are deleted.
+carry no app transaction and never conflict with the appends. Each run then
+writes a checkpoint of both tables (the consumers' commits write none: a
+checkpoint holds every tombstone of the history window, too slow to write
+inline) and drops log files past their retention. Once an hour
+(``POSLAKE_VACUUM_INTERVAL_S``) the run also vacuums both tables: files retired
+longer ago than the history (``POSLAKE_HISTORY_RETENTION_HOURS``) are deleted.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class TableMaintainer:
         self.runs = 0
         self._last_trigger = 0
         self._next_vacuum_at = 0.0  # right after start, then on the interval
+        self._checkpointed: dict[str, int] = {}  # table uri -> version of our last checkpoint
         self.last_error: str | None = None
 
     def after_commit(self, commits: int) -> None:
@@ -121,9 +123,11 @@ class TableMaintainer:
                 pass  # the lease expires by itself
 
     def run_once(self) -> list[str]:
-        """Compact what needs it now, then checkpoint; returns the symbols compacted."""
+        """Compact what needs it now, then checkpoint both tables; returns the symbols
+        compacted."""
         s = self._settings
         started = time.perf_counter()
+        symbols: list[str] = []
         try:
             table = DeltaTable(s.table_uri, storage_options=s.storage_options or None)
             symbols = partitions_to_compact(
@@ -131,11 +135,6 @@ class TableMaintainer:
             )
             if symbols:
                 metrics = compact_partitions(table, symbols, s.compact_target_file_bytes)
-                compacted_s = time.perf_counter() - started
-                # A checkpoint right after the compaction: opening the table then replays
-                # only the appends since (not the compaction's thousands of removes), so
-                # open and append times stay flat between the automatic checkpoints.
-                table.create_checkpoint()
                 log.info(
                     "compacted partitions",
                     extra={
@@ -143,17 +142,42 @@ class TableMaintainer:
                         "files_removed": metrics.get("numFilesRemoved"),
                         "files_added": metrics.get("numFilesAdded"),
                         "table_version": table.version(),
-                        "compact_s": round(compacted_s, 3),
-                        "checkpoint_s": round(time.perf_counter() - started - compacted_s, 3),
+                        "seconds": round(time.perf_counter() - started, 3),
                     },
                 )
+            self._checkpoint(table, s.table_uri)
+            try:
+                current = DeltaTable(s.current_table_uri, storage_options=s.storage_options or None)
+            except TableNotFoundError:
+                pass
+            else:
+                self._checkpoint(current, s.current_table_uri)
             self.runs += 1
-            return symbols
         except (DeltaError, OSError) as exc:
             # A concurrent compaction of the same files loses; the next run retries.
             self.last_error = str(exc)
             log.warning("maintenance failed", extra={"error": str(exc)})
-            return []
+        return symbols
+
+    def _checkpoint(self, table: DeltaTable, uri: str) -> None:
+        # The consumers' own commits write no checkpoints (consumer/sink.py): every run
+        # writes one, so an open replays at most a run's worth of commits (and never a
+        # compaction's thousands of removes), and drops the log files past retention.
+        version = table.version()
+        if self._checkpointed.get(uri) == version:
+            return
+        started = time.perf_counter()
+        table.create_checkpoint()
+        table.cleanup_metadata()
+        self._checkpointed[uri] = version
+        log.info(
+            "checkpoint written",
+            extra={
+                "table": uri,
+                "table_version": version,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
 
     def vacuum(self) -> bool:
         """Vacuum both tables (consumer/vacuum.py); False if either failed."""

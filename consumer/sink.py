@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
-from deltalake import CommitProperties, Transaction, write_deltalake
+from deltalake import CommitProperties, PostCommitHookProperties, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 
 from consumer.dedup import CommittedKeyIndex
@@ -27,6 +27,11 @@ from shared.settings import Settings
 from shared.table import open_or_create_table, updates_to_arrow
 
 log = logging.getLogger(__name__)
+
+# The consumers' commits never write checkpoints or clean the log themselves: a
+# checkpoint carries every tombstone of the history window, and writing it inline
+# would stall a batch for seconds. consumer/maintenance.py does it in the background.
+NO_CHECKPOINT = PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +120,13 @@ class DeltaSink:
         if self.before_write is not None:
             self.before_write()
         try:
-            write_deltalake(self.table, rows, mode="append", commit_properties=properties)
+            write_deltalake(
+                self.table,
+                rows,
+                mode="append",
+                commit_properties=properties,
+                post_commithook_properties=NO_CHECKPOINT,
+            )
         except CommitFailedError as exc:
             if _is_conflict(exc):
                 # Our commit did not land: the winner's rows are read on the next try.

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     # (set at creation and by `poslake maintain`), and the vacuum floor `poslake maintain`
     # keeps unless forced. Every checkpoint carries a tombstone per file removed within
     # it (~50 a batch), so a longer window makes every open and checkpoint dearer.
-    history_retention_hours: Annotated[float, Field(gt=0)] = 24.0
+    history_retention_hours: Annotated[float, Field(gt=0)] = 6.0
 
     # Prometheus /metrics and /healthz of the producer or consumer; port 0 turns it off.
     metrics_host: Annotated[str, Field(min_length=1)] = "127.0.0.1"

@@ -62,7 +62,7 @@ _JSON_PARSE = pj.ParseOptions(
 _encoder = msgspec.json.Encoder()
 
 
-DEFAULT_HISTORY_RETENTION_HOURS = 24.0
+DEFAULT_HISTORY_RETENTION_HOURS = 6.0
 TOMBSTONE_RETENTION = "delta.deletedFileRetentionDuration"
 LOG_RETENTION = "delta.logRetentionDuration"
 # Tombstones and log files outlive the history by this much, so that the consumers'

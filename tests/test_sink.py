@@ -121,6 +121,10 @@ def test_maintenance_compacts_small_files_and_keeps_every_row(lake: Path) -> Non
     for i in range(0, 4_000, 100):
         sink.commit(updates[i : i + 100], _ids(100, i))
     table = DeltaTable(settings.table_uri)
+    # 40 commits at checkpoint_interval 10, yet the consumer's commits wrote no checkpoint:
+    # the maintenance run writes one after compacting.
+    log_dir = Path(settings.table_uri) / "_delta_log"
+    assert table.version() == 40 and not list(log_dir.glob("*.checkpoint.parquet"))
     files_before = len(table.file_uris())
     assert partitions_to_compact(table, settings.compact_small_file_bytes, 5)
     compacted = TableMaintainer(settings, client=None).run_once()  # type: ignore[arg-type]
@@ -131,7 +135,6 @@ def test_maintenance_compacts_small_files_and_keeps_every_row(lake: Path) -> Non
     )
     assert all(per_partition.count(symbol) == 1 for symbol in compacted)
     assert len(per_partition) < files_before
-    # The compaction is followed by a checkpoint at its own version.
     table.update_incremental()
     checkpoint = (
         Path(settings.table_uri) / "_delta_log" / f"{table.version():020d}.checkpoint.parquet"
@@ -166,6 +169,9 @@ def _filled_lake(lake: Path, history: float = 24.0) -> tuple[Settings, list[Posi
         sink.commit(part, ids)
         current.merge(updates_to_arrow(part, ids))
     assert TableMaintainer(settings, client=None).run_once()  # type: ignore[arg-type]
+    for uri in (settings.table_uri, settings.current_table_uri):  # both checkpointed
+        version = DeltaTable(uri).version()
+        assert (Path(uri) / "_delta_log" / f"{version:020d}.checkpoint.parquet").exists()
     return settings, updates
 
 
