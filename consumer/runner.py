@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
@@ -51,6 +52,7 @@ _PAGES_DECODING = 2
 # At stop, how long to let a running compaction or vacuum finish: both are safe to
 # cut short (a compaction commits atomically, a vacuum resumes at the next start).
 _MAINTENANCE_STOP_WAIT_S = 20.0
+_SIGNAL_CHECK_S = 0.2
 
 
 @dataclass(slots=True)
@@ -300,11 +302,11 @@ class Consumer:
             while upcoming is not None:
                 self.heartbeat = time.monotonic()
                 maintainer.poll()
-                batch = upcoming.result()
+                batch = _wait(upcoming)
                 upcoming = None
                 if batch.empty:
                     # Settle what is in hand before deciding that the group is drained.
-                    if finishing is not None and not finishing.result():
+                    if finishing is not None and not _wait(finishing):
                         exit_code = 1
                         break
                     finishing, finishing_ids = None, frozenset()
@@ -317,18 +319,18 @@ class Consumer:
                     in_flight = frozenset(batch.ids) | finishing_ids
                     upcoming = reader.submit(collect, in_flight)
                 committed = self._commit_history(batch, sink)
-                previous_ok = finishing.result() if finishing is not None else True
+                previous_ok = _wait(finishing) if finishing is not None else True
                 finishing, finishing_ids = None, frozenset()
                 if committed is None or not previous_ok:
                     exit_code = 1
                     self._stopping = True  # the reader returns what it holds; left pending
                     if upcoming is not None:
-                        upcoming.result()
+                        _wait(upcoming)
                     break
                 finishing = finisher.submit(self._finish, committed)
                 finishing_ids = frozenset(batch.ids)
                 maintainer.after_commit(sink.commits)
-            if finishing is not None and not finishing.result():
+            if finishing is not None and not _wait(finishing):
                 exit_code = 1
         return exit_code
 
@@ -528,6 +530,21 @@ class Consumer:
             log.warning("fault injection: SIGKILL", extra={"point": point, "count": count})
             logging.shutdown()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wait(future: Future[T]) -> T:
+    """``future.result()`` in short waits.
+
+    The kernel may deliver SIGTERM to any thread (ours, or delta-rs' runtime
+    threads); Python then runs the handler only when the main thread next runs
+    bytecode, and a lock wait without a timeout does not wake for it. Short waits
+    let a stop request be seen within a fraction of a second.
+    """
+    while True:
+        try:
+            return future.result(timeout=_SIGNAL_CHECK_S)
+        except FutureTimeout:
+            continue
 
 
 def _backoff(settings: Settings, failures: int) -> float:
