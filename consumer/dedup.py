@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from array import array
 from bisect import bisect_left, insort
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -121,14 +121,17 @@ class CommittedKeyIndex:
         horizon = self.horizon_us  # older keys are not needed: below it the table answers
         stamps_of = self._stamps
         contracts, micros = batch.contracts, batch.micros
+        if len(indices) == len(contracts):
+            pairs: Iterable[tuple[int, int]] = zip(contracts, micros, strict=True)
+        else:
+            pairs = ((contracts[i], micros[i]) for i in indices)
         added = 0
-        for i in indices:
-            t = micros[i]
+        for contract, t in pairs:
             if t < horizon:
                 continue
-            stamps = stamps_of.get(contracts[i])
+            stamps = stamps_of.get(contract)
             if stamps is None:
-                stamps_of[contracts[i]] = array("q", (t,))
+                stamps_of[contract] = array("q", (t,))
             elif t > stamps[-1]:
                 stamps.append(t)  # the common case: a newer observation
             elif not _holds(stamps, t):
@@ -221,16 +224,21 @@ class CommittedKeyIndex:
         horizon = self.horizon_us
         stamps_of = self._stamps
         contracts, micros = batch.contracts, batch.micros
-        pairs = list(zip(contracts, micros, strict=True))
-        if (not micros or min(micros) >= horizon) and len(set(pairs)) == len(pairs):
-            # The common case: every key newer than its contract's last committed
-            # stamp. One comparison a key, no table read.
-            for contract, t in pairs:
+        # The common case: each key newer than its contract's previous one, committed
+        # or earlier in this batch (so no key repeats) and not below the horizon.
+        # One pass, one comparison a key, no table read.
+        previous: dict[int, int] = {}
+        for contract, t in zip(contracts, micros, strict=True):
+            last = previous.get(contract)
+            if last is None:
                 stamps = stamps_of.get(contract)
-                if stamps is not None and t <= stamps[-1]:
-                    break
-            else:
-                return list(range(len(pairs)))
+                last = stamps[-1] if stamps else horizon - 1
+            if t <= last:
+                break
+            previous[contract] = t
+        else:
+            return list(range(len(contracts)))
+        pairs = list(zip(contracts, micros, strict=True))
         seen: set[tuple[int, int]] = set()
         fresh: list[int] = []
         cold: list[int] = []
