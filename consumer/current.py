@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
-from consumer.sink import NO_CHECKPOINT
+from consumer.sink import NO_CHECKPOINT, is_conflict
 from shared.errors import CommitConflict, CommitFailed
 from shared.settings import Settings
 from shared.table import (
@@ -121,7 +121,9 @@ class CurrentPositions:
                 .execute()
             )
         except CommitFailedError as exc:
-            raise CommitConflict(f"positions_current: concurrent merge: {exc}") from exc
+            if is_conflict(exc):
+                raise CommitConflict(f"positions_current: concurrent merge: {exc}") from exc
+            raise CommitFailed(f"positions_current: merge failed: {exc}") from exc
         except (DeltaError, OSError) as exc:
             raise CommitFailed(f"positions_current: merge failed: {exc}") from exc
         elapsed = time.perf_counter() - started

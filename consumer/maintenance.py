@@ -23,7 +23,7 @@ from collections import Counter
 import pyarrow as pa
 import redis
 from deltalake import DeltaTable
-from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.exceptions import TableNotFoundError
 
 from consumer.vacuum import vacuum_table
 from shared.settings import Settings
@@ -124,40 +124,51 @@ class TableMaintainer:
 
     def run_once(self) -> list[str]:
         """Compact what needs it now, then checkpoint both tables; returns the symbols
-        compacted."""
+        compacted. Each step stands alone: a failed compaction still checkpoints."""
         s = self._settings
-        started = time.perf_counter()
         symbols: list[str] = []
         try:
-            table = DeltaTable(s.table_uri, storage_options=s.storage_options or None)
-            symbols = partitions_to_compact(
-                table, s.compact_small_file_bytes, s.compact_min_small_files
-            )
-            if symbols:
-                metrics = compact_partitions(table, symbols, s.compact_target_file_bytes)
-                log.info(
-                    "compacted partitions",
-                    extra={
-                        "partitions": len(symbols),
-                        "files_removed": metrics.get("numFilesRemoved"),
-                        "files_added": metrics.get("numFilesAdded"),
-                        "table_version": table.version(),
-                        "seconds": round(time.perf_counter() - started, 3),
-                    },
-                )
-            self._checkpoint(table, s.table_uri)
+            symbols = self._compact()
+        except Exception as exc:  # a background thread: log it, keep the other steps
+            self._failed("compaction", s.table_uri, exc)
+        for uri in (s.table_uri, s.current_table_uri):
             try:
-                current = DeltaTable(s.current_table_uri, storage_options=s.storage_options or None)
+                table = DeltaTable(uri, storage_options=s.storage_options or None)
+                self._checkpoint(table, uri)
             except TableNotFoundError:
-                pass
-            else:
-                self._checkpoint(current, s.current_table_uri)
-            self.runs += 1
-        except (DeltaError, OSError) as exc:
-            # A concurrent compaction of the same files loses; the next run retries.
-            self.last_error = str(exc)
-            log.warning("maintenance failed", extra={"error": str(exc)})
+                continue
+            except Exception as exc:
+                self._failed("checkpoint", uri, exc)
+        self.runs += 1
         return symbols
+
+    def _compact(self) -> list[str]:
+        s = self._settings
+        started = time.perf_counter()
+        table = DeltaTable(s.table_uri, storage_options=s.storage_options or None)
+        symbols = partitions_to_compact(
+            table, s.compact_small_file_bytes, s.compact_min_small_files
+        )
+        if symbols:
+            # A concurrent compaction of the same files loses; the next run retries.
+            metrics = compact_partitions(table, symbols, s.compact_target_file_bytes)
+            log.info(
+                "compacted partitions",
+                extra={
+                    "partitions": len(symbols),
+                    "files_removed": metrics.get("numFilesRemoved"),
+                    "files_added": metrics.get("numFilesAdded"),
+                    "table_version": table.version(),
+                    "seconds": round(time.perf_counter() - started, 3),
+                },
+            )
+        return symbols
+
+    def _failed(self, step: str, uri: str, exc: Exception) -> None:
+        self.last_error = f"{step}: {exc}"
+        log.warning(
+            "maintenance step failed", extra={"step": step, "table": uri, "error": str(exc)}
+        )
 
     def _checkpoint(self, table: DeltaTable, uri: str) -> None:
         # The consumers' own commits write no checkpoints (consumer/sink.py): every run
@@ -189,8 +200,7 @@ class TableMaintainer:
                 vacuum_table(table, uri, s.history_retention_hours)
             except TableNotFoundError:
                 continue
-            except (DeltaError, OSError) as exc:
-                self.last_error = str(exc)
-                log.warning("vacuum failed", extra={"table": uri, "error": str(exc)})
+            except Exception as exc:  # a background thread: log it, retry next time
+                self._failed("vacuum", uri, exc)
                 done = False
         return done

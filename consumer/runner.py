@@ -289,49 +289,65 @@ class Consumer:
         # no-op for the history and repairs positions_current (consumer/current.py).
         # Executors shut down in reverse: the finisher, then the reader (it may still
         # hand pages to the decoder), then the decoder.
-        exit_code = 0
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder") as decoder,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as reader,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="finisher") as finisher,
         ):
-            collect = partial(self._collect, drain, decoder=decoder)
-            upcoming: Future[Batch] | None = reader.submit(collect, frozenset())
-            finishing: Future[bool] | None = None
-            finishing_ids: frozenset[bytes] = frozenset()
-            while upcoming is not None:
-                self.heartbeat = time.monotonic()
-                maintainer.poll()
-                batch = _wait(upcoming)
-                upcoming = None
-                if batch.empty:
-                    # Settle what is in hand before deciding that the group is drained.
-                    if finishing is not None and not _wait(finishing):
-                        exit_code = 1
-                        break
-                    finishing, finishing_ids = None, frozenset()
-                    if self._stopping or (drain and self._drained()):
-                        break
-                    upcoming = reader.submit(collect, frozenset())
-                    continue
-                if not self._stopping:
-                    # Entries of both unsettled batches are in hand: a claim must skip them.
-                    in_flight = frozenset(batch.ids) | finishing_ids
-                    upcoming = reader.submit(collect, in_flight)
-                committed = self._commit_history(batch, sink)
-                previous_ok = _wait(finishing) if finishing is not None else True
-                finishing, finishing_ids = None, frozenset()
-                if committed is None or not previous_ok:
+            try:
+                return self._pipeline(sink, maintainer, drain, decoder, reader, finisher)
+            finally:
+                # Whatever ends the loop (an unexpected error included), the reader must
+                # stop too, or shutting its executor down would wait on it for good.
+                self._stopping = True
+
+    def _pipeline(
+        self,
+        sink: DeltaSink,
+        maintainer: TableMaintainer,
+        drain: bool,
+        decoder: Executor,
+        reader: Executor,
+        finisher: Executor,
+    ) -> int:
+        exit_code = 0
+        collect = partial(self._collect, drain, decoder=decoder)
+        upcoming: Future[Batch] | None = reader.submit(collect, frozenset())
+        finishing: Future[bool] | None = None
+        finishing_ids: frozenset[bytes] = frozenset()
+        while upcoming is not None:
+            self.heartbeat = time.monotonic()
+            maintainer.poll()
+            batch = _wait(upcoming)
+            upcoming = None
+            if batch.empty:
+                # Settle what is in hand before deciding that the group is drained.
+                if finishing is not None and not _wait(finishing):
                     exit_code = 1
-                    self._stopping = True  # the reader returns what it holds; left pending
-                    if upcoming is not None:
-                        _wait(upcoming)
                     break
-                finishing = finisher.submit(self._finish, committed)
-                finishing_ids = frozenset(batch.ids)
-                maintainer.after_commit(sink.commits)
-            if finishing is not None and not _wait(finishing):
+                finishing, finishing_ids = None, frozenset()
+                if self._stopping or (drain and self._drained()):
+                    break
+                upcoming = reader.submit(collect, frozenset())
+                continue
+            if not self._stopping:
+                # Entries of both unsettled batches are in hand: a claim must skip them.
+                in_flight = frozenset(batch.ids) | finishing_ids
+                upcoming = reader.submit(collect, in_flight)
+            committed = self._commit_history(batch, sink)
+            previous_ok = _wait(finishing) if finishing is not None else True
+            finishing, finishing_ids = None, frozenset()
+            if committed is None or not previous_ok:
                 exit_code = 1
+                self._stopping = True  # the reader returns what it holds; left pending
+                if upcoming is not None:
+                    _wait(upcoming)
+                break
+            finishing = finisher.submit(self._finish, committed)
+            finishing_ids = frozenset(batch.ids)
+            maintainer.after_commit(sink.commits)
+        if finishing is not None and not _wait(finishing):
+            exit_code = 1
         return exit_code
 
     # -- reading -------------------------------------------------------------

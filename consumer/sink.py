@@ -128,7 +128,7 @@ class DeltaSink:
                 post_commithook_properties=NO_CHECKPOINT,
             )
         except CommitFailedError as exc:
-            if _is_conflict(exc):
+            if is_conflict(exc):
                 # Our commit did not land: the winner's rows are read on the next try.
                 raise CommitConflict(f"concurrent commit: {exc}") from exc
             raise CommitFailed(f"commit failed: {exc}") from exc
@@ -160,6 +160,7 @@ def _stream_id(rows: pa.Table, position: int) -> str:
     return value
 
 
-def _is_conflict(exc: CommitFailedError) -> bool:
+def is_conflict(exc: CommitFailedError) -> bool:
+    """Whether a failed commit lost a race (retry at once) rather than failed."""
     text = str(exc).lower()
     return "concurrent" in text or "conflict" in text

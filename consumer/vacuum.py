@@ -93,12 +93,12 @@ def sweep_orphans(table: DeltaTable, root: Path, min_age_s: float = ORPHAN_MIN_A
     a stale snapshot would not know the files committed since.
     """
     table.update_incremental()
+    # The log holds paths URL-encoded (a folder "symbol=BRK%20B" as "BRK%2520B"):
+    # decoded once, they are the names on disk.
     known = {unquote(p) for p in pa.table(table.get_add_actions()).column("path").to_pylist()}
-    # Every tombstoned file still on disk, whatever its age: a dry run lists them.
-    known.update(
-        unquote(p)
-        for p in table.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False)
-    )
+    # Every tombstoned file still on disk, whatever its age: a dry run lists them,
+    # by their names on disk already.
+    known.update(table.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False))
     cutoff = time.time() - min_age_s
     swept: list[str] = []
     for path in root.rglob("*.parquet"):
