@@ -33,7 +33,10 @@ from shared.table import (
 log = logging.getLogger(__name__)
 
 CURRENT_TABLE = "positions_current"
-MERGE_PREDICATE = "t.symbol = s.symbol AND t.account = s.account AND t.conid = s.conid"
+# No symbol in the match: a contract whose underlying changes ticker (same conid) moves
+# to its new partition instead of leaving its old row behind. Nothing is lost: the
+# default streamed MERGE prunes no partitions anyway.
+MERGE_PREDICATE = "t.account = s.account AND t.conid = s.conid"
 
 
 def open_or_create_current(settings: Settings) -> DeltaTable:

@@ -11,8 +11,9 @@ import msgspec
 import pyarrow as pa
 import redis
 
-from consumer.current import newest_per_contract
+from consumer.current import CurrentPositions, newest_per_contract
 from shared.model import PositionUpdate
+from shared.settings import Settings
 from shared.table import updates_to_arrow
 from tests.helpers import (
     assert_current_exact,
@@ -143,3 +144,20 @@ def test_newest_per_contract_takes_the_first_of_equal_timestamps_like_the_histor
             expected[(update.account, update.conid)] = update
     newest = newest_per_contract(chunked)
     assert sorted_rows(newest) == expected_rows(expected.values())
+
+
+def test_a_ticker_change_moves_the_contract_to_its_new_symbol(tmp_path: Path) -> None:
+    """Same conid, new underlying symbol (a ticker change): one row, under the new symbol,
+    and a late update under the old symbol does not bring the old one back."""
+    settings = Settings(lake_uri=str(tmp_path / "lake"), consumer_name="c1")
+    current = CurrentPositions(settings)
+    before = make_updates(40, seed=13)
+    current.merge(updates_to_arrow(before, [f"{i + 1}-0".encode() for i in range(40)]))
+    renamed = _later(before[0], 3_600, symbol="NEWTICK")
+    late_old = _later(before[0], 60)  # older than the rename, still under the old symbol
+    current.merge(updates_to_arrow([renamed], [b"41-0"]))
+    current.merge(updates_to_arrow([late_old], [b"42-0"]))
+    rows = current_rows(tmp_path / "lake")
+    mine = [r for r in rows if (r["account"], r["conid"]) == (before[0].account, before[0].conid)]
+    assert [r["symbol"] for r in mine] == ["NEWTICK"]
+    assert rows == expected_rows(_newest([*before, renamed, late_old]))
