@@ -19,10 +19,9 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
-from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.exceptions import DeltaError, TableNotFoundError
 
-from consumer.sink import NO_CHECKPOINT, is_conflict
-from shared.errors import CommitConflict, CommitFailed
+from consumer.sink import NO_CHECKPOINT, commit_error
 from shared.settings import Settings
 from shared.table import (
     PARTITION_COLUMNS,
@@ -123,12 +122,8 @@ class CurrentPositions:
                 .when_not_matched_insert_all()
                 .execute()
             )
-        except CommitFailedError as exc:
-            if is_conflict(exc):
-                raise CommitConflict(f"positions_current: concurrent merge: {exc}") from exc
-            raise CommitFailed(f"positions_current: merge failed: {exc}") from exc
         except (DeltaError, OSError) as exc:
-            raise CommitFailed(f"positions_current: merge failed: {exc}") from exc
+            raise commit_error(exc, CURRENT_TABLE) from exc
         elapsed = time.perf_counter() - started
         log.debug(
             "positions_current merged",

@@ -127,14 +127,11 @@ class DeltaSink:
                 commit_properties=properties,
                 post_commithook_properties=NO_CHECKPOINT,
             )
-        except CommitFailedError as exc:
-            if is_conflict(exc):
-                # Our commit did not land: the winner's rows are read on the next try.
-                raise CommitConflict(f"concurrent commit: {exc}") from exc
-            raise CommitFailed(f"commit failed: {exc}") from exc
         except (DeltaError, OSError) as exc:
-            # Outcome unknown in general; the next sync reads our commit back if it landed.
-            raise CommitFailed(f"commit failed: {exc}") from exc
+            # A lost race did not land: the winner's rows are read on the next try. Any
+            # other failure's outcome is unknown; the next sync reads our commit back if
+            # it landed.
+            raise commit_error(exc, "position_updates") from exc
         self._own_commit_ids.add(commit_id)
         self.index.add_committed(keys, fresh)
         self.commits += 1
@@ -160,7 +157,10 @@ def _stream_id(rows: pa.Table, position: int) -> str:
     return value
 
 
-def is_conflict(exc: CommitFailedError) -> bool:
-    """Whether a failed commit lost a race (retry at once) rather than failed."""
+def commit_error(exc: DeltaError | OSError, table: str) -> CommitConflict | CommitFailed:
+    """What a failed Delta commit means to the caller: a race lost to another writer
+    (retry at once) or a failure (back off and retry)."""
     text = str(exc).lower()
-    return "concurrent" in text or "conflict" in text
+    if isinstance(exc, CommitFailedError) and ("concurrent" in text or "conflict" in text):
+        return CommitConflict(f"{table}: a concurrent commit won: {exc}")
+    return CommitFailed(f"{table}: commit failed: {exc}")
