@@ -30,7 +30,8 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from shared.table import TOMBSTONE_MARGIN_HOURS, TOMBSTONE_RETENTION
+from shared.settings import TOMBSTONE_MARGIN_HOURS
+from shared.table import TOMBSTONE_RETENTION
 
 log = logging.getLogger(__name__)
 

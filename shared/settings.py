@@ -18,6 +18,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from shared.errors import ConfigError
 
+DEFAULT_HISTORY_RETENTION_HOURS = 6.0
+# Tombstones and log files outlive the history by this much (shared/table.py), so that
+# the consumers' vacuum (at most hourly) always sees a retired file's tombstone before
+# it expires.
+TOMBSTONE_MARGIN_HOURS = 2
+
 ENV_PREFIX = "POSLAKE_"
 
 # after_commit: after the history commit, before the positions_current merge;
@@ -78,7 +84,7 @@ class Settings(BaseSettings):
     maintenance_every_commits: Annotated[int, Field(ge=1)] = 25
     checkpoint_interval: Annotated[int, Field(ge=1)] = 100
     # Vacuum of files retired longer ago than the history: at most hourly, because a
-    # tombstone outlives the history by only TOMBSTONE_MARGIN_HOURS (shared/table.py).
+    # tombstone outlives the history by only TOMBSTONE_MARGIN_HOURS.
     vacuum_interval_s: Annotated[float, Field(ge=60, le=3600)] = 3600.0
 
     # Producer side: optional approximate trimming of the stream on XADD.
@@ -113,7 +119,7 @@ class Settings(BaseSettings):
     # (set at creation and by `poslake maintain`), and the vacuum floor `poslake maintain`
     # keeps unless forced. Every checkpoint carries a tombstone per file removed within
     # it (~50 a batch), so a longer window makes every open and checkpoint dearer.
-    history_retention_hours: Annotated[float, Field(gt=0)] = 6.0
+    history_retention_hours: Annotated[float, Field(gt=0)] = DEFAULT_HISTORY_RETENTION_HOURS
 
     # Prometheus /metrics and /healthz of the producer or consumer; port 0 turns it off.
     metrics_host: Annotated[str, Field(min_length=1)] = "127.0.0.1"

@@ -18,6 +18,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from shared.model import PositionUpdate
+from shared.settings import DEFAULT_HISTORY_RETENTION_HOURS, TOMBSTONE_MARGIN_HOURS
 
 TABLE_NAME = "position_updates"
 PARTITION_COLUMNS = ["symbol"]
@@ -62,12 +63,8 @@ _JSON_PARSE = pj.ParseOptions(
 _encoder = msgspec.json.Encoder()
 
 
-DEFAULT_HISTORY_RETENTION_HOURS = 6.0
 TOMBSTONE_RETENTION = "delta.deletedFileRetentionDuration"
 LOG_RETENTION = "delta.logRetentionDuration"
-# Tombstones and log files outlive the history by this much, so that the consumers'
-# vacuum (at most hourly) always sees a retired file's tombstone before it expires.
-TOMBSTONE_MARGIN_HOURS = 2
 
 
 def retention_interval(history_retention_hours: float) -> str:

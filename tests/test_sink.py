@@ -21,8 +21,8 @@ from consumer.sink import DeltaSink
 from consumer.vacuum import history_hours, interval_seconds, sweep_orphans, vacuum_retired
 from shared.errors import CommitConflict
 from shared.model import PositionUpdate
-from shared.settings import Settings
-from shared.table import TOMBSTONE_MARGIN_HOURS, updates_to_arrow
+from shared.settings import TOMBSTONE_MARGIN_HOURS, Settings
+from shared.table import updates_to_arrow
 from tests.helpers import assert_current_exact, assert_table_exact, make_updates
 
 
