@@ -126,26 +126,31 @@ class TableMaintainer:
         """Compact what needs it now, then checkpoint both tables; returns the symbols
         compacted. Each step stands alone: a failed compaction still checkpoints."""
         s = self._settings
-        symbols: list[str] = []
-        try:
-            symbols = self._compact()
-        except Exception as exc:  # a background thread: log it, keep the other steps
-            self._failed("compaction", s.table_uri, exc)
+        tables: dict[str, DeltaTable] = {}
         for uri in (s.table_uri, s.current_table_uri):
             try:
-                table = DeltaTable(uri, storage_options=s.storage_options or None)
-                self._checkpoint(table, uri)
+                tables[uri] = DeltaTable(uri, storage_options=s.storage_options or None)
             except TableNotFoundError:
                 continue
+            except Exception as exc:  # a background thread: log it, keep the other steps
+                self._failed("open", uri, exc)
+        symbols: list[str] = []
+        if s.table_uri in tables:
+            try:
+                symbols = self._compact(tables[s.table_uri])
+            except Exception as exc:
+                self._failed("compaction", s.table_uri, exc)
+        for uri, table in tables.items():
+            try:
+                self._checkpoint(table, uri)
             except Exception as exc:
                 self._failed("checkpoint", uri, exc)
         self.runs += 1
         return symbols
 
-    def _compact(self) -> list[str]:
+    def _compact(self, table: DeltaTable) -> list[str]:
         s = self._settings
         started = time.perf_counter()
-        table = DeltaTable(s.table_uri, storage_options=s.storage_options or None)
         symbols = partitions_to_compact(
             table, s.compact_small_file_bytes, s.compact_min_small_files
         )
