@@ -1,36 +1,20 @@
-"""What every operator command shares: exit codes and the error that carries one.
+"""What every operator command shares: the error that carries an exit code.
 
-Exit codes, for scripts:
-
-====  =====================================================================
-0     done
-1     the command ran but found a problem it reports (e.g. a failed part)
-2     bad input: an argument, an ID, a time, a setting
-3     something named does not exist: the table, the group, a dead letter
-4     Redis could not be reached
-5     cancelled at the confirmation prompt
-====  =====================================================================
+The exit codes are one table for every program: :class:`shared.errors.ExitCode`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from enum import IntEnum
 from typing import Any
 
 import redis
 
+from shared.errors import ExitCode
 from shared.settings import Settings
 
-
-class ExitCode(IntEnum):
-    OK = 0
-    FAILED = 1
-    BAD_INPUT = 2
-    NOT_FOUND = 3
-    UNREACHABLE = 4
-    CANCELLED = 5
+__all__ = ["CommandError", "ExitCode", "confirm", "redis_client"]
 
 
 class CommandError(Exception):
