@@ -30,7 +30,8 @@ from typing import Any
 import redis
 
 from bench.common import log, private_redis, ratio, verdict, work_dir
-from producer.resp import RedisAddress, RespConnection, pack_command
+from producer.resp import RespConnection, pack_command
+from shared.redis_conn import RedisTarget
 from shared.settings import Settings
 from shared.wire import decode_entry
 
@@ -125,7 +126,7 @@ def redis_py_baseline(client: redis.Redis, payloads: list[bytes], stream: str) -
 
 
 async def resp_baseline(redis_url: str, payloads: list[bytes], stream: str) -> float:
-    connection = await RespConnection.open(RedisAddress.from_url(redis_url))
+    connection = await RespConnection.open(RedisTarget.parse(redis_url))
     name = stream.encode()
     started = time.perf_counter()
     for start in range(0, len(payloads), CHUNK):

@@ -8,6 +8,7 @@ import sys
 
 from consumer.metrics import ConsumerMetrics
 from consumer.runner import Consumer
+from shared.errors import ConfigError
 from shared.logs import configure_logging
 from shared.metrics import MetricsServer
 from shared.settings import load_settings_or_report
@@ -41,11 +42,8 @@ def run(args: argparse.Namespace) -> int:
         server = MetricsServer(metrics.registry, metrics.health)
         try:
             server.start(settings.metrics_host, settings.metrics_port)
-        except OSError as exc:
-            print(
-                f"poslake consumer: POSLAKE_METRICS_PORT={settings.metrics_port}: {exc}",
-                file=sys.stderr,
-            )
+        except ConfigError as exc:
+            print(f"poslake consumer: {exc}", file=sys.stderr)
             return 2
     try:
         return consumer.run(drain=bool(args.drain))

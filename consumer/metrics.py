@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from consumer.runner import Consumer
 from shared.metrics import StatsCollector
+from shared.redis_conn import sync_client
 
 LAG_COUNT_MAX = 100_000  # where Redis does not report lag, it is counted up to this
 COUNTERS = {
@@ -34,8 +35,8 @@ class ConsumerMetrics:
     def __init__(self, consumer: Consumer) -> None:
         self.consumer = consumer
         settings = consumer.settings
-        self._client: Any = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+        self._client: Any = sync_client(
+            settings.redis_target, socket_timeout=2, socket_connect_timeout=2
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector("poslake_consumer", self._read, COUNTERS, GAUGES))

@@ -35,7 +35,8 @@ from consumer.maintenance import TableMaintainer
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
 from shared.errors import CommitConflict, CommitFailed, StreamUnavailable
-from shared.publisher import TRANSIENT_REDIS_ERRORS
+from shared.redis_conn import sync_client
+from shared.redis_errors import TRANSIENT_REDIS_ERRORS
 from shared.settings import Settings
 from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
 from shared.wire import decode_entries, fields_as_dict
@@ -221,8 +222,8 @@ class Consumer:
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
-        self.client = client or redis.Redis.from_url(
-            settings.redis_url,
+        self.client = client or sync_client(
+            settings.redis_target,
             socket_timeout=30,
             socket_connect_timeout=5,
             health_check_interval=30,

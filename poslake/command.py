@@ -12,6 +12,7 @@ from typing import Any
 import redis
 
 from shared.errors import ExitCode
+from shared.redis_conn import sync_client
 from shared.settings import Settings
 
 __all__ = ["CommandError", "ExitCode", "confirm", "redis_client"]
@@ -40,12 +41,12 @@ def confirm(question: str, assume_yes: bool) -> None:
 @contextlib.contextmanager
 def redis_client(settings: Settings) -> Iterator[Any]:
     """A client for one command; an unreachable server becomes exit code 4."""
-    client: Any = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    client: Any = sync_client(settings.redis_target, socket_connect_timeout=5)
     try:
         yield client
     except redis.ConnectionError as exc:
         raise CommandError(
-            f"cannot reach Redis at {settings.redis_url}: {exc}", ExitCode.UNREACHABLE
+            f"cannot reach Redis at {settings.redis_url_redacted}: {exc}", ExitCode.UNREACHABLE
         ) from None
     finally:
         client.close()

@@ -31,6 +31,7 @@ from poslake import status as status_mod
 from poslake.command import CommandError
 from poslake.live_view import LiveView
 from shared.logs import configure_logging
+from shared.redis_conn import sync_client
 from shared.redis_server import RedisServer, find_redis_server
 from shared.settings import Settings, load_settings_or_report
 
@@ -84,10 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _start_redis(settings: Settings, data_dir: Path, stack: ExitStack) -> str:
     if "redis_url" in settings.model_fields_set:
         try:
-            redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3).ping()
+            sync_client(settings.redis_target, socket_connect_timeout=3).ping()
         except redis.RedisError as exc:
             raise StartupError(
-                f"redis: cannot reach POSLAKE_REDIS_URL={settings.redis_url}: {exc}", 3
+                f"redis: cannot reach POSLAKE_REDIS_URL={settings.redis_url_redacted}: {exc}", 3
             ) from exc
         return settings.redis_url
     binary = find_redis_server()
@@ -259,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
                 for i in range(args.consumers)
             ]
             producer = _spawn("producer", ["producer"], producer_env, logs, stack)
-            client: Any = redis.Redis.from_url(url)
+            client: Any = sync_client(url)
             _wait_for_first_entry(client, settings, producer, settings.ib_connect_timeout_s + 20)
         except StartupError as exc:
             print(f"poslake run: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ from producer.ib_mapping import UpdateClock
 from producer.ib_source import IbSource
 from producer.metrics import ProducerMetrics
 from producer.outbox import Outbox
+from shared.errors import ConfigError
 from shared.logs import configure_logging
 from shared.metrics import MetricsServer
 from shared.publisher import TrimPolicy
@@ -59,8 +60,8 @@ async def run_producer(settings: Settings) -> int:
         server = MetricsServer(metrics.registry, metrics.health)
         try:
             server.start(settings.metrics_host, settings.metrics_port)
-        except OSError as exc:
-            log.error("POSLAKE_METRICS_PORT %s is not usable: %s", settings.metrics_port, exc)
+        except ConfigError as exc:
+            log.error("%s", exc)
             return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

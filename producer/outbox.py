@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from producer.resp import RedisAddress, RespConnection, RespError, pack_command
+from producer.resp import RespConnection, RespError, pack_command
 from shared.model import PositionUpdate
 from shared.publisher import TrimPolicy
+from shared.redis_conn import RedisTarget
 from shared.wire import CURRENT_VERSION, encode_payload
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ class Outbox:
             b"*%d\r\n" % len(head_args), b"*%d\r\n" % (len(head_args) + 5), 1
         )
         self._xadd_fields = pack_command(b"v", CURRENT_VERSION, b"payload")[4:]
-        self._address = RedisAddress.from_url(redis_url)
+        self._address = RedisTarget.parse(redis_url)
         self._stream = stream.encode()
         self._memory: deque[Entry] = deque()
         self._memory_limit = memory_limit

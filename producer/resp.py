@@ -5,7 +5,8 @@ reply; measured here it tops out near 27,000 XADD/s, which caps a snapshot
 burst. This connection writes pre-packed RESP commands in one write and
 parses the replies with hiredis in bulk (about 85,000 XADD/s on the same
 machine, bench/producer_burst.py). It speaks only what the producer needs:
-connect (TCP, TLS or a Unix socket, AUTH, SELECT), send a batch, read its replies.
+connect (TCP, TLS or a Unix socket, AUTH, SELECT: the URL means what it
+means to redis-py, shared/redis_conn.py), send a batch, read its replies.
 Error replies come back as :class:`RespError` values in the reply list, so one
 rejected XADD (e.g. an explicit ID already written) does not hide the others.
 """
@@ -14,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
-from urllib.parse import unquote, urlparse
 
 import hiredis
+
+from shared.redis_conn import RedisTarget
 
 READ_SIZE = 1 << 16
 
@@ -36,40 +36,6 @@ def pack_command(*args: bytes) -> bytes:
     return b"".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
-class RedisAddress:
-    """Where and how to connect, from a ``redis://``, ``rediss://`` or ``unix://`` URL."""
-
-    host: str | None
-    port: int
-    path: str | None
-    tls: bool
-    username: str | None
-    password: str | None
-    db: int
-
-    @classmethod
-    def from_url(cls, url: str) -> RedisAddress:
-        parsed = urlparse(url)
-        username = unquote(parsed.username) if parsed.username else None
-        password = unquote(parsed.password) if parsed.password else None
-        if parsed.scheme == "unix":
-            query = dict(part.split("=", 1) for part in parsed.query.split("&") if "=" in part)
-            return cls(None, 0, parsed.path, False, username, password, int(query.get("db", 0)))
-        if parsed.scheme not in ("redis", "rediss"):
-            raise ValueError(f"unsupported Redis URL scheme {parsed.scheme!r}")
-        db_text = parsed.path.lstrip("/")
-        return cls(
-            parsed.hostname or "127.0.0.1",
-            parsed.port or 6379,
-            None,
-            parsed.scheme == "rediss",
-            username,
-            password,
-            int(db_text) if db_text else 0,
-        )
-
-
 class RespConnection:
     """One connection; not shared between tasks (the producer has one writer task)."""
 
@@ -79,11 +45,12 @@ class RespConnection:
         self._parser = hiredis.Reader(replyError=RespError)
 
     @classmethod
-    async def open(cls, address: RedisAddress, timeout_s: float = 5.0) -> RespConnection:
+    async def open(cls, address: RedisTarget, timeout_s: float = 5.0) -> RespConnection:
+        """Connect as redis-py would for the same URL (TLS options included)."""
         if address.path is not None:
             opening = asyncio.open_unix_connection(address.path)
         else:
-            context = ssl.create_default_context() if address.tls else None
+            context = address.tls.context() if address.tls is not None else None
             opening = asyncio.open_connection(address.host, address.port, ssl=context)
         reader, writer = await asyncio.wait_for(opening, timeout_s)
         raw = writer.get_extra_info("socket")

@@ -10,7 +10,9 @@ do not pay for metrics.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,13 @@ class StatsCollector(Collector):
                 yield gauge
 
 
+def bind_problem(host: str, port: int, exc: OSError) -> str:
+    """Which setting a failed bind is about: the host (no such address) or the port."""
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return f"POSLAKE_METRICS_HOST={host}: not an address of this machine ({exc.strerror})"
+    return f"POSLAKE_METRICS_PORT={port}: cannot listen on {host}:{port} ({exc.strerror})"
+
+
 class MetricsServer:
     """``/metrics`` and ``/healthz`` on ``host:port`` in a daemon thread."""
 
@@ -88,7 +99,10 @@ class MetricsServer:
             def log_message(self, *_: object) -> None:
                 pass  # scrapes every few seconds would flood the log
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigError(bind_problem(host, port, exc)) from None
         self._server.daemon_threads = True
         thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
         thread.start()

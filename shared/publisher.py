@@ -1,8 +1,10 @@
 """Publishing updates to the stream: pipelined XADD with optional approximate trimming.
 
 Bursts (IB's snapshot at connect) go out in pipelines of ``chunk`` entries, one
-round trip each. A connection error retries the unfinished chunk with backoff;
-an XADD may then land twice, which the consumer's key dedup absorbs.
+round trip each. A transient failure (shared/redis_errors.py) retries the
+unfinished chunk with backoff; an XADD may then land twice, which the consumer's
+key dedup absorbs. A fatal one (no permission, wrong password) raises
+:class:`shared.errors.RedisRefused` at once.
 """
 
 from __future__ import annotations
@@ -15,16 +17,14 @@ from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from shared.errors import StreamUnavailable
 from shared.model import PositionUpdate
+from shared.redis_errors import is_transient, refusal
 from shared.wire import encode_many
 
 log = logging.getLogger(__name__)
-
-TRANSIENT_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +100,9 @@ class StreamPublisher:
                 pipe = self._client.pipeline(transaction=False)
                 _queue_xadds(pipe, self._stream, entries, self._trim)
                 return list(pipe.execute())
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except (RedisError, OSError) as exc:
+                if not is_transient(exc):
+                    raise refusal(exc, "XADD", self._stream) from None
                 delay = self._retry.delay(attempt)
                 log.warning("xadd failed, retrying", extra={"error": str(exc), "delay_s": delay})
                 time.sleep(delay)
@@ -138,7 +140,9 @@ class AsyncStreamPublisher:
                 pipe = self._client.pipeline(transaction=False)
                 _queue_xadds(pipe, self._stream, entries, self._trim)
                 return list(await pipe.execute())
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except (RedisError, OSError) as exc:
+                if not is_transient(exc):
+                    raise refusal(exc, "XADD", self._stream) from None
                 delay = self._retry.delay(attempt)
                 log.warning("xadd failed, retrying", extra={"error": str(exc), "delay_s": delay})
                 await asyncio.sleep(delay)

@@ -7,16 +7,22 @@ message that names the environment variable.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import json
+import os
 import re
 import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from shared.errors import ConfigError
+from shared.redis_conn import RedisTarget, redacted_url
 
 DEFAULT_HISTORY_RETENTION_HOURS = 6.0
 # Tombstones and log files outlive the history by this much (shared/table.py), so that
@@ -30,6 +36,21 @@ ENV_PREFIX = "POSLAKE_"
 # after_current: after both, before the XACK.
 CrashPoint = Literal["after_read", "after_commit", "after_current", "mid_claim"]
 
+# Longest wait any setting may ask for: a day is already absurd for a backoff, and
+# it keeps every duration far from what time.sleep() and timers overflow on.
+MAX_SECONDS = 86_400.0
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+SecondsOrZero = Annotated[float, Field(ge=0, le=MAX_SECONDS)]
+
+# Where a lake can live: a local folder (a path or file://) or a store delta-rs reaches.
+LAKE_SCHEMES = frozenset({"file", "s3", "s3a", "gs", "az", "abfs", "abfss", "adl", "memory"})
+
+# POSLAKE_ variables that are read by the test suite, not by the programs.
+NOT_SETTINGS = frozenset({"POSLAKE_TEST_REDIS_URL"})
+
+# Settings whose values are secret or may hold a secret: never echoed in an error.
+_SECRET_FIELDS = frozenset({"redis_url", "storage_options", "lake_uri"})
+
 
 def _default_consumer_name() -> str:
     # Stable per host, so a restarted consumer finds its own pending entries.
@@ -40,7 +61,11 @@ class Settings(BaseSettings):
     """Everything the producer and consumer can be told, with defaults that run locally."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", frozen=True
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+        allow_inf_nan=False,  # "inf" or "nan" as a duration is a typo, not a wish
     )
 
     # Redis Stream and consumer group.
@@ -53,7 +78,8 @@ class Settings(BaseSettings):
 
     # Delta Lake.
     lake_uri: Annotated[str, Field(min_length=1)] = "./lake"
-    storage_options: dict[str, str] = Field(default_factory=dict)
+    # delta-rs storage options (S3 keys, endpoint...): JSON object of strings, secret.
+    storage_options: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
     # Batching: a batch closes at this many entries or this long after its first entry.
     batch_max_entries: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
@@ -61,14 +87,14 @@ class Settings(BaseSettings):
     read_count: Annotated[int, Field(ge=1, le=100_000)] = 2_000
 
     # Recovery of other consumers' entries and poison handling.
-    claim_min_idle_s: Annotated[float, Field(ge=0)] = 60.0
-    claim_interval_s: Annotated[float, Field(gt=0)] = 15.0
+    claim_min_idle_s: SecondsOrZero = 60.0
+    claim_interval_s: Seconds = 15.0
     claim_page_size: Annotated[int, Field(ge=1, le=100_000)] = 1_000
     max_deliveries: Annotated[int, Field(ge=1)] = 10
 
     # Retry backoff for Redis reconnects and failed Delta commits.
-    retry_initial_s: Annotated[float, Field(gt=0)] = 0.2
-    retry_max_s: Annotated[float, Field(gt=0)] = 30.0
+    retry_initial_s: Seconds = 0.2
+    retry_max_s: Seconds = 30.0
 
     # Dedup index: keys kept in memory before the oldest are dropped (older ones
     # are then checked against the table instead).
@@ -89,7 +115,7 @@ class Settings(BaseSettings):
 
     # Producer side: optional approximate trimming of the stream on XADD.
     stream_maxlen: Annotated[int, Field(ge=1)] | None = None
-    stream_min_age_s: Annotated[float, Field(gt=0)] | None = None
+    stream_min_age_s: Annotated[float, Field(gt=0, le=365 * MAX_SECONDS)] | None = None
     publish_chunk: Annotated[int, Field(ge=1, le=100_000)] = 500
 
     # Producer: the IB connection (TWS or IB Gateway; the API is plain TCP).
@@ -100,11 +126,11 @@ class Settings(BaseSettings):
     # first one gets IB's portfolio stream; the others positions + PnL-single.
     ib_accounts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     ib_connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
-    ib_reconnect_initial_s: Annotated[float, Field(gt=0)] = 1.0
-    ib_reconnect_max_s: Annotated[float, Field(gt=0)] = 60.0
-    ib_client_id_backoff_s: Annotated[float, Field(ge=0)] = 15.0
+    ib_reconnect_initial_s: Seconds = 1.0
+    ib_reconnect_max_s: Seconds = 60.0
+    ib_client_id_backoff_s: SecondsOrZero = 15.0
     # After this long with nothing from IB, ask for the current time to check liveness.
-    ib_idle_probe_s: Annotated[float, Field(gt=0)] = 60.0
+    ib_idle_probe_s: Seconds = 60.0
     # Decode portfolio/position/PnL messages straight into updates (see producer/ib_source.py).
     ib_fast_decode: bool = True
 
@@ -113,13 +139,15 @@ class Settings(BaseSettings):
     producer_spool_dir: Annotated[str, Field(min_length=1)] = "./spool"
     # Only for a stream's sole producer: entry IDs from timestamps, so retries are recognised.
     producer_explicit_ids: bool = False
-    producer_flush_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    producer_flush_timeout_s: Seconds = 10.0
 
     # How far back time travel must keep working: the tables' tombstone retention
     # (set at creation and by `poslake maintain`), and the vacuum floor `poslake maintain`
     # keeps unless forced. Every checkpoint carries a tombstone per file removed within
     # it (~50 a batch), so a longer window makes every open and checkpoint dearer.
-    history_retention_hours: Annotated[float, Field(gt=0)] = DEFAULT_HISTORY_RETENTION_HOURS
+    history_retention_hours: Annotated[float, Field(gt=0, le=24 * 3650)] = (
+        DEFAULT_HISTORY_RETENTION_HOURS
+    )
 
     # Prometheus /metrics and /healthz of the producer or consumer; port 0 turns it off.
     metrics_host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
@@ -134,9 +162,54 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+    def _redis_url(cls, value: str) -> str:
+        RedisTarget.parse(value)  # its ValueError never quotes the password
+        return value
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _storage_options(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                # Position only: the text around it may be a secret.
+                raise ValueError(
+                    f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+                ) from None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object of option names to string values")
+        for name, option in value.items():
+            if not isinstance(option, str):
+                raise ValueError(
+                    f"the value of {str(name)!r} must be a JSON string "
+                    f"(got a JSON {_json_type(option)})"
+                )
+        return value
+
+    @field_validator("lake_uri")
+    @classmethod
+    def _lake_scheme(cls, value: str) -> str:
+        try:
+            scheme = urlsplit(value).scheme.lower()
+        except ValueError:
+            raise ValueError("not a valid path or URI") from None
+        # A one-letter "scheme" is a Windows drive; no scheme is a local path.
+        if len(scheme) > 1 and scheme not in LAKE_SCHEMES:
+            raise ValueError(
+                f"unsupported scheme {scheme!r}: a local path, or one of "
+                + ", ".join(f"{name}://" for name in sorted(LAKE_SCHEMES))
+            )
+        return value
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _metrics_host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not _HOSTNAME.fullmatch(value):
+                raise ValueError("must be an IP address or a host name") from None
         return value
 
     @field_validator("ib_accounts", mode="before")
@@ -162,6 +235,16 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def redis_target(self) -> RedisTarget:
+        """The parsed Redis URL (checked at start, so this cannot fail)."""
+        return RedisTarget.parse(self.redis_url)
+
+    @property
+    def redis_url_redacted(self) -> str:
+        """The Redis URL as it may be shown: the password replaced by ``***``."""
+        return redacted_url(self.redis_url)
+
+    @property
     def dlq_stream(self) -> str:
         """The dead-letter stream beside the main one."""
         return f"{self.stream}:dlq"
@@ -182,33 +265,87 @@ class Settings(BaseSettings):
         return f"{self.lake_uri.rstrip('/')}/positions_current"
 
 
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if value is None:
+        return "null"
+    return "array" if isinstance(value, list) else "object"
+
+
 def _env_name(location: tuple[int | str, ...]) -> str:
     name = str(location[0]) if location else "?"
     return f"{ENV_PREFIX}{name.upper()}"
 
 
+def setting_names() -> frozenset[str]:
+    """Every ``POSLAKE_*`` variable the settings read."""
+    return frozenset(f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields)
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """A warning for each ``POSLAKE_*`` variable that is no setting (a typo, most likely)."""
+    environ = dict(os.environ) if environ is None else environ
+    known = setting_names()
+    warnings = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in NOT_SETTINGS:
+            continue
+        nearest = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {nearest[0]}?" if nearest else ""
+        warnings.append(f"{name} is not a setting and is ignored{hint}")
+    return warnings
+
+
+def _shown_input(field_name: str, value: object) -> str:
+    """What of a bad value an error may repeat: nothing of a secret, a short form else."""
+    if field_name in _SECRET_FIELDS or isinstance(value, dict):
+        return ""
+    text = repr(value)
+    return f" (got {text[:80]}{'...' if len(text) > 80 else ''})"
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read the settings once; raise :class:`ConfigError` naming each bad variable."""
+    """Read the settings once; raise :class:`ConfigError` naming each bad variable.
+
+    The message never repeats the value of the Redis URL, the lake URI or a
+    storage option: they may hold passwords and keys.
+    """
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = []
-        for error in exc.errors():
+        for error in exc.errors(include_url=False, include_input=True):
             loc = error.get("loc", ())
             where = _env_name(loc) if loc else "settings"
-            value = error.get("input")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            problems.append(f"{where}: {error['msg']}{shown}")
+            field_name = str(loc[0]) if loc else ""
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}{_shown_input(field_name, error.get('input'))}")
         raise ConfigError("invalid setting: " + "; ".join(problems)) from None
     except SettingsError as exc:
-        # Raised for values that are not even parseable, e.g. bad JSON for a dict.
+        # A value that is not even parseable for its type; pydantic-settings' message
+        # quotes it, so only the variable is named.
         match = re.search(r'field "(\w+)"', str(exc))
         where = _env_name((match.group(1),)) if match else "settings"
-        raise ConfigError(f"invalid setting: {where}: {exc}") from None
+        raise ConfigError(f"invalid setting: {where}: cannot be parsed") from None
 
 
 def load_settings_or_report(program: str) -> Settings | None:
-    """For entry points: the settings, or ``None`` after printing what is wrong."""
+    """For entry points: the settings, or ``None`` after printing what is wrong.
+
+    Unknown ``POSLAKE_*`` variables get a warning on stderr with the nearest name.
+    """
+    for warning in unknown_variables():
+        print(f"{program}: warning: {warning}", file=sys.stderr)
     try:
         return load_settings()
     except ConfigError as exc:

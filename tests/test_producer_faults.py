@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from producer.outbox import Outbox
-from producer.resp import RedisAddress, RespConnection, pack_command
+from producer.resp import RespConnection, pack_command
+from shared import redis_conn
 from shared.redis_server import RedisServer, find_redis_server
 from shared.wire import decode_entry, encode_payload
 from tests.conftest import RedisTarget
@@ -311,7 +312,7 @@ def test_explicit_ids_recognise_a_retried_chunk(redis_target: RedisTarget, strea
 
 def test_resp_connection_round_trip(redis_target: RedisTarget) -> None:
     async def scenario() -> None:
-        connection = await RespConnection.open(RedisAddress.from_url(redis_target.url))
+        connection = await RespConnection.open(redis_conn.RedisTarget.parse(redis_target.url))
         (pong,) = await connection.execute([pack_command(b"PING")])
         assert pong == b"PONG"
         connection.close()

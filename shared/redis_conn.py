@@ -1,0 +1,206 @@
+"""Where Redis is and how to talk to it: the one parser of ``POSLAKE_REDIS_URL``.
+
+Every process (consumer, producer, operator commands) connects through
+:func:`sync_client`, :func:`async_client` or, for the producer's own RESP
+writer, :class:`RedisTarget`, so one URL means the same thing everywhere:
+
+- ``redis://[user[:password]@]host[:port][/db]``, ``rediss://...`` for TLS,
+  ``unix://[user[:password]@]/path/to/socket[?db=N]``;
+- query options (TLS): ``ssl_ca_certs`` (CA bundle file), ``ssl_ca_path`` (CA
+  folder), ``ssl_cert_reqs`` (``required``, the default, ``optional`` or
+  ``none``), ``ssl_check_hostname`` (``true`` unless ``ssl_cert_reqs=none``),
+  ``ssl_certfile`` and ``ssl_keyfile`` (a client certificate, for mutual TLS);
+  and ``db``.
+
+The URL is checked once, at start (a bad port, database or option stops the
+program naming ``POSLAKE_REDIS_URL``), and only :func:`redacted_url` of it is
+ever shown: the password never appears in output, logs or errors.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
+
+import redis
+import redis.asyncio as aioredis
+
+CertReqs = Literal["none", "optional", "required"]
+_CERT_REQS: dict[str, ssl.VerifyMode] = {
+    "none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "required": ssl.CERT_REQUIRED,
+}
+_TLS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
+QUERY_OPTIONS = frozenset({"db", "ssl_cert_reqs", "ssl_check_hostname", *_TLS_FILE_OPTIONS})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+@dataclass(frozen=True, slots=True)
+class TlsOptions:
+    """The ``rediss://`` options, with redis-py's meaning."""
+
+    ca_certs: str | None = None
+    ca_path: str | None = None
+    cert_reqs: CertReqs = "required"
+    check_hostname: bool = True
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """An SSL context for a client connection, as redis-py builds it."""
+        context = ssl.create_default_context(cafile=self.ca_certs, capath=self.ca_path)
+        context.check_hostname = self.check_hostname and self.cert_reqs != "none"
+        context.verify_mode = _CERT_REQS[self.cert_reqs]
+        if self.certfile is not None:
+            context.load_cert_chain(self.certfile, self.keyfile)
+        return context
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """A parsed, checked ``POSLAKE_REDIS_URL``. ``repr`` never shows the password."""
+
+    url: str = field(repr=False)
+    host: str | None
+    port: int
+    path: str | None  # a Unix socket
+    db: int
+    username: str | None
+    password: str | None = field(repr=False)
+    tls: TlsOptions | None
+
+    @classmethod
+    def parse(cls, url: str) -> RedisTarget:
+        """Parse and check ``url``; ``ValueError`` says what is wrong, never the password."""
+        try:
+            parts = urlsplit(url)
+            port_number = parts.port
+        except ValueError:
+            # urlsplit's own message may quote the netloc, credentials included.
+            raise ValueError("the port must be a number from 1 to 65535") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        query: dict[str, str] = {}
+        for name, values in parse_qs(parts.query, keep_blank_values=True).items():
+            if name not in QUERY_OPTIONS:
+                raise ValueError(
+                    f"unknown URL option {name!r} (known: {', '.join(sorted(QUERY_OPTIONS))})"
+                )
+            query[name] = values[-1]
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else None
+        db = _database(parts.path if scheme != "unix" else "", query.get("db"))
+        tls = _tls_options(query) if scheme == "rediss" else None
+        if scheme != "rediss" and any(name.startswith("ssl_") for name in query):
+            raise ValueError("ssl_* options need a rediss:// URL")
+        if scheme == "unix":
+            if not parts.path:
+                raise ValueError("a unix:// URL needs the socket's path")
+            return cls(url, None, 0, unquote(parts.path), db, username, password, None)
+        if port_number is not None and not 1 <= port_number <= 65535:
+            raise ValueError("the port must be a number from 1 to 65535")
+        host = unquote(parts.hostname) if parts.hostname else "127.0.0.1"
+        return cls(url, host, port_number or 6379, None, db, username, password, tls)
+
+    @property
+    def redacted(self) -> str:
+        """The URL with its password replaced by ``***``: the only form ever shown."""
+        return redacted_url(self.url)
+
+    @property
+    def where(self) -> str:
+        """``host:port`` or the socket path, for messages."""
+        return self.path if self.path is not None else f"{self.host}:{self.port}"
+
+
+def _database(path: str, from_query: str | None) -> int:
+    text = from_query if from_query is not None else path.strip("/")
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise ValueError(f"the database must be a number, not {text!r}")
+    return int(text)
+
+
+def _tls_options(query: dict[str, str]) -> TlsOptions:
+    reqs = query.get("ssl_cert_reqs", "required").lower()
+    if reqs not in _CERT_REQS:
+        raise ValueError("ssl_cert_reqs must be none, optional or required")
+    check = query.get("ssl_check_hostname")
+    if check is None:
+        check_hostname = reqs != "none"
+    elif check.lower() in _TRUE:
+        check_hostname = True
+    elif check.lower() in _FALSE:
+        check_hostname = False
+    else:
+        raise ValueError("ssl_check_hostname must be true or false")
+    files = {name: query.get(name) or None for name in _TLS_FILE_OPTIONS}
+    if files["ssl_keyfile"] and not files["ssl_certfile"]:
+        raise ValueError("ssl_keyfile needs ssl_certfile")
+    return TlsOptions(
+        ca_certs=files["ssl_ca_certs"],
+        ca_path=files["ssl_ca_path"],
+        cert_reqs=reqs,  # type: ignore[arg-type]
+        check_hostname=check_hostname,
+        certfile=files["ssl_certfile"],
+        keyfile=files["ssl_keyfile"],
+    )
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with the password (if any) replaced by ``***``; safe for any string."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+        username = parts.username
+    except ValueError:
+        return "<unparseable Redis URL>"
+    if password is None and "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = quote(unquote(username), safe="") if username else ""
+    credentials = f"{user}:***" if password is not None else user
+    return urlunsplit((parts.scheme, f"{credentials}@{host}", parts.path, parts.query, ""))
+
+
+def _client_options(target: RedisTarget) -> dict[str, Any]:
+    options: dict[str, Any] = {"db": target.db}
+    if target.username is not None:
+        options["username"] = target.username
+    if target.password is not None:
+        options["password"] = target.password
+    if target.path is not None:
+        options["unix_socket_path"] = target.path
+        return options
+    options["host"] = target.host
+    options["port"] = target.port
+    if target.tls is not None:
+        tls = target.tls
+        options.update(
+            ssl=True,
+            ssl_ca_certs=tls.ca_certs,
+            ssl_ca_path=tls.ca_path,
+            ssl_cert_reqs=tls.cert_reqs,
+            ssl_check_hostname=tls.check_hostname and tls.cert_reqs != "none",
+            ssl_certfile=tls.certfile,
+            ssl_keyfile=tls.keyfile,
+        )
+    return options
+
+
+def sync_client(target: RedisTarget | str, **options: Any) -> redis.Redis:
+    """A redis-py client for ``target``; ``options`` add timeouts and the like."""
+    target = target if isinstance(target, RedisTarget) else RedisTarget.parse(target)
+    return redis.Redis(**_client_options(target), **options)
+
+
+def async_client(target: RedisTarget | str, **options: Any) -> aioredis.Redis:
+    """An asyncio redis-py client for ``target``."""
+    target = target if isinstance(target, RedisTarget) else RedisTarget.parse(target)
+    return aioredis.Redis(**_client_options(target), **options)
