@@ -25,6 +25,7 @@ PROGRAMS = [
     ["-m", "consumer", "--drain"],
     ["-m", "producer"],
     ["-m", "poslake", "status"],
+    ["-m", "poslake", "run", "--duration", "1"],
 ]
 
 BAD_SETTINGS = [
