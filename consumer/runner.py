@@ -24,9 +24,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import redis
 
 from consumer.current import CurrentPositions
@@ -38,7 +39,13 @@ from shared.errors import CommitConflict, CommitFailed, StreamUnavailable
 from shared.publisher import TRANSIENT_REDIS_ERRORS
 from shared.settings import Settings
 from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
-from shared.wire import decode_entries, fields_as_dict
+from shared.wire import (
+    DEFAULT_MAX_ENTRY_BYTES,
+    DecodedBatch,
+    decode_entries,
+    entry_bytes,
+    fields_as_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +72,17 @@ class DecodedPage:
 
 
 def decode_page(
-    ids: list[bytes], fields: list[RawFields], counts: list[int] | None, max_deliveries: int
+    ids: list[bytes],
+    fields: list[RawFields],
+    counts: list[int] | None,
+    max_deliveries: int,
+    max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
 ) -> DecodedPage:
-    """Dead letters for entries delivered too often or undecodable; rows for the rest."""
+    """Dead letters for entries delivered too often or undecodable; rows for the rest.
+
+    Whatever fails for one entry dead-letters that entry alone: a page-level step
+    that fails is redone entry by entry to find the culprits.
+    """
     over_limit: list[DeadLetter] = []
     poison: list[DeadLetter] = []
     if counts is None:  # first deliveries
@@ -77,19 +92,54 @@ def decode_page(
         for entry_id, raw, count in zip(ids, fields, counts, strict=True):
             if count > max_deliveries:
                 reason = f"delivered {count} times (limit {max_deliveries})"
-                over_limit.append(DeadLetter(entry_id, fields_as_dict(raw), reason, count))
+                over_limit.append(_dead(entry_id, raw, reason, count, max_entry_bytes))
             else:
                 entries.append((entry_id, raw))
-    decoded = decode_entries(entries)
+    decoded = decode_entries(entries, max_entry_bytes)
     del entries
-    if decoded.poison:
-        count_of = dict(zip(ids, counts, strict=True)) if counts is not None else {}
-        poison = [
-            DeadLetter(p.entry_id, p.fields, p.reason, count_of.get(p.entry_id, 1))
-            for p in decoded.poison
-        ]
-    rows = updates_to_arrow(decoded.updates, decoded.entry_ids) if decoded.updates else None
+    count_of = dict(zip(ids, counts, strict=True)) if counts is not None else {}
+    poison = [
+        DeadLetter.bounded(
+            p.entry_id, p.fields, p.reason, count_of.get(p.entry_id, 1), max_entry_bytes
+        )
+        for p in decoded.poison
+    ]
+    rows = None
+    if decoded.updates:
+        try:
+            rows = updates_to_arrow(decoded.updates, decoded.entry_ids)
+        except Exception:  # some row Arrow cannot take: find which
+            raw_of = dict(zip(ids, fields, strict=True))
+            rows = _rows_one_by_one(decoded, raw_of, count_of, poison, max_entry_bytes)
     return DecodedPage(rows, over_limit, poison)
+
+
+def _dead(
+    entry_id: bytes, raw: RawFields, reason: str, count: int, max_entry_bytes: int
+) -> DeadLetter:
+    try:
+        fields = fields_as_dict(raw)
+    except Exception:  # an unreadable reply keeps no fields
+        fields = {}
+    return DeadLetter.bounded(entry_id, fields, reason, count, max_entry_bytes)
+
+
+def _rows_one_by_one(
+    decoded: DecodedBatch,
+    raw_of: dict[bytes, RawFields],
+    count_of: dict[bytes, int],
+    poison: list[DeadLetter],
+    max_entry_bytes: int,
+) -> pa.Table | None:
+    tables: list[pa.Table] = []
+    for entry_id, update in zip(decoded.entry_ids, decoded.updates, strict=True):
+        try:
+            tables.append(updates_to_arrow([update], [entry_id]))
+        except Exception as exc:  # this entry's alone
+            reason = f"cannot become a table row: {type(exc).__name__}: {exc}"
+            count = count_of.get(entry_id, 1)
+            poison.append(_dead(entry_id, raw_of[entry_id], reason, count, max_entry_bytes))
+    return pa.concat_tables(tables) if tables else None
 
 
 @dataclass(slots=True)
@@ -103,7 +153,10 @@ class Batch:
 
     max_deliveries: int
     decoder: Executor | None = None
+    max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
     ids: list[bytes] = field(default_factory=list)
+    size_bytes: int = 0  # of the entries read, field names and values
+    mean_entry_bytes: int = 0  # mean size of the last page's entries
     rows: list[pa.Table] = field(default_factory=list)
     over_limit: list[DeadLetter] = field(default_factory=list)
     poison: list[DeadLetter] = field(default_factory=list)
@@ -144,12 +197,19 @@ class Batch:
         if not self.ids:
             self.opened_at = time.monotonic()
         self.ids.extend(ids)
+        # The common layout has 4 fields and its payload is nearly all of its bytes.
+        size = sum(
+            [len(f[3]) if type(f) is list and len(f) == 4 else entry_bytes(f) for f in fields]
+        )
+        self.size_bytes += size
+        self.mean_entry_bytes = size // len(ids) + 1
         self.max_count = max(self.max_count, 1 if counts is None else max(counts))
+        limit = self.max_entry_bytes
         if self.decoder is None:
-            self._fold(decode_page(ids, fields, counts, self.max_deliveries))
+            self._fold(decode_page(ids, fields, counts, self.max_deliveries, limit))
             return
         self._decoding.append(
-            self.decoder.submit(decode_page, ids, fields, counts, self.max_deliveries)
+            self.decoder.submit(decode_page, ids, fields, counts, self.max_deliveries, limit)
         )
         while len(self._decoding) > _PAGES_DECODING:
             self._fold(self._decoding.popleft().result())
@@ -357,9 +417,18 @@ class Consumer:
     ) -> Batch:
         """Read one batch; ``in_flight`` are entries of the unsettled batches in hand."""
         s = self.settings
-        batch = Batch(s.max_deliveries, decoder, in_flight=in_flight)
-        while len(batch) < s.batch_max_entries and not self._stopping:
+        batch = Batch(s.max_deliveries, decoder, s.max_entry_bytes, in_flight=in_flight)
+        while (
+            len(batch) < s.batch_max_entries
+            and batch.size_bytes < s.batch_max_bytes
+            and not self._stopping
+        ):
             room = min(s.read_count, s.batch_max_entries - len(batch))
+            if batch.mean_entry_bytes:
+                # Big entries: read fewer at a time, so a reply stays within the batch's bytes.
+                room = max(
+                    1, min(room, (s.batch_max_bytes - batch.size_bytes) // batch.mean_entry_bytes)
+                )
             if not self.group.own_pending_done:
                 batch.add(self._redis(partial(self.group.read_own_pending, room)))
                 continue
@@ -408,9 +477,14 @@ class Consumer:
         rows = batch.table()
         batch.rows.clear()
         self._crash_point("after_read", number)
-        outcome = self._commit_with_retry(lambda: sink.commit_rows(rows), "commit_retries")
-        if outcome is None:
+        landed = self._commit_with_retry(lambda: sink.commit_isolating(rows), "commit_retries")
+        if landed is None:
             return None
+        outcome, rejected = landed
+        if rejected:
+            # Rows the table cannot hold: dead-lettered with the batch, kept out of the merge.
+            dead = dead + self._rejected_letters(batch, rejected)
+            rows = _without(rows, {entry_id for entry_id, _ in rejected})
         self._crash_point("after_commit", number)
         return CommittedBatch(
             number=number,
@@ -430,13 +504,18 @@ class Consumer:
         """
         current = self.current
         assert current is not None
-        merged = self._commit_with_retry(
-            lambda: current.merge(committed.rows), "current_commit_retries"
+        result = self._commit_with_retry(
+            lambda: current.merge_isolating(committed.rows), "current_commit_retries"
         )
-        if merged is None:
+        if result is None:
             return False
+        merged, rejected = result
         self._crash_point("after_current", committed.number)
         ids, dead, outcome = committed.ids, committed.dead, committed.outcome
+        if rejected:
+            # In the history already, but positions_current cannot hold them: say so.
+            rejected = [(i, f"{reason} (the row is in position_updates)") for i, reason in rejected]
+            dead = dead + self._rejected_letters(None, rejected)
         self._redis(lambda: self.settler.settle(ids, dead))
         entries = committed.entries
         self._count("batches")
@@ -488,6 +567,24 @@ class Consumer:
                 delay = _backoff(s, failures)
                 log.error("commit failed, will retry", extra={"error": str(exc), "delay_s": delay})
                 time.sleep(delay)
+
+    def _rejected_letters(
+        self, batch: Batch | None, rejected: list[tuple[str, str]]
+    ) -> list[DeadLetter]:
+        """Dead letters for entries whose rows the table rejected, with their original
+        fields read back from the stream (rare: only after a rejected commit)."""
+        letters = []
+        for entry_id, reason in rejected:
+            raw = entry_id.encode()
+            found: Any = self._redis(
+                partial(self.client.xrange, self.settings.stream, min=entry_id, max=entry_id)
+            )
+            fields: dict[bytes, bytes] = dict(found[0][1]) if found else {}
+            count = batch.max_count if batch is not None else 1
+            letters.append(
+                DeadLetter.bounded(raw, fields, reason, count, self.settings.max_entry_bytes)
+            )
+        return letters
 
     # -- helpers -------------------------------------------------------------
 
@@ -561,6 +658,12 @@ def _wait(future: Future[T]) -> T:
             return future.result(timeout=_SIGNAL_CHECK_S)
         except FutureTimeout:
             continue
+
+
+def _without(rows: pa.Table, stream_ids: set[str]) -> pa.Table:
+    """``rows`` without those of the given entries."""
+    keep = pc.invert(pc.is_in(rows.column("stream_id"), pa.array(sorted(stream_ids))))
+    return rows.filter(keep)
 
 
 def _backoff(settings: Settings, failures: int) -> float:
