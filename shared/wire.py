@@ -19,6 +19,7 @@ payload being parsed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import msgspec
 
 from shared.errors import PoisonEntry
-from shared.model import PositionUpdate
+from shared.model import LABEL_FIELDS, PositionUpdate
 
 VERSION_FIELD = "v"
 PAYLOAD_FIELD = "payload"
@@ -43,6 +44,22 @@ _BOM = b"\xef\xbb\xbf"
 # The bytes of the ``v`` and ``payload`` names and of ``1`` in the common layout.
 _COMMON_OVERHEAD = len(_VERSION_KEY) + len(_CURRENT_VERSION) + len(_PAYLOAD_KEY)
 DEFAULT_MAX_ENTRY_BYTES = 65_536
+# JSON strings cannot hold a raw control character below U+0020 (msgspec rejects it),
+# only an escape: a payload without a backslash or a DEL byte holds none.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _may_hold_control(payload: bytes) -> bool:
+    return b"\\" in payload or b"\x7f" in payload
+
+
+def control_field(update: PositionUpdate) -> str | None:
+    """The first text field of ``update`` holding a control character, if any."""
+    for name in LABEL_FIELDS:
+        if _CONTROL.search(getattr(update, name)):
+            return name
+    return None
+
 
 EntryFields = Mapping[bytes, bytes]
 
@@ -117,13 +134,18 @@ def decode_entry(
         reason = f"invalid payload: not UTF-8 ({exc.reason} at byte {exc.start})"
         raise PoisonEntry(reason) from None
     try:
-        return _decoder.decode(payload)
+        update = _decoder.decode(payload)
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
         raise PoisonEntry(f"invalid payload: {exc}") from None
     except RecursionError:
         raise PoisonEntry("invalid payload: nested too deeply") from None
     except Exception as exc:  # any failure is this entry's alone
         raise PoisonEntry(f"invalid payload: {type(exc).__name__}: {exc}") from None
+    if _may_hold_control(payload):
+        name = control_field(update)
+        if name is not None:
+            raise PoisonEntry(f"invalid payload: a control character in `$.{name}`")
+    return update
 
 
 def fields_as_dict(fields: EntryFields | Sequence[bytes]) -> dict[bytes, bytes]:
@@ -172,7 +194,8 @@ def decode_entries(
         except Exception:  # any failure: find the culprits one by one
             pass
         else:
-            return DecodedBatch(ids, updates, [])
+            if not _may_hold_control(lines) or not any(map(control_field, updates)):
+                return DecodedBatch(ids, updates, [])
     return _decode_one_by_one(entries, max_entry_bytes)
 
 
