@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from deltalake import DeltaTable
 
 from tests.helpers import (
     assert_current_exact,
@@ -73,8 +74,6 @@ def test_two_consumers_commit_side_by_side_with_encoded_symbols(
 
 
 def _table_rows(lake: Path) -> int:
-    from deltalake import DeltaTable
-
     try:
         return int(DeltaTable(str(lake / "position_updates")).to_pyarrow_dataset().count_rows())
     except Exception:

@@ -51,7 +51,11 @@ HOSTILE: list[tuple[dict[str, bytes], str, bool]] = [
     (_MANY_FIELDS, "more than the limit of 65536", True),
     ({"v": b"1", "payload": _with_unknown(b'"\xff\xfe"')}, "not UTF-8", False),
     ({"v": b"1", "payload": b"\xef\xbb\xbf" + _payload()}, "byte-order mark", False),
-    ({"v": b"1", "payload": _payload(account="U1\x00")}, "a control character in `$.account`", False),
+    (
+        {"v": b"1", "payload": _payload(account="U1\x00")},
+        "a control character in `$.account`",
+        False,
+    ),
     ({"v": b"1", "payload": _payload(symbol="A\nB")}, "a control character in `$.symbol`", False),
     ({"v": b"1", "payload": _payload(timestamp="2026-12-31T23:59:60Z")}, "at `$.timestamp`", False),
     ({"v": b"1", "payload": _payload(conid=5.0)}, "got `float` - at `$.conid`", False),
