@@ -300,6 +300,7 @@ class Consumer:
         self._next_claim_at = 0.0
         self._claim_scan_open = False
         self._claim_pages = 0
+        self._mean_entry_bytes = 0  # of the last page read; 0 until one is
 
     def request_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
         if not self._stopping:
@@ -417,7 +418,13 @@ class Consumer:
     ) -> Batch:
         """Read one batch; ``in_flight`` are entries of the unsettled batches in hand."""
         s = self.settings
-        batch = Batch(s.max_deliveries, decoder, s.max_entry_bytes, in_flight=in_flight)
+        batch = Batch(
+            s.max_deliveries,
+            decoder,
+            s.max_entry_bytes,
+            mean_entry_bytes=self._mean_entry_bytes,
+            in_flight=in_flight,
+        )
         while (
             len(batch) < s.batch_max_entries
             and batch.size_bytes < s.batch_max_bytes
@@ -447,6 +454,7 @@ class Consumer:
             if not page.ids and drain:
                 break  # nothing new: commit what is in hand, then check if drained
             batch.add(page)
+        self._mean_entry_bytes = batch.mean_entry_bytes  # sizes the next batch's first read
         return batch.finish()
 
     def _claim_once(self, batch: Batch) -> None:
