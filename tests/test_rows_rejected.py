@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 import pytest
 import redis
+from deltalake import DeltaTable
 
 from consumer.sink import commit_error
 from shared.errors import CommitConflict, CommitFailed, RowsRejected
@@ -102,3 +103,53 @@ def test_os_errors_are_classified(code: int, kind: type[Exception]) -> None:
     error = commit_error(OSError(code, os.strerror(code)), "position_updates")
     assert type(error) is kind
     assert not isinstance(error, CommitConflict)
+
+
+def test_rows_only_positions_current_rejects_are_dead_lettered_after_landing(
+    redis_url: str, stream: str, tmp_path: Path
+) -> None:
+    """``positions_current`` is one byte longer than ``position_updates``: on a lake
+    whose path leaves room for ~30-byte symbol folders, symbols of growing length
+    land in both tables, then (at the one boundary length) in the history only, then
+    in neither. Each is handled where it fails; the consumer never stops."""
+    target = 4_095 - _FILE_TAIL - len("symbol=") - 30
+    lake = tmp_path
+    while len(str(lake)) < target - 201:
+        lake = lake / ("d" * 200)
+    lake = lake / ("e" * (target - len(str(lake)) - 1))
+    os.makedirs(lake)
+    client: Any = redis.Redis.from_url(redis_url)
+    base = make_updates(1, seed=3)[0]
+    by_length: dict[int, bytes] = {}
+    for length in range(20, 41):
+        update = msgspec.structs.replace(base, symbol="S" * length, conid=500_000 + length)
+        by_length[length] = client.xadd(stream, encode_update(update))
+    env = consumer_env(redis_url, lake, "c1", stream)
+    assert run_consumer(env, log=tmp_path / "c.log") == 0
+    assert group_pending(redis_url, stream) == 0
+
+    history = {
+        len(s)
+        for s in DeltaTable(str(lake / "position_updates"))
+        .to_pyarrow_table()
+        .column("symbol")
+        .to_pylist()
+    }
+    current = {
+        len(s)
+        for s in DeltaTable(str(lake / "positions_current"))
+        .to_pyarrow_table()
+        .column("symbol")
+        .to_pylist()
+    }
+    letters: Any = client.xrange(f"{stream}:dlq")
+    length_of = {v: k for k, v in by_length.items()}
+    reasons = {length_of[f[b"dlq:source_id"]]: f[b"dlq:reason"].decode() for _, f in letters}
+    boundary = [n for n, r in reasons.items() if r.startswith("positions_current cannot hold")]
+    assert len(boundary) == 1, reasons
+    edge = boundary[0]
+    assert "(the row is in position_updates)" in reasons[edge]
+    assert current == set(range(20, edge))
+    assert history == set(range(20, edge + 1))
+    assert set(reasons) == set(range(edge, 41))
+    assert all(reasons[n].startswith("position_updates cannot hold") for n in range(edge + 1, 41))
