@@ -165,3 +165,39 @@ def test_truncated_dead_letter_is_not_requeued(
     assert [i.decode() for i, _ in client.xrange(f"{stream}:dlq")] == truncated
     listing = poslake(env, "dlq", "list")
     assert "more than the limit" in listing.stdout
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_huge_entries_keep_memory_bounded(
+    redis_url: str, lake: Path, stream: str, tmp_path: Path
+) -> None:
+    """Ten 10 MB entries among valid ones: the dead letters stay small in Redis and
+    the consumer holds about one reply of them at a time."""
+    client: Any = redis.Redis.from_url(redis_url)
+    updates = make_updates(200, seed=31)
+    huge = _with_unknown(b'"' + b"y" * 10_000_000 + b'"')
+    for i, update in enumerate(updates):
+        client.xadd(stream, encode_update(update))
+        if i % 20 == 0:
+            client.xadd(stream, {"v": b"1", "payload": huge})
+    before = client.info("memory")["used_memory"]
+    env = consumer_env(redis_url, lake, "c1", stream)
+    proc = start_consumer(env, log=tmp_path / "c.log")
+    try:
+        wait_until(lambda: client.xlen(f"{stream}:dlq") == 10, timeout=60)
+        wait_until(lambda: group_pending(redis_url, stream) == 0)
+        peak = _peak_rss_mb(proc.pid)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert_table_exact(lake, updates)
+    grown = client.info("memory")["used_memory"] - before
+    assert grown < 2_000_000, f"dead letters took {grown} bytes of Redis memory"
+    assert peak < 450, f"consumer peak RSS {peak:.0f} MB for 100 MB of entries"
