@@ -78,6 +78,13 @@ class PositionUpdate(msgspec.Struct, kw_only=True, frozen=True, gc=False):
         symbol = self.symbol
         if len(symbol) > SYMBOL_MAX_BYTES // 4 and len(symbol.encode()) > SYMBOL_MAX_BYTES:
             raise ValueError(f"symbol is longer than {SYMBOL_MAX_BYTES} bytes in UTF-8")
+        moment = self.timestamp
+        if moment.year in (1, 9999) and moment.utcoffset():
+            try:
+                moment.astimezone(UTC)
+            except OverflowError:
+                # Arrow would store it, but no reader could turn it back into a datetime.
+                raise ValueError("timestamp is outside the years 1-9999 in UTC") from None
         right = self.right
         if right is not None and len(right) > 1:
             force_setattr(self, "right", _RIGHT_OF[right])

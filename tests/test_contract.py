@@ -135,6 +135,8 @@ def test_null_multiplier_means_one() -> None:
     ("fields", "reason"),
     [
         (_entry(timestamp="2026-12-31T23:59:60Z"), "at `$.timestamp`"),
+        (_entry(timestamp="0001-01-01T00:30:00+01:00"), "outside the years 1-9999 in UTC"),
+        (_entry(timestamp="9999-12-31T23:30:00-01:00"), "outside the years 1-9999 in UTC"),
         (_entry(conid=5.0), "Expected `int`, got `float` - at `$.conid`"),
         (_entry(sec_type=""), "at `$.sec_type`"),
         (_entry(account="U1\x00"), "a control character in `$.account`"),
