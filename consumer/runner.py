@@ -588,6 +588,7 @@ class Consumer:
                 partial(self.client.xrange, self.settings.stream, min=entry_id, max=entry_id)
             )
             fields: dict[bytes, bytes] = dict(found[0][1]) if found else {}
+            # Per-entry counts are not kept past decoding: the batch's highest bounds it.
             count = batch.max_count if batch is not None else 1
             letters.append(
                 DeadLetter.bounded(raw, fields, reason, count, self.settings.max_entry_bytes)

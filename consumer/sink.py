@@ -81,9 +81,11 @@ class DeltaSink:
         """Append the updates whose keys the table lacks, in one commit.
 
         Raises :class:`CommitConflict` when another consumer committed first (call
-        again: the retry sees its rows) and :class:`CommitFailed` for any other
-        failure. Either way nothing of this batch is in the table, or, if the
-        outcome was unknown, the next call finds out and does not write it twice.
+        again: the retry sees its rows), :class:`RowsRejected` when the rows
+        themselves cannot be written (see :meth:`commit_isolating`) and
+        :class:`CommitFailed` for any other failure. Either way nothing of this
+        batch is in the table, or, if the outcome was unknown, the next call finds
+        out and does not write it twice.
         """
         return self.commit_rows(updates_to_arrow(updates, entry_ids))
 
