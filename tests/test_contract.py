@@ -70,6 +70,8 @@ def test_date_is_the_utc_date_of_the_timestamp() -> None:
         ("POSLAKE_STREAM", ""),
         ("POSLAKE_VACUUM_INTERVAL_S", "7200"),
         ("POSLAKE_HISTORY_RETENTION_HOURS", "0"),
+        ("POSLAKE_MAX_ENTRY_BYTES", "100"),
+        ("POSLAKE_BATCH_MAX_BYTES", "1kb"),
     ],
 )
 def test_bad_setting_is_named(variable: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
