@@ -22,6 +22,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from consumer.sink import NO_CHECKPOINT, commit_error
+from shared.errors import RowsRejected
 from shared.settings import Settings
 from shared.table import (
     PARTITION_COLUMNS,
@@ -135,3 +136,21 @@ class CurrentPositions:
             },
         )
         return elapsed
+
+    def merge_isolating(self, rows: pa.Table) -> tuple[float, list[tuple[str, str]]]:
+        """:meth:`merge`, and when the rows are rejected, in halves until each rejected
+        row is found alone; returns seconds and ``(stream_id, reason)`` of those rows.
+
+        Merging a batch in pieces gives the same table as merging it whole: each
+        piece updates a row only with a newer timestamp, so the newest wins either way.
+        """
+        try:
+            return self.merge(rows), []
+        except RowsRejected as exc:
+            if rows.num_rows <= 1:
+                stream_id = str(rows.column("stream_id")[0].as_py()) if rows.num_rows else ""
+                return 0.0, [(stream_id, exc.reason)]
+        half = rows.num_rows // 2
+        first, rejected_first = self.merge_isolating(rows.slice(0, half))
+        second, rejected_second = self.merge_isolating(rows.slice(half))
+        return first + second, rejected_first + rejected_second

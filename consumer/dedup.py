@@ -17,16 +17,20 @@ turns memory answers into table reads, never into wrong answers.
 
 from __future__ import annotations
 
+import json
 import logging
 from array import array
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
+import pyarrow.fs as pafs
 from deltalake import DeltaTable
+from deltalake.fs import DeltaStorageHandler
 
 from shared.model import UpdateKey
 
@@ -36,6 +40,9 @@ log = logging.getLogger(__name__)
 _STATS_RESOLUTION_US = 1_000
 _KEY_COLUMNS = ["account", "conid", "timestamp"]
 _MASK64 = (1 << 64) - 1
+_KEY_SCHEMA = pa.schema(
+    [("account", pa.string()), ("conid", pa.int64()), ("timestamp", pa.timestamp("us", tz="UTC"))]
+)
 
 
 def keys_of(rows: pa.Table) -> list[UpdateKey]:
@@ -64,7 +71,9 @@ class CommittedKeyIndex:
     by one comparison; an older one (a replay) by a binary search.
     """
 
-    def __init__(self, max_keys: int) -> None:
+    def __init__(self, max_keys: int, storage_options: dict[str, str] | None = None) -> None:
+        self._storage_options = storage_options
+        self._filesystem: pafs.FileSystem | None = None
         self._stamps: dict[int, array[int]] = {}
         self._accounts: dict[str, int] = {}
         self._size = 0
@@ -204,20 +213,41 @@ class CommittedKeyIndex:
             if _adds_rows(commit):
                 to_read.append(version)
         rows_read = 0
-        # Never version 0: sync starts after the version the index was bootstrapped at.
-        for first, last in _ranges(sorted(to_read)):
-            reader = table.load_cdf(
-                starting_version=first, ending_version=last, columns=_KEY_COLUMNS
-            )
-            added = pa.RecordBatchReader.from_stream(reader).read_all()
-            if "_change_type" in added.column_names:
-                added = added.filter(pc.equal(added.column("_change_type"), "insert"))
-            rows_read += added.num_rows
+        if to_read:
+            # Never version 0: sync starts after the version the index was bootstrapped at.
+            added = self._rows_added(table, to_read)
+            rows_read = added.num_rows
             if added.num_rows:
                 batch = self.keys_for(added)
                 self.add_committed(batch, range(added.num_rows))
         self.version = target
         return rows_read
+
+    def _rows_added(self, table: DeltaTable, versions: Sequence[int]) -> pa.Table:
+        """The keys of the rows those commits added, read from the files their log
+        entries name.
+
+        Not ``load_cdf``: it decodes a partition folder's name once too few times
+        (``symbol=MOG%2520A`` for the file in ``symbol=MOG%20A``), so any symbol whose
+        folder needs encoding broke it. The log holds each path URI-encoded; decoded
+        once it is the file's path in the table.
+        """
+        if self._filesystem is None:
+            handler = DeltaStorageHandler(table.table_uri, self._storage_options)
+            self._filesystem = pafs.PyFileSystem(handler)
+        fs = self._filesystem
+        paths: list[str] = []
+        for version in versions:
+            with fs.open_input_stream(f"_delta_log/{version:020d}.json") as log_file:
+                text = log_file.read()
+            for line in text.splitlines():
+                add = json.loads(line).get("add") if line.strip() else None
+                if add and add.get("dataChange", True):
+                    paths.append(unquote(add["path"]))
+        if not paths:
+            return _KEY_SCHEMA.empty_table()
+        dataset = pds.dataset(paths, schema=_KEY_SCHEMA, format="parquet", filesystem=fs)
+        return dataset.to_table(columns=_KEY_COLUMNS)
 
     def split_new(self, batch: BatchKeys, rows: pa.Table, table: DeltaTable) -> list[int]:
         """Indices of the rows whose keys the table lacks, first occurrence only."""
@@ -314,13 +344,3 @@ def _adds_rows(commit: dict[str, object]) -> bool:
         if added is not None:
             return int(added) > 0
     return True  # unknown writer: read its change feed to be safe
-
-
-def _ranges(versions: list[int]) -> list[tuple[int, int]]:
-    ranges: list[tuple[int, int]] = []
-    for v in versions:
-        if ranges and ranges[-1][1] == v - 1:
-            ranges[-1] = (ranges[-1][0], v)
-        else:
-            ranges.append((v, v))
-    return ranges

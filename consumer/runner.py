@@ -4,8 +4,9 @@ At most three batches are in hand: one merging into positions_current and
 settling, one committing to the history, the next being read. Redis
 errors are retried with backoff around each call (the batches in hand stay in
 hand); a failed Delta commit is retried with backoff without acknowledging
-anything. SIGTERM/SIGINT stop the
-reading; the batch in hand is committed and settled before exit.
+anything; a commit that fails because of its rows is bisected to dead-letter them
+(consumer/sink.py). SIGTERM/SIGINT stop the reading; the batch in hand is
+committed and settled before exit. Batches and their decoding: consumer/batch.py.
 """
 
 from __future__ import annotations
@@ -17,20 +18,21 @@ import random
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import redis
 
+from consumer.batch import Batch
 from consumer.current import CurrentPositions
-from consumer.group import ConsumerGroup, Page, RawFields
+from consumer.group import ConsumerGroup
 from consumer.maintenance import TableMaintainer
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
@@ -38,8 +40,6 @@ from shared.errors import CommitConflict, CommitFailed, StreamUnavailable
 from shared.redis_conn import sync_client
 from shared.redis_errors import TRANSIENT_REDIS_ERRORS
 from shared.settings import Settings
-from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
-from shared.wire import decode_entries, fields_as_dict
 
 log = logging.getLogger(__name__)
 
@@ -47,149 +47,10 @@ T = TypeVar("T")
 
 _IDLE_BLOCK_S = 0.5  # longest blocking read, so a stop request is seen promptly
 _DRAIN_BLOCK_MS = 50
-# Pages read but not yet decoded: enough to keep the decoder busy, few enough that
-# raw replies never pile up.
-_PAGES_DECODING = 2
 # At stop, how long to let a running compaction or vacuum finish: both are safe to
 # cut short (a compaction commits atomically, a vacuum resumes at the next start).
 _MAINTENANCE_STOP_WAIT_S = 20.0
 _SIGNAL_CHECK_S = 0.2
-
-
-@dataclass(slots=True)
-class DecodedPage:
-    """What one page of new entries in hand turned into."""
-
-    rows: pa.Table | None  # the decodable entries' rows, in delivery order
-    over_limit: list[DeadLetter]  # delivered more often than allowed
-    poison: list[DeadLetter]
-
-
-def decode_page(
-    ids: list[bytes], fields: list[RawFields], counts: list[int] | None, max_deliveries: int
-) -> DecodedPage:
-    """Dead letters for entries delivered too often or undecodable; rows for the rest."""
-    over_limit: list[DeadLetter] = []
-    poison: list[DeadLetter] = []
-    if counts is None:  # first deliveries
-        entries = list(zip(ids, fields, strict=True))
-    else:
-        entries = []
-        for entry_id, raw, count in zip(ids, fields, counts, strict=True):
-            if count > max_deliveries:
-                reason = f"delivered {count} times (limit {max_deliveries})"
-                over_limit.append(DeadLetter(entry_id, fields_as_dict(raw), reason, count))
-            else:
-                entries.append((entry_id, raw))
-    decoded = decode_entries(entries)
-    del entries
-    if decoded.poison:
-        count_of = dict(zip(ids, counts, strict=True)) if counts is not None else {}
-        poison = [
-            DeadLetter(p.entry_id, p.fields, p.reason, count_of.get(p.entry_id, 1))
-            for p in decoded.poison
-        ]
-    rows = updates_to_arrow(decoded.updates, decoded.entry_ids) if decoded.updates else None
-    return DecodedPage(rows, over_limit, poison)
-
-
-@dataclass(slots=True)
-class Batch:
-    """Entries in hand: their IDs in delivery order, their rows and their dead letters.
-
-    Each page is decoded into Arrow rows as soon as it is added, by ``decoder``
-    when given (while the reader waits for the next page) or else right away, so
-    a batch holds the raw replies of a few pages at most, never of all its entries.
-    """
-
-    max_deliveries: int
-    decoder: Executor | None = None
-    ids: list[bytes] = field(default_factory=list)
-    rows: list[pa.Table] = field(default_factory=list)
-    over_limit: list[DeadLetter] = field(default_factory=list)
-    poison: list[DeadLetter] = field(default_factory=list)
-    vanished: list[bytes] = field(default_factory=list)
-    max_count: int = 0  # most deliveries of any entry in hand
-    opened_at: float = 0.0
-    in_flight: frozenset[bytes] = frozenset()
-    _seen: set[bytes] | None = None
-    _decoding: deque[Future[DecodedPage]] = field(default_factory=deque)
-
-    def add(self, page: Page) -> None:
-        if page.deliveries is None:
-            # First deliveries (XREADGROUP >): new to everyone, nothing to filter.
-            if self._seen is not None:
-                self._seen.update(page.ids)
-            self._take(page.ids, page.fields, None)
-        else:
-            # A claim scan or pending re-read can hand back an entry already in hand
-            # (here, or in the batch being committed meanwhile).
-            if self._seen is None:
-                self._seen = set(self.ids) | self.in_flight
-            seen = self._seen
-            ids: list[bytes] = []
-            fields: list[RawFields] = []
-            counts: list[int] = []
-            for entry_id, raw, count in zip(page.ids, page.fields, page.deliveries, strict=True):
-                if entry_id not in seen:
-                    seen.add(entry_id)
-                    ids.append(entry_id)
-                    fields.append(raw)
-                    counts.append(count)
-            self._take(ids, fields, counts)
-        self.vanished.extend(page.vanished)
-
-    def _take(self, ids: list[bytes], fields: list[RawFields], counts: list[int] | None) -> None:
-        if not ids:
-            return
-        if not self.ids:
-            self.opened_at = time.monotonic()
-        self.ids.extend(ids)
-        self.max_count = max(self.max_count, 1 if counts is None else max(counts))
-        if self.decoder is None:
-            self._fold(decode_page(ids, fields, counts, self.max_deliveries))
-            return
-        self._decoding.append(
-            self.decoder.submit(decode_page, ids, fields, counts, self.max_deliveries)
-        )
-        while len(self._decoding) > _PAGES_DECODING:
-            self._fold(self._decoding.popleft().result())
-
-    def _fold(self, page: DecodedPage) -> None:
-        if page.rows is not None:
-            self.rows.append(page.rows)
-        self.over_limit.extend(page.over_limit)
-        self.poison.extend(page.poison)
-
-    def finish(self) -> Batch:
-        """Wait for the pages still being decoded."""
-        while self._decoding:
-            self._fold(self._decoding.popleft().result())
-        return self
-
-    def table(self) -> pa.Table:
-        """The rows of every decodable entry in delivery order, in one chunk.
-
-        One chunk rather than one per page: the Delta writer splits every chunk
-        by partition, so many small chunks cost it noticeably more.
-        """
-        self.finish()
-        if not self.rows:
-            return POSITION_UPDATES_SCHEMA.empty_table()
-        return pa.concat_tables(self.rows).combine_chunks()
-
-    @property
-    def dead(self) -> list[DeadLetter]:
-        """Dead letters: entries delivered too often, then undecodable ones."""
-        self.finish()
-        return self.over_limit + self.poison
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def empty(self) -> bool:
-        return not self.ids and not self.vanished
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +102,7 @@ class Consumer:
         self._next_claim_at = 0.0
         self._claim_scan_open = False
         self._claim_pages = 0
+        self._mean_entry_bytes = 0  # of the last page read; 0 until one is
 
     def request_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
         if not self._stopping:
@@ -358,9 +220,24 @@ class Consumer:
     ) -> Batch:
         """Read one batch; ``in_flight`` are entries of the unsettled batches in hand."""
         s = self.settings
-        batch = Batch(s.max_deliveries, decoder, in_flight=in_flight)
-        while len(batch) < s.batch_max_entries and not self._stopping:
+        batch = Batch(
+            s.max_deliveries,
+            decoder,
+            s.max_entry_bytes,
+            mean_entry_bytes=self._mean_entry_bytes,
+            in_flight=in_flight,
+        )
+        while (
+            len(batch) < s.batch_max_entries
+            and batch.size_bytes < s.batch_max_bytes
+            and not self._stopping
+        ):
             room = min(s.read_count, s.batch_max_entries - len(batch))
+            if batch.mean_entry_bytes:
+                # Big entries: read fewer at a time, so a reply stays within the batch's bytes.
+                room = max(
+                    1, min(room, (s.batch_max_bytes - batch.size_bytes) // batch.mean_entry_bytes)
+                )
             if not self.group.own_pending_done:
                 batch.add(self._redis(partial(self.group.read_own_pending, room)))
                 continue
@@ -379,6 +256,7 @@ class Consumer:
             if not page.ids and drain:
                 break  # nothing new: commit what is in hand, then check if drained
             batch.add(page)
+        self._mean_entry_bytes = batch.mean_entry_bytes  # sizes the next batch's first read
         return batch.finish()
 
     def _claim_once(self, batch: Batch) -> None:
@@ -409,9 +287,14 @@ class Consumer:
         rows = batch.table()
         batch.rows.clear()
         self._crash_point("after_read", number)
-        outcome = self._commit_with_retry(lambda: sink.commit_rows(rows), "commit_retries")
-        if outcome is None:
+        landed = self._commit_with_retry(lambda: sink.commit_isolating(rows), "commit_retries")
+        if landed is None:
             return None
+        outcome, rejected = landed
+        if rejected:
+            # Rows the table cannot hold: dead-lettered with the batch, kept out of the merge.
+            dead = dead + self._rejected_letters(batch, rejected)
+            rows = _without(rows, {entry_id for entry_id, _ in rejected})
         self._crash_point("after_commit", number)
         return CommittedBatch(
             number=number,
@@ -431,13 +314,18 @@ class Consumer:
         """
         current = self.current
         assert current is not None
-        merged = self._commit_with_retry(
-            lambda: current.merge(committed.rows), "current_commit_retries"
+        result = self._commit_with_retry(
+            lambda: current.merge_isolating(committed.rows), "current_commit_retries"
         )
-        if merged is None:
+        if result is None:
             return False
+        merged, rejected = result
         self._crash_point("after_current", committed.number)
         ids, dead, outcome = committed.ids, committed.dead, committed.outcome
+        if rejected:
+            # In the history already, but positions_current cannot hold them: say so.
+            rejected = [(i, f"{reason} (the row is in position_updates)") for i, reason in rejected]
+            dead = dead + self._rejected_letters(None, rejected)
         self._redis(lambda: self.settler.settle(ids, dead))
         entries = committed.entries
         self._count("batches")
@@ -489,6 +377,25 @@ class Consumer:
                 delay = _backoff(s, failures)
                 log.error("commit failed, will retry", extra={"error": str(exc), "delay_s": delay})
                 time.sleep(delay)
+
+    def _rejected_letters(
+        self, batch: Batch | None, rejected: list[tuple[str, str]]
+    ) -> list[DeadLetter]:
+        """Dead letters for entries whose rows the table rejected, with their original
+        fields read back from the stream (rare: only after a rejected commit)."""
+        letters = []
+        for entry_id, reason in rejected:
+            raw = entry_id.encode()
+            found: Any = self._redis(
+                partial(self.client.xrange, self.settings.stream, min=entry_id, max=entry_id)
+            )
+            fields: dict[bytes, bytes] = dict(found[0][1]) if found else {}
+            # Per-entry counts are not kept past decoding: the batch's highest bounds it.
+            count = batch.max_count if batch is not None else 1
+            letters.append(
+                DeadLetter.bounded(raw, fields, reason, count, self.settings.max_entry_bytes)
+            )
+        return letters
 
     # -- helpers -------------------------------------------------------------
 
@@ -562,6 +469,12 @@ def _wait(future: Future[T]) -> T:
             return future.result(timeout=_SIGNAL_CHECK_S)
         except FutureTimeout:
             continue
+
+
+def _without(rows: pa.Table, stream_ids: set[str]) -> pa.Table:
+    """``rows`` without those of the given entries."""
+    keep = pc.invert(pc.is_in(rows.column("stream_id"), pa.array(sorted(stream_ids))))
+    return rows.filter(keep)
 
 
 def _backoff(settings: Settings, failures: int) -> float:

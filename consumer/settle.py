@@ -5,6 +5,11 @@ there already). Settling writes the batch's dead letters and acknowledges all
 of its entries in one MULTI/EXEC, so a crash can neither lose a dead letter nor
 write it twice. A crash before settling leaves the entries pending: they are
 delivered again and the key dedup makes the second pass a no-op.
+
+A dead letter is bounded: an entry of at most ``max_entry_bytes`` and
+:data:`DLQ_MAX_FIELDS` fields is copied whole; a bigger one is cut to its first
+:data:`DLQ_KEEP_FIELDS` fields and :data:`DLQ_KEEP_BYTES` bytes and marked
+``dlq:truncated``, ``dlq:original_bytes`` and ``dlq:original_fields``.
 """
 
 from __future__ import annotations
@@ -21,16 +26,42 @@ from shared.wire import EntryFields
 log = logging.getLogger(__name__)
 
 DLQ_PREFIX = "dlq:"
+TRUNCATED_FIELD = f"{DLQ_PREFIX}truncated"
+DLQ_MAX_FIELDS = 64  # more, and the copy is truncated
+DLQ_KEEP_FIELDS = 16  # what a truncated copy keeps at most
+DLQ_KEEP_BYTES = 4_096
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """An entry moved aside: its original fields, where it came from, and why."""
+    """An entry moved aside: its original fields (or a bounded part), where it came
+    from, and why. ``original`` is ``(bytes, fields)`` of the entry when ``fields``
+    holds only part of it."""
 
     entry_id: bytes
     fields: EntryFields
     reason: str
     deliveries: int
+    original: tuple[int, int] | None = None
+
+    @classmethod
+    def bounded(
+        cls, entry_id: bytes, fields: EntryFields, reason: str, deliveries: int, max_bytes: int
+    ) -> DeadLetter:
+        """A dead letter holding the entry whole if small enough, else a truncated copy."""
+        size = sum(len(k) + len(v) for k, v in fields.items())
+        if size <= max_bytes and len(fields) <= DLQ_MAX_FIELDS:
+            return cls(entry_id, fields, reason, deliveries)
+        kept: dict[bytes, bytes] = {}
+        room = DLQ_KEEP_BYTES
+        for key, value in fields.items():
+            if len(kept) == DLQ_KEEP_FIELDS or room <= len(key):
+                break
+            if key.startswith(DLQ_PREFIX.encode()):
+                continue  # never let the entry forge our own markers
+            kept[key] = value[: room - len(key)]
+            room -= len(key) + len(kept[key])
+        return cls(entry_id, kept, reason, deliveries, (size, len(fields)))
 
 
 class Settler:
@@ -67,6 +98,10 @@ class Settler:
                     f"{DLQ_PREFIX}failed_at": failed_at,
                 }
             )
+            if letter.original is not None:
+                fields[TRUNCATED_FIELD] = b"1"
+                fields[f"{DLQ_PREFIX}original_bytes"] = str(letter.original[0])
+                fields[f"{DLQ_PREFIX}original_fields"] = str(letter.original[1])
             pipe.xadd(self.dlq_stream, fields)  # type: ignore[arg-type]
         if entry_ids:
             pipe.xack(self._stream, self._group, *entry_ids)

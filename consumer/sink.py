@@ -6,11 +6,20 @@ another commit carrying the same app id, so consumer commits are serialised:
 a consumer that lost the race re-reads what the winner added, deduplicates
 against it, and tries again. Compaction commits carry no ``txn`` and never
 conflict with appends.
+
+A commit that fails because of the rows it carries (:class:`RowsRejected`: a
+partition folder name too long for the file system, say) is retried in halves
+(:meth:`DeltaSink.commit_isolating`): halves that commit are fine, the rows that
+fail alone are returned to be dead-lettered. Each piece is an ordinary commit
+with its own ``txn`` version and dedup, so a batch landed in several pieces, or
+retried after some of them landed, still lands every row once.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -21,7 +30,7 @@ from deltalake import CommitProperties, PostCommitHookProperties, Transaction, w
 from deltalake.exceptions import CommitFailedError, DeltaError
 
 from consumer.dedup import CommittedKeyIndex
-from shared.errors import CommitConflict, CommitFailed
+from shared.errors import CommitConflict, CommitFailed, RowsRejected
 from shared.model import PositionUpdate
 from shared.settings import Settings
 from shared.table import open_or_create_table, updates_to_arrow
@@ -57,7 +66,9 @@ class DeltaSink:
             settings.history_retention_hours,
         )
         self.app_id = f"poslake:{settings.stream}:{settings.group}"
-        self.index = CommittedKeyIndex(settings.dedup_index_max_keys)
+        self.index = CommittedKeyIndex(
+            settings.dedup_index_max_keys, settings.storage_options or None
+        )
         self.index.bootstrap(self.table)
         self._own_commit_ids: set[str] = set()
         self.commits = 0
@@ -70,9 +81,11 @@ class DeltaSink:
         """Append the updates whose keys the table lacks, in one commit.
 
         Raises :class:`CommitConflict` when another consumer committed first (call
-        again: the retry sees its rows) and :class:`CommitFailed` for any other
-        failure. Either way nothing of this batch is in the table, or, if the
-        outcome was unknown, the next call finds out and does not write it twice.
+        again: the retry sees its rows), :class:`RowsRejected` when the rows
+        themselves cannot be written (see :meth:`commit_isolating`) and
+        :class:`CommitFailed` for any other failure. Either way nothing of this
+        batch is in the table, or, if the outcome was unknown, the next call finds
+        out and does not write it twice.
         """
         return self.commit_rows(updates_to_arrow(updates, entry_ids))
 
@@ -90,7 +103,7 @@ class DeltaSink:
             raise CommitFailed(f"cannot read table state: {exc}") from exc
         try:
             self.index.sync(self.table, self._own_commit_ids)
-        except (DeltaError, OSError) as exc:
+        except (DeltaError, OSError, pa.ArrowException) as exc:
             # E.g. the files of a version were vacuumed: starting the index afresh is
             # always correct (older keys are then checked in the table).
             log.warning("dedup index re-bootstrapped", extra={"error": str(exc)})
@@ -147,6 +160,33 @@ class DeltaSink:
         )
         return CommitOutcome(rows.num_rows, duplicates, self.table.version(), elapsed)
 
+    def commit_isolating(self, rows: pa.Table) -> tuple[CommitOutcome, list[tuple[str, str]]]:
+        """:meth:`commit_rows`, and when the rows are rejected, in halves until every
+        rejected row is found alone: returns what landed and ``(stream_id, reason)`` of
+        each row that did not. Retryable errors propagate (some pieces may have
+        landed; a retry of the same rows finds them and skips them)."""
+        try:
+            return self.commit_rows(rows), []
+        except RowsRejected as exc:
+            if rows.num_rows <= 1:
+                log.warning(
+                    "row rejected by the table",
+                    extra={"entry_id": _stream_id(rows, 0), "reason": exc.reason},
+                )
+                empty = CommitOutcome(0, 0, self.table.version(), 0.0)
+                return empty, [(_stream_id(rows, 0), exc.reason)]
+            log.info("commit rejected, bisecting", extra={"rows": rows.num_rows})
+        half = rows.num_rows // 2
+        first, rejected_first = self.commit_isolating(rows.slice(0, half))
+        second, rejected_second = self.commit_isolating(rows.slice(half))
+        combined = CommitOutcome(
+            first.rows_written + second.rows_written,
+            first.duplicates + second.duplicates,
+            second.table_version,
+            first.seconds + second.seconds,
+        )
+        return combined, rejected_first + rejected_second
+
 
 def _stream_id(rows: pa.Table, position: int) -> str:
     """The stream ID of the row at ``position`` (``""`` for no rows)."""
@@ -157,10 +197,27 @@ def _stream_id(rows: pa.Table, position: int) -> str:
     return value
 
 
-def commit_error(exc: DeltaError | OSError, table: str) -> CommitConflict | CommitFailed:
+# OS errors a row's own values cause: a path built from a partition value that is too
+# long, or that the file system cannot name. Every other OS error (EACCES, ENOSPC, EROFS,
+# EIO, network) is the environment's and is retried.
+_ROW_ERRNOS = {errno.ENAMETOOLONG: "File name too long", errno.EILSEQ: "Illegal byte sequence"}
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def commit_error(
+    exc: DeltaError | OSError, table: str
+) -> CommitConflict | CommitFailed | RowsRejected:
     """What a failed Delta commit means to the caller: a race lost to another writer
-    (retry at once) or a failure (back off and retry)."""
-    text = str(exc).lower()
-    if isinstance(exc, CommitFailedError) and ("concurrent" in text or "conflict" in text):
+    (retry at once), rows the table cannot hold (find them, dead-letter them) or a
+    failure of the environment (back off and retry)."""
+    text = str(exc)
+    lowered = text.lower()
+    if isinstance(exc, CommitFailedError) and ("concurrent" in lowered or "conflict" in lowered):
         return CommitConflict(f"{table}: a concurrent commit won: {exc}")
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        match = _OS_ERROR.search(text)
+        code = int(match.group(1)) if match else None
+    if code in _ROW_ERRNOS or any(m.lower() in lowered for m in _ROW_ERRNOS.values()):
+        return RowsRejected(f"{table} cannot hold the row: {text}")
     return CommitFailed(f"{table}: commit failed: {exc}")

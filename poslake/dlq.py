@@ -4,6 +4,12 @@ A dead letter holds the original entry's fields plus ``dlq:*`` fields (reason,
 source ID, stream, group, consumer, deliveries, time; see consumer/settle.py).
 Requeueing XADDs the original fields to the main stream and deletes the dead
 letter, in one MULTI/EXEC so an entry is never in both or neither.
+
+A truncated dead letter (``dlq:truncated``: the entry was too big, or had too many
+fields, to be kept whole) cannot be requeued: its fields are only part of the
+entry, and putting them back would make a different entry. Named by ID, it makes
+the command refuse (exit 2, nothing changed); with ``--all`` it is left in the
+dead-letter stream and counted. ``purge`` removes it.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any
 
 import redis
 
-from consumer.settle import DLQ_PREFIX
+from consumer.settle import DLQ_PREFIX, TRUNCATED_FIELD
 from poslake.command import CommandError, ExitCode, confirm, redis_client
 from shared.settings import Settings
 
@@ -68,8 +74,20 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{len(entries)} of {total} dead letters shown")
             return ExitCode.OK
         entries = _chosen(client, dlq, args)
+        kept: list[bytes] = []
+        if args.action == "requeue":
+            truncated = [e for e, f in entries if TRUNCATED_FIELD.encode() in f]
+            if truncated and not args.all:
+                shown = ", ".join(_text(e) for e in truncated)
+                raise CommandError(
+                    f"cannot requeue {shown}: a truncated copy, not the original entry "
+                    "(purge it, or have the producer send the entry again)",
+                    ExitCode.BAD_INPUT,
+                )
+            kept = truncated
+            entries = [(e, f) for e, f in entries if e not in set(truncated)]
         if not entries:
-            print("no dead letters")
+            print("no dead letters" if not kept else f"{len(kept)} truncated dead letters kept")
             return ExitCode.OK
         verb = "Requeue" if args.action == "requeue" else "Delete"
         confirm(f"{verb} {len(entries)} dead letters of {dlq}?", args.yes)
@@ -86,4 +104,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         pipe.execute()
     done = "requeued to " + settings.stream if args.action == "requeue" else "deleted"
     print(f"{len(entries)} dead letters {done}")
+    if kept:
+        print(f"{len(kept)} truncated dead letters kept (a truncated copy cannot be requeued)")
     return ExitCode.OK

@@ -9,19 +9,32 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, date, datetime
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
+from msgspec.structs import force_setattr
 
 # Bounds reject NaN and +-inf at decode time, in C, without a Python check per field.
 FiniteFloat = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0.0, le=sys.float_info.max)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+# Text that may become part of a path, a log line or a CSV cell. It holds no control
+# character (U+0000-U+001F, U+007F): shared/wire.py checks that outside the decoder,
+# only for payloads with an escape or a DEL byte (a msgspec pattern here would cost
+# every entry ~1.3 us).
+Label = NonEmptyStr
+LABEL_FIELDS = ("account", "symbol", "sec_type")
 CurrencyCode = Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")]
 ContractId = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
 UtcTimestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 
 OptionRight = Literal["C", "P"]
+# Accepted on the wire and stored as C/P, like IB's own spelling (producer/ib_mapping.py).
+_WireRight = Literal["C", "P", "CALL", "PUT"]
+_RIGHT_OF = {"CALL": "C", "PUT": "P"}
+SYMBOL_MAX_BYTES = 64
+"""``symbol`` in UTF-8 bytes: its partition folder ``symbol=<percent-encoded>``, every
+byte encoded (3 bytes each), stays well under the 255-byte file-name limit (7 + 192)."""
 DERIVATIVE_SEC_TYPES = frozenset({"OPT", "FOP", "WAR"})
 
 UpdateKey = tuple[str, int, int]
@@ -37,17 +50,23 @@ class PositionUpdate(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     Market fields are ``None`` when the source did not know them.
     """
 
-    account: NonEmptyStr
+    account: Label
     conid: ContractId
-    symbol: NonEmptyStr
-    sec_type: NonEmptyStr
+    symbol: Label
+    sec_type: Label
     currency: CurrencyCode
     position: FiniteFloat
     timestamp: UtcTimestamp
-    right: OptionRight | None = None
+    if TYPE_CHECKING:
+        right: OptionRight | None = None
+    else:  # what the wire may say; __post_init__ stores C/P
+        right: _WireRight | None = None
     strike: PositiveFloat | None = None
     expiry: date | None = None
-    multiplier: PositiveFloat = 1.0
+    if TYPE_CHECKING:
+        multiplier: float = 1.0
+    else:  # null on the wire means the default; __post_init__ stores 1.0
+        multiplier: PositiveFloat | None = 1.0
     market_price: FiniteFloat | None = None
     market_value: FiniteFloat | None = None
     average_cost: FiniteFloat | None = None
@@ -56,6 +75,21 @@ class PositionUpdate(msgspec.Struct, kw_only=True, frozen=True, gc=False):
 
     def __post_init__(self) -> None:
         # msgspec turns a ValueError here into a ValidationError naming the struct.
+        symbol = self.symbol
+        if len(symbol) > SYMBOL_MAX_BYTES // 4 and len(symbol.encode()) > SYMBOL_MAX_BYTES:
+            raise ValueError(f"symbol is longer than {SYMBOL_MAX_BYTES} bytes in UTF-8")
+        moment = self.timestamp
+        if moment.year in (1, 9999) and moment.utcoffset():
+            try:
+                moment.astimezone(UTC)
+            except OverflowError:
+                # Arrow would store it, but no reader could turn it back into a datetime.
+                raise ValueError("timestamp is outside the years 1-9999 in UTC") from None
+        right = self.right
+        if right is not None and len(right) > 1:
+            force_setattr(self, "right", _RIGHT_OF[right])
+        if self.multiplier is None:
+            force_setattr(self, "multiplier", 1.0)
         if self.sec_type in DERIVATIVE_SEC_TYPES and (
             self.right is None or self.strike is None or self.expiry is None
         ):

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     claim_page_size: Annotated[int, Field(ge=1, le=100_000)] = 1_000
     max_deliveries: Annotated[int, Field(ge=1)] = 10
 
+    # Hostile input bounds (consumer): an entry bigger than this (field names and
+    # values) is dead-lettered undecoded, and its dead letter truncated; a batch also
+    # closes once its entries hold this many bytes.
+    max_entry_bytes: Annotated[int, Field(ge=1_024, le=64 * 1024 * 1024)] = 65_536
+    batch_max_bytes: Annotated[int, Field(ge=65_536, le=4 * 1024 * 1024 * 1024)] = 64 * 1024 * 1024
+
     # Retry backoff for Redis reconnects and failed Delta commits.
     retry_initial_s: Seconds = 0.2
     retry_max_s: Seconds = 30.0

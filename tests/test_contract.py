@@ -10,11 +10,11 @@ from datetime import UTC, date, datetime, timedelta, timezone
 import msgspec
 import pytest
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, PoisonEntry
 from shared.model import PositionUpdate
 from shared.settings import load_settings
 from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
-from shared.wire import decode_entry, encode_update
+from shared.wire import decode_entries, decode_entry, encode_update
 from tests.helpers import REPO_ROOT, make_updates
 
 
@@ -70,6 +70,8 @@ def test_date_is_the_utc_date_of_the_timestamp() -> None:
         ("POSLAKE_STREAM", ""),
         ("POSLAKE_VACUUM_INTERVAL_S", "7200"),
         ("POSLAKE_HISTORY_RETENTION_HOURS", "0"),
+        ("POSLAKE_MAX_ENTRY_BYTES", "100"),
+        ("POSLAKE_BATCH_MAX_BYTES", "1kb"),
     ],
 )
 def test_bad_setting_is_named(variable: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,3 +107,73 @@ def test_update_key_includes_account_and_timestamp() -> None:
     other_account = msgspec.structs.replace(base, account="U9")
     assert len({base.key, later.key, other_account.key}) == 3
     assert isinstance(base, PositionUpdate)
+
+
+_BASE = msgspec.to_builtins(make_updates(1, seed=99)[0])
+
+
+def _entry(**changes: object) -> dict[bytes, bytes]:
+    return {b"v": b"1", b"payload": msgspec.json.encode({**_BASE, **changes})}
+
+
+_OPTION = {"sec_type": "OPT", "strike": 100.0, "expiry": "2026-12-18"}
+
+
+@pytest.mark.parametrize(("given", "stored"), [("CALL", "C"), ("PUT", "P"), ("C", "C")])
+def test_right_is_stored_as_c_or_p(given: str, stored: str) -> None:
+    update = decode_entry(_entry(**_OPTION, right=given))
+    assert update.right == stored
+    assert updates_to_arrow([update], [b"1-0"]).column("right").to_pylist() == [stored]
+    assert b'"right":"%s"' % stored.encode() in encode_update(update)["payload"]
+
+
+def test_null_multiplier_means_one() -> None:
+    update = decode_entry(_entry(multiplier=None))
+    assert update.multiplier == 1.0
+    assert updates_to_arrow([update], [b"1-0"]).column("multiplier").to_pylist() == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        (_entry(timestamp="2026-12-31T23:59:60Z"), "at `$.timestamp`"),
+        (_entry(timestamp="0001-01-01T00:30:00+01:00"), "outside the years 1-9999 in UTC"),
+        (_entry(timestamp="9999-12-31T23:30:00-01:00"), "outside the years 1-9999 in UTC"),
+        (_entry(conid=5.0), "Expected `int`, got `float` - at `$.conid`"),
+        (_entry(sec_type=""), "at `$.sec_type`"),
+        (_entry(account="U1\x00"), "a control character in `$.account`"),
+        (_entry(symbol="A\x7fB"), "a control character in `$.symbol`"),
+        (_entry(sec_type="S\tK"), "a control character in `$.sec_type`"),
+        (_entry(right="CALLS", **_OPTION), "at `$.right`"),
+        (_entry(symbol="\u00e9" * 33), "symbol is longer than 64 bytes"),
+        (_entry(symbol="x" * 65), "at `$.symbol`"),
+        ({b"v": b"1", b"payload": b"\xef\xbb\xbf" + _entry()[b"payload"]}, "byte-order mark"),
+        ({b"v": b"1", b"payload": _entry()[b"payload"][:-1] + b',"x":"\xc3"}'}, "not UTF-8"),
+        ({b"v": b"1", b"payload": b'{"x":' + b"[" * 5000 + b"]" * 5000 + b"}"}, "too deeply"),
+        ({b"v": b"1", b"payload": b" " * 70_000}, "more than the limit of 65536"),
+    ],
+)
+def test_rejected_with_reason(fields: dict[bytes, bytes], reason: str) -> None:
+    with pytest.raises(PoisonEntry) as caught:
+        decode_entry(fields)
+    assert reason in caught.value.reason
+
+
+def test_largest_symbol_fits_a_partition_folder() -> None:
+    update = decode_entry(_entry(symbol="\u00e9" * 32))  # 64 bytes: accepted
+    folder = "symbol=" + "".join(f"%{b:02X}" for b in update.symbol.encode())
+    assert len(folder.encode()) <= 255
+
+
+def test_decode_entries_isolates_each_failure() -> None:
+    good = [encode_update(u) for u in make_updates(20, seed=2)]
+    raw = [[b"v", f["v"], b"payload", f["payload"]] for f in good]
+    deep = b'{"x":' + b"[" * 2000 + b"]" * 2000 + b"}"
+    raw[5] = [b"v", b"1", b"payload", deep]
+    raw[9] = [b"v", b"1", b"payload", _entry(account="\\u0000")[b"payload"]]
+    raw[9][3] = raw[9][3].replace(b"\\\\u0000", b"\\u0000")
+    batch = decode_entries([(f"{i}-0".encode(), r) for i, r in enumerate(raw)])
+    assert [p.entry_id for p in batch.poison] == [b"5-0", b"9-0"]
+    assert "too deeply" in batch.poison[0].reason
+    assert "control character" in batch.poison[1].reason
+    assert len(batch.updates) == 18
