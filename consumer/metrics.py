@@ -9,7 +9,7 @@ import redis
 from prometheus_client import CollectorRegistry, Histogram
 
 from consumer.runner import Consumer
-from shared.metrics import StatsCollector
+from shared.metrics import LabelledCounter, StatsCollector
 from shared.redis_conn import sync_client
 
 LAG_COUNT_MAX = 100_000  # where Redis does not report lag, it is counted up to this
@@ -21,13 +21,15 @@ COUNTERS = {
     "dead_letters": "entries moved to the dead-letter stream",
     "commit_retries": "position_updates commits retried (conflict or failure)",
     "current_commit_retries": "positions_current merges retried (conflict or failure)",
-    "redis_retries": "Redis calls retried after a connection error",
+    "redis_retries": "Redis calls retried after a transient failure",
+    "maintenance_lease_errors": "maintenance lease SET/GET/DEL refused or failed",
 }
 GAUGES = {
     "lag": "entries of the stream the group has not read yet",
     "pending": "entries this consumer holds unacknowledged",
     "group_pending": "entries the whole group holds unacknowledged",
     "seconds_since_progress": "seconds since the consume loop last went round",
+    "redis_ok": "1 while no Redis call is failing, 0 while one is retried",
 }
 
 
@@ -40,6 +42,14 @@ class ConsumerMetrics:
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector("poslake_consumer", self._read, COUNTERS, GAUGES))
+        self.registry.register(
+            LabelledCounter(
+                "poslake_consumer_redis_errors",
+                "failed Redis calls by code (OOM, LOADING, WRONGPASS, CONNECTION...)",
+                "code",
+                consumer.redis_health.counts,
+            )
+        )
         self.batch_entries = Histogram(
             "poslake_consumer_batch_entries",
             "entries per batch",
@@ -62,6 +72,9 @@ class ConsumerMetrics:
         stats = self.consumer.stats
         values: dict[str, float] = {name: getattr(stats, name) for name in COUNTERS}
         values["seconds_since_progress"] = time.monotonic() - self.consumer.heartbeat
+        values["redis_ok"] = 1.0 if self.consumer.redis_health.ok else 0.0
+        maintainer = self.consumer.maintainer
+        values["maintenance_lease_errors"] = maintainer.lease_errors if maintainer else 0
         settings = self.consumer.settings
         try:
             for group in self._client.xinfo_groups(settings.stream):
@@ -80,6 +93,8 @@ class ConsumerMetrics:
         return values
 
     def health(self) -> tuple[bool, str]:
+        if not self.consumer.redis_health.ok:
+            return False, self.consumer.redis_health.reason()
         limit = max(60.0, 5 * self.consumer.settings.batch_max_wait_s)
         age = time.monotonic() - self.consumer.heartbeat
         if age > limit:

@@ -2,10 +2,15 @@
 
 At most three batches are in hand: one merging into positions_current and
 settling, one committing to the history, the next being read. Redis
-errors are retried with backoff around each call (the batches in hand stay in
-hand); a failed Delta commit is retried with backoff without acknowledging
-anything. SIGTERM/SIGINT stop the
-reading; the batch in hand is committed and settled before exit.
+failures are classified (shared/redis_errors.py): transient ones (connection
+loss, OOM, LOADING, BUSY, failover replies) and, once running, a password that
+stopped working are retried with backoff around each call while the process
+reports itself unhealthy (the batches in hand stay in hand, unacknowledged);
+fatal ones (NOPERM, a wrong password at start, an unknown command) stop the
+consumer with one line and exit code 6 after every thread has stopped. A failed
+Delta commit is retried with backoff without acknowledging anything.
+SIGTERM/SIGINT, at any moment from the first import on, stop the reading; the
+batch in hand is committed and settled before exit.
 """
 
 from __future__ import annotations
@@ -34,10 +39,18 @@ from consumer.group import ConsumerGroup, Page, RawFields
 from consumer.maintenance import TableMaintainer
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
-from shared.errors import CommitConflict, CommitFailed, StreamUnavailable
+from shared.errors import (
+    CommitConflict,
+    CommitFailed,
+    ExitCode,
+    RedisRefused,
+    StreamUnavailable,
+)
 from shared.redis_conn import sync_client
-from shared.redis_errors import TRANSIENT_REDIS_ERRORS
+from shared.redis_errors import is_auth_failure, kind_of, refusal
+from shared.redis_health import RedisHealth
 from shared.settings import Settings
+from shared.stopping import take_early
 from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
 from shared.wire import decode_entries, fields_as_dict
 
@@ -237,6 +250,10 @@ class Consumer:
         # For metrics and health (consumer/metrics.py): batch observer, loop heartbeat.
         self.on_batch: Callable[[int, float], None] | None = None
         self.heartbeat = time.monotonic()
+        self.redis_health = RedisHealth()
+        self.refused: str | None = None  # why Redis refused us for good (exit 6)
+        self.maintainer: TableMaintainer | None = None
+        self._started = False  # past start-up: a failing password is then waited out
         self._stopping = False
         self._next_claim_at = 0.0
         self._claim_scan_open = False
@@ -252,13 +269,50 @@ class Consumer:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        early = take_early()  # a signal during the imports (consumer/__main__.py)
+        if early:
+            self.request_stop(early)
 
     def run(self, drain: bool = False) -> int:
-        """Consume until stopped (or, with ``drain``, until the group has nothing left)."""
+        """Consume until stopped (or, with ``drain``, until the group has nothing left).
+
+        Returns the exit code: 0 after a stop, 1 after repeated failures while
+        stopping, 6 (:attr:`refused` says why) when Redis refused us for good.
+        """
         s = self.settings
-        self._redis(self.group.ensure_group)
-        sink = self._open_sink()
-        maintainer = TableMaintainer(s, self.client)
+        try:
+            exit_code = self._start_and_consume(drain)
+        except RedisRefused as exc:
+            self._stopping = True  # the other threads stop reading too
+            self.refused = str(exc)
+            log.error("redis refused, stopping", extra={"error": self.refused})
+            exit_code = ExitCode.REFUSED
+        finally:
+            if self.maintainer is not None:
+                self.maintainer.stop(timeout=_MAINTENANCE_STOP_WAIT_S)
+        log.info(
+            "consumer stopped",
+            extra={"consumer": s.consumer_name, "exit_code": exit_code, **_as_fields(self.stats)},
+        )
+        return int(exit_code)
+
+    def background_alive(self) -> bool:
+        """A maintenance run still inside delta-rs (cut short at exit: see consumer/cli.py)."""
+        return self.maintainer is not None and self.maintainer.running()
+
+    def _start_and_consume(self, drain: bool) -> int:
+        s = self.settings
+        try:
+            if self._stopping:
+                return ExitCode.OK
+            self._redis(self.group.ensure_group, "XGROUP", s.stream)
+            sink = self._open_sink()
+        except StreamUnavailable:
+            return ExitCode.OK  # stopped during start-up: nothing in hand
+        if sink is None:
+            return ExitCode.OK
+        self._started = True
+        self.maintainer = TableMaintainer(s, self.client)
         log.info(
             "consumer started",
             extra={
@@ -269,16 +323,10 @@ class Consumer:
             },
         )
         try:
-            exit_code = self._consume(sink, maintainer, drain)
+            return self._consume(sink, self.maintainer, drain)
         except StreamUnavailable as exc:
             log.error("stopped without redis", extra={"error": str(exc)})
-            exit_code = 1
-        maintainer.wait(timeout=_MAINTENANCE_STOP_WAIT_S)
-        log.info(
-            "consumer stopped",
-            extra={"consumer": s.consumer_name, "exit_code": exit_code, **_as_fields(self.stats)},
-        )
-        return exit_code
+            return ExitCode.FAILED
 
     def _consume(self, sink: DeltaSink, maintainer: TableMaintainer, drain: bool) -> int:
         # Three stages overlap, each in its own thread: reading batch N+2 (with a
@@ -359,10 +407,11 @@ class Consumer:
         """Read one batch; ``in_flight`` are entries of the unsettled batches in hand."""
         s = self.settings
         batch = Batch(s.max_deliveries, decoder, in_flight=in_flight)
+        read = ("XREADGROUP", s.stream)
         while len(batch) < s.batch_max_entries and not self._stopping:
             room = min(s.read_count, s.batch_max_entries - len(batch))
             if not self.group.own_pending_done:
-                batch.add(self._redis(partial(self.group.read_own_pending, room)))
+                batch.add(self._redis(partial(self.group.read_own_pending, room), *read))
                 continue
             if self._claim_scan_open or time.monotonic() >= self._next_claim_at:
                 self._claim_once(batch)
@@ -375,14 +424,14 @@ class Consumer:
             else:
                 block_s = min(s.batch_max_wait_s, _IDLE_BLOCK_S)
             block_ms = _DRAIN_BLOCK_MS if drain else max(1, int(block_s * 1000))
-            page = self._redis(partial(self.group.read_new, room, block_ms))
+            page = self._redis(partial(self.group.read_new, room, block_ms), *read)
             if not page.ids and drain:
                 break  # nothing new: commit what is in hand, then check if drained
             batch.add(page)
         return batch.finish()
 
     def _claim_once(self, batch: Batch) -> None:
-        page, more = self._redis(self.group.claim_page)
+        page, more = self._redis(self.group.claim_page, "XAUTOCLAIM", self.settings.stream)
         batch.add(page)
         self._claim_pages += 1
         self._claim_scan_open = more
@@ -392,12 +441,13 @@ class Consumer:
             self._crash_point("mid_claim", self._claim_pages)
 
     def _drained(self) -> bool:
-        if self._redis(self.group.group_pending) > 0:
+        stream = self.settings.stream
+        if self._redis(self.group.group_pending, "XPENDING", stream) > 0:
             # Someone else's entries: claimable once idle long enough.
             self._next_claim_at = 0.0
             time.sleep(min(0.2, max(0.01, self.settings.claim_min_idle_s / 4)))
             return False
-        return not self._redis(self.group.has_undelivered)
+        return not self._redis(self.group.has_undelivered, "XINFO", stream)
 
     # -- processing ----------------------------------------------------------
 
@@ -438,7 +488,9 @@ class Consumer:
             return False
         self._crash_point("after_current", committed.number)
         ids, dead, outcome = committed.ids, committed.dead, committed.outcome
-        self._redis(lambda: self.settler.settle(ids, dead))
+        # A MULTI/EXEC: refused as a whole (OOM for a dead letter's XADD, NOPERM), never
+        # half done; redis-py's message names the command that was refused.
+        self._redis(lambda: self.settler.settle(ids, dead), "XACK", self.settings.stream)
         entries = committed.entries
         self._count("batches")
         self._count("entries", entries)
@@ -488,7 +540,7 @@ class Consumer:
                     return None
                 delay = _backoff(s, failures)
                 log.error("commit failed, will retry", extra={"error": str(exc), "delay_s": delay})
-                time.sleep(delay)
+                self._pause(delay)
 
     # -- helpers -------------------------------------------------------------
 
@@ -497,50 +549,78 @@ class Consumer:
         with self._stats_lock:
             setattr(self.stats, stat, getattr(self.stats, stat) + n)
 
-    def _open_sink(self) -> DeltaSink:
+    def _open_sink(self) -> DeltaSink | None:
+        """Open both tables, retrying while the store fails; None if stopped meanwhile."""
         failures = 0
-        while True:
+        while not self._stopping:
             try:
                 sink = DeltaSink(self.settings)
                 self.current = CurrentPositions(self.settings)
                 return sink
-            except (CommitFailed, OSError, Exception) as exc:
+            except Exception as exc:  # a store away, a lake not mounted yet: wait for it
                 failures += 1
-                if self._stopping:
-                    raise
                 delay = _backoff(self.settings, failures)
                 log.error(
                     "cannot open table, retrying", extra={"error": str(exc), "delay_s": delay}
                 )
-                time.sleep(delay)
+                self._pause(delay)
+        return None
 
-    def _redis(self, call: Callable[[], T]) -> T:
-        """Run a Redis call, reconnecting with backoff while the server is away."""
+    def _redis(
+        self, call: Callable[[], T], command: str | None = None, key: str | None = None
+    ) -> T:
+        """Run a Redis call: transient failures are retried with backoff, fatal ones raise.
+
+        ``command`` and ``key`` name the call for the operator where Redis's reply does
+        not (a pipeline's reply names its failed command itself). Retried: connection
+        loss and transient replies (OOM, LOADING, BUSY, READONLY...), and past start-up
+        a password that stopped working (it may be set right again while we wait).
+        Fatal: :class:`RedisRefused` with the one-line reason.
+        """
         failures = 0
+        where = command or "redis"
         while True:
             try:
                 result = call()
-                if failures:
-                    log.info(
-                        "redis reachable again", extra={"consumer": self.settings.consumer_name}
-                    )
-                    self._ensure_group_quietly()
-                return result
-            except TRANSIENT_REDIS_ERRORS as exc:
+            except (redis.RedisError, OSError) as exc:
+                transient = kind_of(exc) == "transient" or (self._started and is_auth_failure(exc))
+                if not transient:
+                    raise refusal(exc, command, key) from None
                 failures += 1
                 self._count("redis_retries")
+                code = self.redis_health.failed(where, exc)
                 if self._stopping and failures > 5:
                     # Stop anyway: whatever is unacknowledged stays pending and replays.
-                    raise StreamUnavailable(f"redis unavailable while stopping: {exc}") from exc
+                    raise StreamUnavailable(f"redis unavailable while stopping: {exc}") from None
                 delay = _backoff(self.settings, failures)
                 log.warning(
-                    "redis unavailable, retrying", extra={"error": str(exc), "delay_s": delay}
+                    "redis call failed, retrying",
+                    extra={"code": code, "command": where, "error": str(exc), "delay_s": delay},
                 )
-                time.sleep(delay)
+                self._pause(delay)
+                continue
+            if failures:
+                log.info(
+                    "redis answering again",
+                    extra={"consumer": self.settings.consumer_name, "command": where},
+                )
+                self.redis_health.recovered(where)
+                self._ensure_group_quietly()
+            return result
 
     def _ensure_group_quietly(self) -> None:
-        with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
-            self.group.ensure_group()  # the next call retries anyway
+        # A restarted Redis without its data lost the group; the next call retries anyway.
+        with contextlib.suppress(redis.RedisError, OSError):
+            self.group.ensure_group()
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep for a backoff, cut short by a stop request."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, _SIGNAL_CHECK_S))
 
     def _crash_point(self, point: str, count: int) -> None:
         if self.settings.fault_crash_at == point and count == self.settings.fault_crash_on_batch:
