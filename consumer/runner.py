@@ -594,7 +594,7 @@ class Consumer:
                     raise StreamUnavailable(f"redis unavailable while stopping: {exc}") from None
                 delay = _backoff(self.settings, failures)
                 log.warning(
-                    "redis call failed, retrying",
+                    "redis unavailable, retrying",
                     extra={"code": code, "command": where, "error": str(exc), "delay_s": delay},
                 )
                 self._pause(delay)
