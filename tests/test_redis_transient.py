@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -217,6 +218,7 @@ def test_outbox_keeps_everything_through_a_changed_password_and_oom(
         assert await outbox.close(timeout_s=5)
 
     asyncio.run(scenario())
-    payloads = [fields[b"payload"] for _, fields in admin.xrange(stream)]
+    entries: Any = admin.xrange(stream)
+    payloads = [fields[b"payload"] for _, fields in entries]
     assert payloads == [encode_payload(u) for u in updates]  # all, once, in order
     admin.close()
