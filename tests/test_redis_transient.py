@@ -9,6 +9,7 @@ in-process against the same real server.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import urllib.error
@@ -21,7 +22,7 @@ import pytest
 import redis
 
 from producer.outbox import Outbox
-from shared.redis_server import free_port
+from shared.redis_server import RedisServer, free_port, server_version
 from shared.wire import encode_payload
 from tests.conftest import RedisTarget
 from tests.helpers import (
@@ -223,4 +224,86 @@ def test_outbox_keeps_everything_through_a_changed_password_and_oom(
     entries: Any = admin.xrange(stream)
     payloads = [fields[b"payload"] for _, fields in entries]
     assert payloads == [encode_payload(u) for u in updates]  # all, once, in order
+    admin.close()
+
+
+def _loaded(url: str) -> bool:
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("persistence")["loading"]) == 0
+    finally:
+        client.close()
+
+
+def _redis7() -> str | None:
+    """A redis-server 7.x binary (its loading can be slowed down and stays responsive)."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder) / "redis-server"
+        if candidate.is_file() and server_version(str(candidate)).split(".")[0] >= "7":
+            return str(candidate)
+    return None
+
+
+def test_consumer_waits_while_a_restarted_redis_is_loading(
+    lake: Path, stream: str, tmp_path: Path
+) -> None:
+    """Redis restarts and answers LOADING for seconds: retried, unhealthy, then exact."""
+    binary = _redis7()
+    if binary is None:
+        pytest.skip("needs redis-server 7 (key-load-delay, loading-process-events-interval)")
+    server = RedisServer(binary, tmp_path / "redis").start()
+    updates = make_updates(600, seed=45)
+    client = redis.Redis.from_url(server.url)
+    filler = client.pipeline(transaction=False)
+    for index in range(12_000):  # loading them takes seconds with key-load-delay
+        filler.set(f"filler:{index}", b"x")
+    filler.execute()
+    port = free_port()
+    log = tmp_path / "c.log"
+    proc = start_consumer(consumer_env(server.url, lake, "c1", stream, metrics_port=port), log=log)
+    try:
+        publish(server.url, stream, updates[:300])
+        wait_until(lambda: _rows(lake) == 300 and group_pending(server.url, stream) == 0, 60)
+        client.save()  # the restarted server loads this snapshot
+        client.close()
+        server.kill()
+        server = RedisServer(
+            binary, server.data_dir, port=server.port,
+            # µs per key: ~2 s of LOADING, answering clients (LOADING) meanwhile
+            extra_args=["--key-load-delay", "150",
+                        "--loading-process-events-interval-bytes", "1024"],
+        ).start()  # fmt: skip
+        wait_until(lambda: _loaded(server.url), timeout=60)
+        metrics = _get(port, "/metrics")[1]
+        assert _series(metrics, 'poslake_consumer_redis_errors_total{code="LOADING"}') >= 1
+        publish(server.url, stream, updates[300:])
+        wait_until(lambda: _rows(lake) == 600 and group_pending(server.url, stream) == 0, 60)
+        wait_until(lambda: _get(port, "/healthz")[0] == 200, timeout=30)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        kill(proc)
+        server.stop()
+    assert code == 0
+    assert "code=LOADING" in log.read_text()
+    assert_table_exact(lake, updates)
+
+
+def test_start_up_probe_passes_and_writes_nothing(
+    redis_any_version: RedisTarget, stream: str, tmp_path: Path
+) -> None:
+    """The producer's XADD probe (ID 0-0) is refused after the ACL check, on 6.2 and 7."""
+    url = set_user(redis_any_version.url, "producer", "pw", f"~{stream}", "+@all")
+    for explicit in (False, True):
+        outbox = Outbox(url, stream, spool_path=tmp_path / "s.spool", explicit_ids=explicit)
+
+        async def probe(box: Outbox = outbox) -> None:
+            await box.check_access()
+            assert box.health.ok, box.health.reason()
+            await box.close(0)
+
+        asyncio.run(probe())
+    admin = redis.Redis.from_url(redis_any_version.url)
+    assert not admin.exists(stream)
     admin.close()
