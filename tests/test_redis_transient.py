@@ -12,6 +12,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,10 +24,12 @@ import pytest
 import redis
 
 from producer.outbox import Outbox
+from producer.simulator import SimulatorConfig, SimulatorThread
 from shared.redis_server import RedisServer, free_port, server_version
 from shared.wire import encode_payload
 from tests.conftest import RedisTarget
 from tests.helpers import (
+    REPO_ROOT,
     assert_current_exact,
     assert_table_exact,
     consumer_env,
@@ -149,7 +153,7 @@ def test_consumer_waits_out_a_changed_password(
     own_redis: str, lake: Path, stream: str, tmp_path: Path
 ) -> None:
     updates = make_updates(600, seed=43)
-    url = set_user(own_redis, "consumer", "first", *consumer_keys(stream), "+@all")
+    url = set_user(own_redis, "consumer", "canary-pw-1", *consumer_keys(stream), "+@all")
     port = free_port()
     env = consumer_env(url, lake, "c1", stream, metrics_port=port)
     proc = start_consumer(env, log=tmp_path / "c.log")
@@ -157,7 +161,7 @@ def test_consumer_waits_out_a_changed_password(
         publish(own_redis, stream, updates[:300])
         wait_until(lambda: _rows(lake) == 300 and group_pending(own_redis, stream) == 0, 60)
         # The password changes under the running consumer; its connections are cut.
-        admin_command(own_redis, "ACL", "SETUSER", "consumer", "resetpass", ">second")
+        admin_command(own_redis, "ACL", "SETUSER", "consumer", "resetpass", ">canary-pw-2")
         admin_command(own_redis, "CLIENT", "KILL", "USER", "consumer")
         publish(own_redis, stream, updates[300:])
         wait_until(lambda: "WRONGPASS" in _get(port, "/healthz")[1], timeout=30)
@@ -166,7 +170,7 @@ def test_consumer_waits_out_a_changed_password(
         assert _series(metrics, 'poslake_consumer_redis_errors_total{code="WRONGPASS"}') >= 1
         assert proc.poll() is None
         assert _rows(lake) == 300  # nothing read meanwhile
-        admin_command(own_redis, "ACL", "SETUSER", "consumer", ">first")
+        admin_command(own_redis, "ACL", "SETUSER", "consumer", ">canary-pw-1")
         wait_until(lambda: _rows(lake) == 600 and group_pending(own_redis, stream) == 0, 60)
         wait_until(lambda: _get(port, "/healthz")[0] == 200, timeout=30)
     finally:
@@ -175,7 +179,7 @@ def test_consumer_waits_out_a_changed_password(
         kill(proc)
     assert code == 0
     log = (tmp_path / "c.log").read_text()
-    assert "Traceback" not in log and "first" not in log.replace("first_id", "")
+    assert "Traceback" not in log and "canary-pw" not in log
     assert_table_exact(lake, updates)
 
 
@@ -183,7 +187,7 @@ def test_outbox_keeps_everything_through_a_changed_password_and_oom(
     own_redis: str, stream: str, tmp_path: Path
 ) -> None:
     updates = make_updates(300, seed=44)
-    url = set_user(own_redis, "producer", "first", f"~{stream}", "+@all")
+    url = set_user(own_redis, "producer", "canary-pw-1", f"~{stream}", "+@all")
     admin = redis.Redis.from_url(own_redis)
 
     async def scenario() -> None:
@@ -199,7 +203,7 @@ def test_outbox_keeps_everything_through_a_changed_password_and_oom(
         await until(lambda: outbox.buffered == 0 and admin.xlen(stream) == 50)
         assert outbox.health.ok
 
-        admin_command(own_redis, "ACL", "SETUSER", "producer", "resetpass", ">second")
+        admin_command(own_redis, "ACL", "SETUSER", "producer", "resetpass", ">canary-pw-2")
         admin_command(own_redis, "CLIENT", "KILL", "USER", "producer")
         for update in updates[50:150]:
             stamp += 1
@@ -207,7 +211,7 @@ def test_outbox_keeps_everything_through_a_changed_password_and_oom(
         await until(lambda: "WRONGPASS" in outbox.health.reason())
         assert outbox.stats.spooled > 0  # memory full: the rest waits on disk
         assert outbox.health.counts()["WRONGPASS"] >= 1
-        admin_command(own_redis, "ACL", "SETUSER", "producer", ">first")
+        admin_command(own_redis, "ACL", "SETUSER", "producer", ">canary-pw-1")
         await until(lambda: admin.xlen(stream) == 150 and outbox.health.ok)
 
         _fill_memory(admin)
@@ -307,3 +311,51 @@ def test_start_up_probe_passes_and_writes_nothing(
     admin = redis.Redis.from_url(redis_any_version.url)
     assert not admin.exists(stream)
     admin.close()
+
+
+def test_producer_healthz_shows_a_changed_password_and_recovers(
+    own_redis: str, stream: str, tmp_path: Path
+) -> None:
+    thread = SimulatorThread(SimulatorConfig(accounts=["DU1"], positions=20, rate=200))
+    ib_port = thread.start()
+    url = set_user(own_redis, "producer", "canary-pw-1", f"~{stream}", "+@all")
+    port = free_port()
+    env = consumer_env(url, tmp_path / "lake", "p", stream)
+    env.update(
+        {
+            "POSLAKE_IB_PORT": str(ib_port),
+            "POSLAKE_METRICS_PORT": str(port),
+            "POSLAKE_PRODUCER_SPOOL_DIR": str(tmp_path / "spool"),
+        }
+    )
+    log = tmp_path / "p.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer"],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    admin = redis.Redis.from_url(own_redis)
+    try:
+        wait_until(lambda: admin.exists(stream) and _get(port, "/healthz")[0] == 200, 60)
+        admin_command(own_redis, "ACL", "SETUSER", "producer", "resetpass", ">canary-pw-2")
+        admin_command(own_redis, "CLIENT", "KILL", "USER", "producer")
+        wait_until(lambda: "WRONGPASS" in _get(port, "/healthz")[1], timeout=30)
+        assert _get(port, "/healthz")[0] == 503
+        metrics = _get(port, "/metrics")[1]
+        assert _series(metrics, "poslake_producer_redis_ok") == 0.0
+        assert _series(metrics, 'poslake_producer_redis_errors_total{code="WRONGPASS"}') >= 1
+        length = admin.xlen(stream)
+        admin_command(own_redis, "ACL", "SETUSER", "producer", ">canary-pw-1")
+        wait_until(lambda: _get(port, "/healthz")[0] == 200, timeout=30)
+        wait_until(lambda: admin.xlen(stream) > length, timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        kill(proc)
+        thread.stop()
+        admin.close()
+    assert code == 0
+    text = log.read_text()
+    assert "Traceback" not in text and "canary-pw" not in text
