@@ -170,4 +170,5 @@ def test_lease_key_refused_is_warned_once_and_shown_by_status(
         check=False,
     )
     line = next(x for x in status.stdout.splitlines() if x.startswith("maintenance lease"))
-    assert re.fullmatch(r"maintenance lease: held by c9, expires in (59|60)s", line), line
+    match = re.fullmatch(r"maintenance lease: held by c9, expires in (\d+)s", line)
+    assert match and 30 <= int(match.group(1)) <= 60, line
