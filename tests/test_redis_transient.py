@@ -214,12 +214,22 @@ def test_outbox_keeps_everything_through_a_changed_password_and_oom(
         admin_command(own_redis, "ACL", "SETUSER", "producer", ">canary-pw-1")
         await until(lambda: admin.xlen(stream) == 150 and outbox.health.ok)
 
+        # A right taken away while running: unhealthy, nothing dropped, back when granted.
+        admin_command(own_redis, "ACL", "SETUSER", "producer", "-xadd")
+        for update in updates[150:200]:
+            stamp += 1
+            outbox.put(stamp, update)
+        await until(lambda: "NOPERM" in outbox.health.reason())
+        assert "XADD" in outbox.health.reason()
+        admin_command(own_redis, "ACL", "SETUSER", "producer", "+xadd")
+        await until(lambda: admin.xlen(stream) == 200 and outbox.health.ok)
+
         _fill_memory(admin)
-        for update in updates[150:]:
+        for update in updates[200:]:
             stamp += 1
             outbox.put(stamp, update)
         await until(lambda: "OOM" in outbox.health.reason())
-        assert admin.xlen(stream) == 150
+        assert admin.xlen(stream) == 200
         admin.config_set("maxmemory", "0")
         await until(lambda: admin.xlen(stream) == 300 and outbox.health.ok)
         assert await outbox.close(timeout_s=5)
