@@ -369,3 +369,27 @@ def test_producer_healthz_shows_a_changed_password_and_recovers(
     assert code == 0
     text = log.read_text()
     assert "Traceback" not in text and "canary-pw" not in text
+
+
+def test_consumer_makes_a_vanished_group_again(
+    redis_url: str, lake: Path, stream: str, tmp_path: Path
+) -> None:
+    updates = make_updates(600, seed=46)
+    log = tmp_path / "c.log"
+    proc = start_consumer(consumer_env(redis_url, lake, "c1", stream), log=log)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        publish(redis_url, stream, updates[:300])
+        wait_until(lambda: _rows(lake) == 300 and group_pending(redis_url, stream) == 0, 60)
+        client.xgroup_destroy(stream, "lake")
+        publish(redis_url, stream, updates[300:])
+        wait_until(lambda: _rows(lake) == 600 and group_pending(redis_url, stream) == 0, 60)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        kill(proc)
+        client.close()
+    assert code == 0
+    assert "consumer group missing, creating it again" in log.read_text()
+    assert_table_exact(lake, updates)
