@@ -71,6 +71,12 @@ def _series(text: str, series: str) -> float:
     return float(match.group(1))
 
 
+def _counted(port: int, series: str) -> float:
+    """A series' value from /metrics, 0 while it is not there."""
+    match = re.search(rf"^{re.escape(series)} (\S+)$", _get(port, "/metrics")[1], re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 def _fill_memory(client: redis.Redis) -> None:
     """maxmemory below what is used, under noeviction: every write is refused (OOM)."""
     used = int(client.info("memory")["used_memory"])
@@ -269,7 +275,7 @@ def test_consumer_waits_while_a_restarted_redis_is_loading(
     updates = make_updates(600, seed=45)
     client = redis.Redis.from_url(server.url)
     filler = client.pipeline(transaction=False)
-    for index in range(12_000):  # loading them takes seconds with key-load-delay
+    for index in range(20_000):  # loading them takes seconds with key-load-delay
         filler.set(f"filler:{index}", b"x")
     filler.execute()
     port = free_port()
@@ -283,13 +289,13 @@ def test_consumer_waits_while_a_restarted_redis_is_loading(
         server.kill()
         server = RedisServer(
             binary, server.data_dir, port=server.port,
-            # µs per key: ~2 s of LOADING, answering clients (LOADING) meanwhile
+            # µs per key: ~3 s of LOADING, answering clients (LOADING) meanwhile
             extra_args=["--key-load-delay", "150",
                         "--loading-process-events-interval-bytes", "1024"],
         ).start()  # fmt: skip
         wait_until(lambda: _loaded(server.url), timeout=60)
-        metrics = _get(port, "/metrics")[1]
-        assert _series(metrics, 'poslake_consumer_redis_errors_total{code="LOADING"}') >= 1
+        loading = 'poslake_consumer_redis_errors_total{code="LOADING"}'
+        wait_until(lambda: _counted(port, loading) >= 1, timeout=30)
         publish(server.url, stream, updates[300:])
         wait_until(lambda: _rows(lake) == 600 and group_pending(server.url, stream) == 0, 60)
         wait_until(lambda: _get(port, "/healthz")[0] == 200, timeout=30)
