@@ -2,7 +2,7 @@
 
 At most three batches are in hand: one merging into positions_current and
 settling, one committing to the history, the next being read. Redis
-failures are classified (shared/redis_errors.py): transient ones (connection
+failures are classified (consumer/redis_calls.py): transient ones (connection
 loss, OOM, LOADING, BUSY, failover replies) and, once running, a password that
 stopped working are retried with backoff around each call while the process
 reports itself unhealthy (the batches in hand stay in hand, unacknowledged);
@@ -15,7 +15,6 @@ batch in hand is committed and settled before exit.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -39,6 +38,7 @@ from redis.retry import Retry
 from consumer.current import CurrentPositions
 from consumer.group import ConsumerGroup, Page, RawFields
 from consumer.maintenance import TableMaintainer
+from consumer.redis_calls import SIGNAL_CHECK_S, RedisCalls, backoff, pause
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
 from shared.errors import (
@@ -49,8 +49,6 @@ from shared.errors import (
     StreamUnavailable,
 )
 from shared.redis_conn import sync_client
-from shared.redis_errors import is_auth_failure, kind_of, refusal
-from shared.redis_health import RedisHealth
 from shared.settings import Settings
 from shared.stopping import take_early
 from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
@@ -68,7 +66,6 @@ _PAGES_DECODING = 2
 # At stop, how long to let a running compaction or vacuum finish: both are safe to
 # cut short (a compaction commits atomically, a vacuum resumes at the next start).
 _MAINTENANCE_STOP_WAIT_S = 20.0
-_SIGNAL_CHECK_S = 0.2
 
 
 @dataclass(slots=True)
@@ -256,10 +253,12 @@ class Consumer:
         # For metrics and health (consumer/metrics.py): batch observer, loop heartbeat.
         self.on_batch: Callable[[int, float], None] | None = None
         self.heartbeat = time.monotonic()
-        self.redis_health = RedisHealth()
+        self.redis_calls = RedisCalls(
+            settings, self.group, lambda: self._stopping, lambda: self._count("redis_retries")
+        )
+        self.redis_health = self.redis_calls.health
         self.refused: str | None = None  # why Redis refused us for good (exit 6)
         self.maintainer: TableMaintainer | None = None
-        self._started = False  # past start-up: a failing password is then waited out
         self._stopping = False
         self._next_claim_at = 0.0
         self._claim_scan_open = False
@@ -317,7 +316,7 @@ class Consumer:
             return ExitCode.OK  # stopped during start-up: nothing in hand
         if sink is None:
             return ExitCode.OK
-        self._started = True
+        self.redis_calls.started = True
         self.maintainer = TableMaintainer(s, self.client)
         log.info(
             "consumer started",
@@ -544,7 +543,7 @@ class Consumer:
                 if self._stopping and failures > 3:
                     log.error("giving up on stop; batch stays pending", extra={"error": str(exc)})
                     return None
-                delay = _backoff(s, failures)
+                delay = backoff(s, failures)
                 log.error("commit failed, will retry", extra={"error": str(exc), "delay_s": delay})
                 self._pause(delay)
 
@@ -565,7 +564,7 @@ class Consumer:
                 return sink
             except Exception as exc:  # a store away, a lake not mounted yet: wait for it
                 failures += 1
-                delay = _backoff(self.settings, failures)
+                delay = backoff(self.settings, failures)
                 log.error(
                     "cannot open table, retrying", extra={"error": str(exc), "delay_s": delay}
                 )
@@ -575,68 +574,11 @@ class Consumer:
     def _redis(
         self, call: Callable[[], T], command: str | None = None, key: str | None = None
     ) -> T:
-        """Run a Redis call: transient failures are retried with backoff, fatal ones raise.
-
-        ``command`` and ``key`` name the call for the operator where Redis's reply does
-        not (a pipeline's reply names its failed command itself). Retried: connection
-        loss and transient replies (OOM, LOADING, BUSY, READONLY...), and past start-up
-        a password that stopped working (it may be set right again while we wait).
-        Fatal: :class:`RedisRefused` with the one-line reason.
-        """
-        failures = regroups = 0
-        where = command or "redis"
-        while True:
-            try:
-                result = call()
-            except (redis.RedisError, OSError) as exc:
-                if "NOGROUP" in str(exc) and regroups < 3:
-                    # The group vanished (a restart without persistence, an XGROUP
-                    # DESTROY): made again from the stream's start; the dedup drops
-                    # what the table holds.
-                    regroups += 1
-                    log.warning(
-                        "consumer group missing, creating it again", extra={"command": where}
-                    )
-                    self._ensure_group_quietly()
-                    continue
-                transient = kind_of(exc) == "transient" or (self._started and is_auth_failure(exc))
-                if not transient:
-                    raise refusal(exc, command, key) from None
-                failures += 1
-                self._count("redis_retries")
-                code = self.redis_health.failed(where, exc)
-                if self._stopping and (failures > 5 or not self._started):
-                    # Stop anyway: whatever is unacknowledged stays pending and replays.
-                    raise StreamUnavailable(f"redis unavailable while stopping: {exc}") from None
-                delay = _backoff(self.settings, failures)
-                log.warning(
-                    "redis unavailable, retrying",
-                    extra={"code": code, "command": where, "error": str(exc), "delay_s": delay},
-                )
-                self._pause(delay)
-                continue
-            if failures:
-                log.info(
-                    "redis answering again",
-                    extra={"consumer": self.settings.consumer_name, "command": where},
-                )
-                self.redis_health.recovered(where)
-                self._ensure_group_quietly()
-            return result
-
-    def _ensure_group_quietly(self) -> None:
-        # A restarted Redis without its data lost the group; the next call retries anyway.
-        with contextlib.suppress(redis.RedisError, OSError):
-            self.group.ensure_group()
+        """Run a Redis call under the consumer's retry policy (consumer/redis_calls.py)."""
+        return self.redis_calls.run(call, command, key)
 
     def _pause(self, seconds: float) -> None:
-        """Sleep for a backoff, cut short by a stop request."""
-        deadline = time.monotonic() + seconds
-        while not self._stopping:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            time.sleep(min(left, _SIGNAL_CHECK_S))
+        pause(seconds, lambda: self._stopping)
 
     def _crash_point(self, point: str, count: int) -> None:
         if self.settings.fault_crash_at == point and count == self.settings.fault_crash_on_batch:
@@ -655,14 +597,9 @@ def _wait(future: Future[T]) -> T:
     """
     while True:
         try:
-            return future.result(timeout=_SIGNAL_CHECK_S)
+            return future.result(timeout=SIGNAL_CHECK_S)
         except FutureTimeout:
             continue
-
-
-def _backoff(settings: Settings, failures: int) -> float:
-    base = min(settings.retry_max_s, settings.retry_initial_s * 2 ** (failures - 1))
-    return float(base * random.uniform(0.5, 1.0))
 
 
 def _as_fields(stats: ConsumerStats) -> dict[str, int]:
