@@ -1,5 +1,10 @@
 """``python -m consumer``: run one consumer process."""
 
-from consumer.cli import main
+# Before the heavy imports: a SIGTERM during them must stop the consumer cleanly.
+from shared.stopping import install_early
+
+install_early()
+
+from consumer.cli import main  # noqa: E402
 
 raise SystemExit(main())

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
+import os
 import sys
 
 from consumer.metrics import ConsumerMetrics
 from consumer.runner import Consumer
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ExitCode
 from shared.logs import configure_logging
 from shared.metrics import MetricsServer
 from shared.settings import load_settings_or_report
@@ -46,10 +48,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"poslake consumer: {exc}", file=sys.stderr)
             return 2
     try:
-        return consumer.run(drain=bool(args.drain))
+        code = consumer.run(drain=bool(args.drain))
     finally:
         if server is not None:
             server.stop()
+    if code == ExitCode.REFUSED:
+        print(f"poslake consumer: {consumer.refused}", file=sys.stderr)
+    if consumer.background_alive():
+        # A maintenance run still inside delta-rs: interpreter teardown would kill its
+        # thread mid-call (the exit 139 once seen). Everything in hand is settled or
+        # left pending; a compaction commits atomically, a vacuum resumes next start.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def tune_garbage_collector() -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from shared.settings import Settings
 from shared.wire import EntryFields
@@ -64,13 +64,31 @@ class ConsumerGroup:
         self._claim_cursor = b"0-0"
 
     def ensure_group(self) -> None:
-        """Create the stream and group if missing; the group starts at the stream's start."""
+        """Create the stream and group if missing; the group starts at the stream's start.
+
+        Under ``maxmemory`` (noeviction) Redis refuses XGROUP CREATE with OOM before
+        it looks at the group: an existing group is then fine, a missing one is a
+        transient failure (the caller waits for memory).
+        """
         try:
             self._client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
             log.info("created consumer group", extra={"stream": self.stream, "group": self.group})
         except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+            if "BUSYGROUP" in str(exc):
+                return
+            if isinstance(exc, OutOfMemoryError) and self.group_exists():
+                return
+            raise
+
+    def group_exists(self) -> bool:
+        """Whether the stream has this group (XINFO GROUPS; no stream means no group)."""
+        try:
+            groups: Any = self._client.xinfo_groups(self.stream)
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return False
+            raise
+        return any(_as_bytes(g["name"]) == self.group.encode() for g in groups)
 
     @property
     def own_pending_done(self) -> bool:

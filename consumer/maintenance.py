@@ -11,6 +11,13 @@ checkpoint holds every tombstone of the history window, too slow to write
 inline) and drops log files past their retention. Once an hour
 (``POSLAKE_VACUUM_INTERVAL_S``) the run also vacuums both tables: files retired
 longer ago than the history (``POSLAKE_HISTORY_RETENTION_HOURS``) are deleted.
+
+The lease (``Settings.maintenance_lease_key``) needs SET, GET and DEL on its key;
+without them maintenance never runs, or the lease stays held for its full
+10 minutes. Such a failure is logged once (then every 10 minutes while it
+lasts), counted (``poslake_consumer_maintenance_lease_errors_total``) and shown
+by ``poslake status``. At stop the run is asked to end after its current step
+and joined (a thread left inside delta-rs at interpreter exit crashes it).
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from consumer.vacuum import vacuum_table
+from shared.redis_errors import refusal
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_LEASE_MS = 10 * 60 * 1000
+LEASE_MS = 10 * 60 * 1000
+_LEASE_WARNING_EVERY_S = 600.0
 
 
 def partitions_to_compact(table: DeltaTable, small_bytes: int, min_files: int) -> list[str]:
@@ -61,8 +70,12 @@ class TableMaintainer:
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         self._settings = settings
         self._client = client
-        self._lease_key = f"poslake:{settings.stream}:{settings.group}:maintenance"
+        self._lease_key = settings.maintenance_lease_key
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.lease_errors = 0
+        self.lease_error: str | None = None  # the last lease failure, one line
+        self._lease_warned_at: float | None = None
         self.runs = 0
         self._last_trigger = 0
         self._next_vacuum_at = 0.0  # right after start, then on the interval
@@ -83,7 +96,7 @@ class TableMaintainer:
             self._start(compact=False)
 
     def _start(self, compact: bool) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        if self._stop.is_set() or self.running():
             return
         vacuum = time.monotonic() >= self._next_vacuum_at
         if not (compact or vacuum):
@@ -95,32 +108,60 @@ class TableMaintainer:
         )
         self._thread.start()
 
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("stopping while table maintenance runs; it resumes after restart")
 
+    def stop(self, timeout: float | None = None) -> None:
+        """No new runs; the current one ends after its step; wait up to ``timeout``."""
+        self._stop.set()
+        self.wait(timeout)
+
     def _run(self, compact: bool, vacuum: bool) -> None:
         token = self._settings.consumer_name
         try:
-            if not self._client.set(self._lease_key, token, nx=True, px=_LEASE_MS):
+            if not self._client.set(self._lease_key, token, nx=True, px=LEASE_MS):
                 return  # another consumer is at it
-        except redis.RedisError as exc:
-            log.warning("maintenance lease unavailable", extra={"error": str(exc)})
+        except (redis.RedisError, OSError) as exc:
+            self._lease_failed(exc, "SET")
             return
         try:
             # Vacuum first: the compaction's checkpoint drops expired tombstones.
-            if vacuum and self.vacuum():
+            if vacuum and not self._stop.is_set() and self.vacuum():
                 self._next_vacuum_at = time.monotonic() + self._settings.vacuum_interval_s
-            if compact:
+            if compact and not self._stop.is_set():
                 self.run_once()
         finally:
+            command = "GET"
             try:
                 if self._client.get(self._lease_key) == token.encode():
+                    command = "DEL"
                     self._client.delete(self._lease_key)
-            except redis.RedisError:
-                pass  # the lease expires by itself
+                self.lease_error = None
+            except (redis.RedisError, OSError) as exc:
+                self._lease_failed(exc, command)  # it expires by itself, in 10 minutes
+
+    def _lease_failed(self, exc: Exception, command: str) -> None:
+        """Count a lease failure; warn on the first one, then every 10 minutes."""
+        self.lease_errors += 1
+        self.lease_error = str(refusal(exc, command, self._lease_key))
+        now = time.monotonic()
+        if self._lease_warned_at is None or now - self._lease_warned_at >= _LEASE_WARNING_EVERY_S:
+            self._lease_warned_at = now
+            log.warning(
+                "maintenance lease failed: table maintenance cannot run as it should",
+                extra={
+                    "key": self._lease_key,
+                    "command": command,
+                    "error": self.lease_error,
+                    "failures": self.lease_errors,
+                },
+            )
 
     def run_once(self) -> list[str]:
         """Compact what needs it now, then checkpoint both tables; returns the symbols
@@ -141,6 +182,8 @@ class TableMaintainer:
             except Exception as exc:
                 self._failed("compaction", s.table_uri, exc)
         for uri, table in tables.items():
+            if self._stop.is_set():
+                break
             try:
                 self._checkpoint(table, uri)
             except Exception as exc:
@@ -200,6 +243,8 @@ class TableMaintainer:
         s = self._settings
         done = True
         for uri in (s.table_uri, s.current_table_uri):
+            if self._stop.is_set():
+                return False
             try:
                 table = DeltaTable(uri, storage_options=s.storage_options or None)
                 vacuum_table(table, uri, s.history_retention_hours)

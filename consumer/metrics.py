@@ -7,9 +7,11 @@ from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Histogram
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from consumer.runner import Consumer
-from shared.metrics import StatsCollector
+from shared.metrics import LabelledCounter, StatsCollector
 from shared.redis_conn import sync_client
 
 LAG_COUNT_MAX = 100_000  # where Redis does not report lag, it is counted up to this
@@ -21,13 +23,15 @@ COUNTERS = {
     "dead_letters": "entries moved to the dead-letter stream",
     "commit_retries": "position_updates commits retried (conflict or failure)",
     "current_commit_retries": "positions_current merges retried (conflict or failure)",
-    "redis_retries": "Redis calls retried after a connection error",
+    "redis_retries": "Redis calls retried after a transient failure",
+    "maintenance_lease_errors": "maintenance lease SET/GET/DEL refused or failed",
 }
 GAUGES = {
     "lag": "entries of the stream the group has not read yet",
     "pending": "entries this consumer holds unacknowledged",
     "group_pending": "entries the whole group holds unacknowledged",
     "seconds_since_progress": "seconds since the consume loop last went round",
+    "redis_ok": "1 while no Redis call is failing, 0 while one is retried",
 }
 
 
@@ -35,11 +39,23 @@ class ConsumerMetrics:
     def __init__(self, consumer: Consumer) -> None:
         self.consumer = consumer
         settings = consumer.settings
+        # No retries of its own: a scrape during an outage answers at once.
         self._client: Any = sync_client(
-            settings.redis_target, socket_timeout=2, socket_connect_timeout=2
+            settings.redis_target,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 0),
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector("poslake_consumer", self._read, COUNTERS, GAUGES))
+        self.registry.register(
+            LabelledCounter(
+                "poslake_consumer_redis_errors",
+                "failed Redis calls by code (OOM, LOADING, WRONGPASS, CONNECTION...)",
+                "code",
+                consumer.redis_health.counts,
+            )
+        )
         self.batch_entries = Histogram(
             "poslake_consumer_batch_entries",
             "entries per batch",
@@ -60,8 +76,13 @@ class ConsumerMetrics:
 
     def _read(self) -> dict[str, float]:
         stats = self.consumer.stats
-        values: dict[str, float] = {name: getattr(stats, name) for name in COUNTERS}
+        values: dict[str, float] = {
+            name: getattr(stats, name) for name in COUNTERS if hasattr(stats, name)
+        }
         values["seconds_since_progress"] = time.monotonic() - self.consumer.heartbeat
+        values["redis_ok"] = 1.0 if self.consumer.redis_health.ok else 0.0
+        maintainer = self.consumer.maintainer
+        values["maintenance_lease_errors"] = maintainer.lease_errors if maintainer else 0
         settings = self.consumer.settings
         try:
             for group in self._client.xinfo_groups(settings.stream):
@@ -80,6 +101,8 @@ class ConsumerMetrics:
         return values
 
     def health(self) -> tuple[bool, str]:
+        if not self.consumer.redis_health.ok:
+            return False, self.consumer.redis_health.reason()
         limit = max(60.0, 5 * self.consumer.settings.batch_max_wait_s)
         age = time.monotonic() - self.consumer.heartbeat
         if age > limit:

@@ -2,16 +2,21 @@
 
 At most three batches are in hand: one merging into positions_current and
 settling, one committing to the history, the next being read. Redis
-errors are retried with backoff around each call (the batches in hand stay in
-hand); a failed Delta commit is retried with backoff without acknowledging
-anything; a commit that fails because of its rows is bisected to dead-letter them
-(consumer/sink.py). SIGTERM/SIGINT stop the reading; the batch in hand is
-committed and settled before exit. Batches and their decoding: consumer/batch.py.
+failures are classified (consumer/redis_calls.py): transient ones (connection
+loss, OOM, LOADING, BUSY, failover replies) and, once running, a password that
+stopped working are retried with backoff around each call while the process
+reports itself unhealthy (the batches in hand stay in hand, unacknowledged);
+fatal ones (NOPERM, a wrong password at start, an unknown command) stop the
+consumer with one line and exit code 6 after every thread has stopped. A failed
+Delta commit is retried with backoff without acknowledging anything; a commit
+that fails because of its rows is bisected to dead-letter them (consumer/sink.py).
+SIGTERM/SIGINT, at any moment from the first import on, stop the reading; the
+batch in hand is committed and settled before exit. Batches and their decoding:
+consumer/batch.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -29,17 +34,26 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from consumer.batch import Batch
 from consumer.current import CurrentPositions
 from consumer.group import ConsumerGroup
 from consumer.maintenance import TableMaintainer
+from consumer.redis_calls import SIGNAL_CHECK_S, RedisCalls, backoff, pause
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
-from shared.errors import CommitConflict, CommitFailed, StreamUnavailable
+from shared.errors import (
+    CommitConflict,
+    CommitFailed,
+    ExitCode,
+    RedisRefused,
+    StreamUnavailable,
+)
 from shared.redis_conn import sync_client
-from shared.redis_errors import TRANSIENT_REDIS_ERRORS
 from shared.settings import Settings
+from shared.stopping import take_early
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +64,6 @@ _DRAIN_BLOCK_MS = 50
 # At stop, how long to let a running compaction or vacuum finish: both are safe to
 # cut short (a compaction commits atomically, a vacuum resumes at the next start).
 _MAINTENANCE_STOP_WAIT_S = 20.0
-_SIGNAL_CHECK_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +101,10 @@ class Consumer:
             socket_timeout=30,
             socket_connect_timeout=5,
             health_check_interval=30,
+            # One immediate retry (a stale pooled connection); outages are retried by
+            # _redis, which backs off, sees stop requests and reports them: redis-py's
+            # own default (3 retries, seconds of backoff each call) would hide them.
+            retry=Retry(NoBackoff(), 1),
         )
         self.group = ConsumerGroup(self.client, settings)
         self.settler = Settler(self.client, settings.stream, settings.group, settings.consumer_name)
@@ -98,6 +115,12 @@ class Consumer:
         # For metrics and health (consumer/metrics.py): batch observer, loop heartbeat.
         self.on_batch: Callable[[int, float], None] | None = None
         self.heartbeat = time.monotonic()
+        self.redis_calls = RedisCalls(
+            settings, self.group, lambda: self._stopping, lambda: self._count("redis_retries")
+        )
+        self.redis_health = self.redis_calls.health
+        self.refused: str | None = None  # why Redis refused us for good (exit 6)
+        self.maintainer: TableMaintainer | None = None
         self._stopping = False
         self._next_claim_at = 0.0
         self._claim_scan_open = False
@@ -114,13 +137,50 @@ class Consumer:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        early = take_early()  # a signal during the imports (consumer/__main__.py)
+        if early:
+            self.request_stop(early)
 
     def run(self, drain: bool = False) -> int:
-        """Consume until stopped (or, with ``drain``, until the group has nothing left)."""
+        """Consume until stopped (or, with ``drain``, until the group has nothing left).
+
+        Returns the exit code: 0 after a stop, 1 after repeated failures while
+        stopping, 6 (:attr:`refused` says why) when Redis refused us for good.
+        """
         s = self.settings
-        self._redis(self.group.ensure_group)
-        sink = self._open_sink()
-        maintainer = TableMaintainer(s, self.client)
+        try:
+            exit_code = self._start_and_consume(drain)
+        except RedisRefused as exc:
+            self._stopping = True  # the other threads stop reading too
+            self.refused = str(exc)
+            log.error("redis refused, stopping", extra={"error": self.refused})
+            exit_code = ExitCode.REFUSED
+        finally:
+            if self.maintainer is not None:
+                self.maintainer.stop(timeout=_MAINTENANCE_STOP_WAIT_S)
+        log.info(
+            "consumer stopped",
+            extra={"consumer": s.consumer_name, "exit_code": exit_code, **_as_fields(self.stats)},
+        )
+        return int(exit_code)
+
+    def background_alive(self) -> bool:
+        """A maintenance run still inside delta-rs (cut short at exit: see consumer/cli.py)."""
+        return self.maintainer is not None and self.maintainer.running()
+
+    def _start_and_consume(self, drain: bool) -> int:
+        s = self.settings
+        try:
+            if self._stopping:
+                return ExitCode.OK
+            self._redis(self.group.ensure_group, "XGROUP", s.stream)
+            sink = self._open_sink()
+        except StreamUnavailable:
+            return ExitCode.OK  # stopped during start-up: nothing in hand
+        if sink is None:
+            return ExitCode.OK
+        self.redis_calls.started = True
+        self.maintainer = TableMaintainer(s, self.client)
         log.info(
             "consumer started",
             extra={
@@ -131,16 +191,10 @@ class Consumer:
             },
         )
         try:
-            exit_code = self._consume(sink, maintainer, drain)
+            return self._consume(sink, self.maintainer, drain)
         except StreamUnavailable as exc:
             log.error("stopped without redis", extra={"error": str(exc)})
-            exit_code = 1
-        maintainer.wait(timeout=_MAINTENANCE_STOP_WAIT_S)
-        log.info(
-            "consumer stopped",
-            extra={"consumer": s.consumer_name, "exit_code": exit_code, **_as_fields(self.stats)},
-        )
-        return exit_code
+            return ExitCode.FAILED
 
     def _consume(self, sink: DeltaSink, maintainer: TableMaintainer, drain: bool) -> int:
         # Three stages overlap, each in its own thread: reading batch N+2 (with a
@@ -227,6 +281,7 @@ class Consumer:
             mean_entry_bytes=self._mean_entry_bytes,
             in_flight=in_flight,
         )
+        read = ("XREADGROUP", s.stream)
         while (
             len(batch) < s.batch_max_entries
             and batch.size_bytes < s.batch_max_bytes
@@ -239,7 +294,7 @@ class Consumer:
                     1, min(room, (s.batch_max_bytes - batch.size_bytes) // batch.mean_entry_bytes)
                 )
             if not self.group.own_pending_done:
-                batch.add(self._redis(partial(self.group.read_own_pending, room)))
+                batch.add(self._redis(partial(self.group.read_own_pending, room), *read))
                 continue
             if self._claim_scan_open or time.monotonic() >= self._next_claim_at:
                 self._claim_once(batch)
@@ -252,7 +307,7 @@ class Consumer:
             else:
                 block_s = min(s.batch_max_wait_s, _IDLE_BLOCK_S)
             block_ms = _DRAIN_BLOCK_MS if drain else max(1, int(block_s * 1000))
-            page = self._redis(partial(self.group.read_new, room, block_ms))
+            page = self._redis(partial(self.group.read_new, room, block_ms), *read)
             if not page.ids and drain:
                 break  # nothing new: commit what is in hand, then check if drained
             batch.add(page)
@@ -260,7 +315,7 @@ class Consumer:
         return batch.finish()
 
     def _claim_once(self, batch: Batch) -> None:
-        page, more = self._redis(self.group.claim_page)
+        page, more = self._redis(self.group.claim_page, "XAUTOCLAIM", self.settings.stream)
         batch.add(page)
         self._claim_pages += 1
         self._claim_scan_open = more
@@ -270,12 +325,13 @@ class Consumer:
             self._crash_point("mid_claim", self._claim_pages)
 
     def _drained(self) -> bool:
-        if self._redis(self.group.group_pending) > 0:
+        stream = self.settings.stream
+        if self._redis(self.group.group_pending, "XPENDING", stream) > 0:
             # Someone else's entries: claimable once idle long enough.
             self._next_claim_at = 0.0
             time.sleep(min(0.2, max(0.01, self.settings.claim_min_idle_s / 4)))
             return False
-        return not self._redis(self.group.has_undelivered)
+        return not self._redis(self.group.has_undelivered, "XINFO", stream)
 
     # -- processing ----------------------------------------------------------
 
@@ -326,7 +382,9 @@ class Consumer:
             # In the history already, but positions_current cannot hold them: say so.
             rejected = [(i, f"{reason} (the row is in position_updates)") for i, reason in rejected]
             dead = dead + self._rejected_letters(None, rejected)
-        self._redis(lambda: self.settler.settle(ids, dead))
+        # One XACK, or a MULTI/EXEC with dead letters: refused as a whole (OOM, NOPERM),
+        # never half done; redis-py's message names the command that was refused.
+        self._redis(lambda: self.settler.settle(ids, dead), "XACK", self.settings.stream)
         entries = committed.entries
         self._count("batches")
         self._count("entries", entries)
@@ -374,9 +432,9 @@ class Consumer:
                 if self._stopping and failures > 3:
                     log.error("giving up on stop; batch stays pending", extra={"error": str(exc)})
                     return None
-                delay = _backoff(s, failures)
+                delay = backoff(s, failures)
                 log.error("commit failed, will retry", extra={"error": str(exc), "delay_s": delay})
-                time.sleep(delay)
+                self._pause(delay)
 
     def _rejected_letters(
         self, batch: Batch | None, rejected: list[tuple[str, str]]
@@ -387,7 +445,9 @@ class Consumer:
         for entry_id, reason in rejected:
             raw = entry_id.encode()
             found: Any = self._redis(
-                partial(self.client.xrange, self.settings.stream, min=entry_id, max=entry_id)
+                partial(self.client.xrange, self.settings.stream, min=entry_id, max=entry_id),
+                "XRANGE",
+                self.settings.stream,
             )
             fields: dict[bytes, bytes] = dict(found[0][1]) if found else {}
             # Per-entry counts are not kept past decoding: the batch's highest bounds it.
@@ -404,50 +464,31 @@ class Consumer:
         with self._stats_lock:
             setattr(self.stats, stat, getattr(self.stats, stat) + n)
 
-    def _open_sink(self) -> DeltaSink:
+    def _open_sink(self) -> DeltaSink | None:
+        """Open both tables, retrying while the store fails; None if stopped meanwhile."""
         failures = 0
-        while True:
+        while not self._stopping:
             try:
                 sink = DeltaSink(self.settings)
                 self.current = CurrentPositions(self.settings)
                 return sink
-            except (CommitFailed, OSError, Exception) as exc:
+            except Exception as exc:  # a store away, a lake not mounted yet: wait for it
                 failures += 1
-                if self._stopping:
-                    raise
-                delay = _backoff(self.settings, failures)
+                delay = backoff(self.settings, failures)
                 log.error(
                     "cannot open table, retrying", extra={"error": str(exc), "delay_s": delay}
                 )
-                time.sleep(delay)
+                self._pause(delay)
+        return None
 
-    def _redis(self, call: Callable[[], T]) -> T:
-        """Run a Redis call, reconnecting with backoff while the server is away."""
-        failures = 0
-        while True:
-            try:
-                result = call()
-                if failures:
-                    log.info(
-                        "redis reachable again", extra={"consumer": self.settings.consumer_name}
-                    )
-                    self._ensure_group_quietly()
-                return result
-            except TRANSIENT_REDIS_ERRORS as exc:
-                failures += 1
-                self._count("redis_retries")
-                if self._stopping and failures > 5:
-                    # Stop anyway: whatever is unacknowledged stays pending and replays.
-                    raise StreamUnavailable(f"redis unavailable while stopping: {exc}") from exc
-                delay = _backoff(self.settings, failures)
-                log.warning(
-                    "redis unavailable, retrying", extra={"error": str(exc), "delay_s": delay}
-                )
-                time.sleep(delay)
+    def _redis(
+        self, call: Callable[[], T], command: str | None = None, key: str | None = None
+    ) -> T:
+        """Run a Redis call under the consumer's retry policy (consumer/redis_calls.py)."""
+        return self.redis_calls.run(call, command, key)
 
-    def _ensure_group_quietly(self) -> None:
-        with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
-            self.group.ensure_group()  # the next call retries anyway
+    def _pause(self, seconds: float) -> None:
+        pause(seconds, lambda: self._stopping)
 
     def _crash_point(self, point: str, count: int) -> None:
         if self.settings.fault_crash_at == point and count == self.settings.fault_crash_on_batch:
@@ -466,7 +507,7 @@ def _wait(future: Future[T]) -> T:
     """
     while True:
         try:
-            return future.result(timeout=_SIGNAL_CHECK_S)
+            return future.result(timeout=SIGNAL_CHECK_S)
         except FutureTimeout:
             continue
 
@@ -475,11 +516,6 @@ def _without(rows: pa.Table, stream_ids: set[str]) -> pa.Table:
     """``rows`` without those of the given entries."""
     keep = pc.invert(pc.is_in(rows.column("stream_id"), pa.array(sorted(stream_ids))))
     return rows.filter(keep)
-
-
-def _backoff(settings: Settings, failures: int) -> float:
-    base = min(settings.retry_max_s, settings.retry_initial_s * 2 ** (failures - 1))
-    return float(base * random.uniform(0.5, 1.0))
 
 
 def _as_fields(stats: ConsumerStats) -> dict[str, int]:

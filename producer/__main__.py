@@ -1,5 +1,10 @@
 """``python -m producer``: run the IB -> Redis Stream producer."""
 
-from producer.cli import main
+# Before the heavy imports: a SIGTERM during them must stop the producer cleanly.
+from shared.stopping import install_early
+
+install_early()
+
+from producer.cli import main  # noqa: E402
 
 raise SystemExit(main())

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
+import sys
 
 from producer.ib_mapping import UpdateClock
 from producer.ib_source import IbSource
 from producer.metrics import ProducerMetrics
 from producer.outbox import Outbox
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ExitCode, RedisRefused
 from shared.logs import configure_logging
 from shared.metrics import MetricsServer
 from shared.publisher import TrimPolicy
 from shared.settings import Settings, load_settings_or_report
+from shared.stopping import take_early
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,23 @@ def build_outbox(settings: Settings, clock: UpdateClock) -> Outbox:
     )
 
 
+# How long a stop waits for the IB connection to wind down (a connect in progress
+# included) before cancelling it.
+_IB_STOP_GRACE_S = 5.0
+
+
 async def run_producer(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT, then flush what is buffered and exit 0."""
+    """Run until SIGTERM/SIGINT, then flush what is buffered and exit 0.
+
+    Exit 6 (one line on stderr) when Redis refuses the password or the right to
+    XADD at start; later refusals are retried and shown on ``/healthz``.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if take_early():  # a signal during the imports (producer/__main__.py)
+        stop.set()
     clock = UpdateClock()
     try:
         outbox = build_outbox(settings, clock)
@@ -63,13 +81,18 @@ async def run_producer(settings: Settings) -> int:
         except ConfigError as exc:
             log.error("%s", exc)
             return 2
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    try:
+        await outbox.check_access()
+    except RedisRefused as exc:
+        log.error("redis refused, stopping", extra={"error": str(exc)})
+        print(f"poslake producer: {exc}", file=sys.stderr)
+        await outbox.close(0)
+        if server is not None:
+            server.stop()
+        return ExitCode.REFUSED
     outbox.start()
     log.info("producer started", extra={"stream": settings.stream, "ib_port": settings.ib_port})
-    await source.run(stop)
+    await _run_source(source, stop)
     drained = await outbox.close(settings.producer_flush_timeout_s)
     if server is not None:
         server.stop()
@@ -83,6 +106,25 @@ async def run_producer(settings: Settings) -> int:
         },
     )
     return 0
+
+
+async def _run_source(source: IbSource, stop: asyncio.Event) -> None:
+    """``source.run(stop)``; a stop that it does not see in time (an IB connect under
+    way) cancels it after a grace period."""
+    task = asyncio.create_task(source.run(stop))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not task.done():
+        try:
+            await asyncio.wait_for(asyncio.shield(task), _IB_STOP_GRACE_S)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            source.ib.disconnect()
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from producer.ib_source import IbSource
 from producer.outbox import Outbox
-from shared.metrics import StatsCollector
+from shared.metrics import LabelledCounter, StatsCollector
 
 COUNTERS = {
     "received": "position messages received from IB",
@@ -28,6 +28,7 @@ GAUGES = {
     "buffered": "updates waiting in memory for the stream",
     "ib_connected": "1 while connected to IB",
     "redis_connected": "1 while the writer has a Redis connection",
+    "redis_ok": "1 while publishing works, 0 while a Redis failure is retried",
 }
 
 
@@ -37,6 +38,14 @@ class ProducerMetrics:
         self.outbox = outbox
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector("poslake_producer", self._read, COUNTERS, GAUGES))
+        self.registry.register(
+            LabelledCounter(
+                "poslake_producer_redis_errors",
+                "failed publishing attempts by code (OOM, NOPERM, WRONGPASS, CONNECTION...)",
+                "code",
+                outbox.health.counts,
+            )
+        )
 
     def _read(self) -> dict[str, float]:
         values: dict[str, float] = {k: float(v) for k, v in asdict(self.source.stats).items()}
@@ -50,13 +59,16 @@ class ProducerMetrics:
             buffered=self.outbox.buffered,
             ib_connected=1.0 if self.source.ib.isConnected() else 0.0,
             redis_connected=1.0 if self.outbox.connected else 0.0,
+            redis_ok=1.0 if self.outbox.health.ok else 0.0,
         )
         return values
 
     def health(self) -> tuple[bool, str]:
-        # Alive is enough for a restart policy: the producer reconnects by itself, and a
-        # Redis outage is buffered, not fatal. A dead writer task is fatal.
+        # The producer reconnects by itself and buffers through a Redis outage, but says
+        # so: a refusal (password, ACL) needs an operator, an outage may need one.
         if self.outbox.writer_failed():
             return False, "stream writer stopped"
+        if not self.outbox.health.ok:
+            return False, f"{self.outbox.health.reason()} ({self.outbox.buffered} buffered)"
         state = "ib connected" if self.source.ib.isConnected() else "ib reconnecting"
         return True, f"ok ({state}, {self.outbox.buffered} buffered)"

@@ -17,6 +17,13 @@ and counts it as already written only if it holds the same payload; otherwise
 requeued, or a clock that stepped back) the update is written with a
 server-assigned ID, and the clock moves past the stream's top. Without explicit
 IDs a retried chunk may land twice; the consumer's key dedup absorbs that.
+
+Redis failures never drop an update: a transient one (connection loss, OOM
+under ``noeviction``, LOADING...) and a refusal (a password or ACL right that
+went away while running) are retried with backoff while the updates stay in
+memory or the spool; meanwhile :attr:`Outbox.health` says why (``/healthz`` 503).
+At start :meth:`Outbox.check_access` tries the password and the right to XADD
+once, so a wrong one stops the producer (exit 6) instead of spooling for ever.
 """
 
 from __future__ import annotations
@@ -31,17 +38,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import NoReturn
 
 from producer.resp import RespConnection, RespError, pack_command
+from shared.errors import RedisRefused
 from shared.model import PositionUpdate
 from shared.publisher import TrimPolicy
 from shared.redis_conn import RedisTarget
+from shared.redis_errors import error_code, refusal, reply_kind
+from shared.redis_health import RedisHealth
 from shared.wire import CURRENT_VERSION, encode_payload
 
 log = logging.getLogger(__name__)
 
 Entry = tuple[int, bytes]  # (timestamp in µs, payload)
 _DUPLICATE_ID = "equal or smaller than the target stream top item"
+# The start-up probe's XADD with ID 0-0 is refused after the ACL and OOM checks and
+# before anything is written: this reply means the right to XADD is there.
+_PROBE_REFUSED = "must be greater than 0-0"
 REPLY_TIMEOUT_S = 30.0
 
 
@@ -222,6 +236,7 @@ class Outbox:
         self._top_us = 0  # the newest stream ID seen (µs), for the clock's floor
         self._closing = False
         self.connected = False
+        self.health = RedisHealth()
         self.stats = OutboxStats()
         if self._spooling:
             log.warning(
@@ -252,6 +267,30 @@ class Outbox:
     def writer_failed(self) -> bool:
         """The writer task ended while the outbox is open (it should never)."""
         return self._task is not None and self._task.done() and not self._closing
+
+    async def check_access(self) -> None:
+        """Try the password and the right to XADD (and XREVRANGE with explicit IDs) once.
+
+        Raises :class:`RedisRefused` when Redis refuses either. An unreachable or
+        transiently failing Redis only logs: the writer retries and buffers meanwhile.
+        """
+        probe = pack_command(b"XADD", self._stream, b"0-0", b"v", b"1")
+        try:
+            connection = await self._connect()
+            (reply,) = await self._execute(connection, [probe])
+        except RedisRefused:
+            self._drop_connection()
+            raise
+        except (OSError, ConnectionError, TimeoutError, RespError) as exc:
+            self._drop_connection()
+            self.health.failed("XADD", exc, _code(exc))
+            log.warning("redis not usable at start; buffering", extra={"error": repr(exc)})
+            return
+        if isinstance(reply, RespError) and _PROBE_REFUSED not in str(reply):
+            if reply_kind(reply) == "fatal":
+                raise refusal(reply, "XADD", self._stream.decode()) from reply
+            self.health.failed("XADD", reply, _code(reply))
+            log.warning("redis not usable at start; buffering", extra={"error": str(reply)})
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._write_forever(), name="outbox-writer")
@@ -307,12 +346,15 @@ class Outbox:
                     entries, next_offset = list(islice(self._memory, self._chunk)), 0
                 await self._send(entries)
             except Exception as exc:
-                # Connection errors and error replies are expected while Redis is away;
-                # anything else is a bug, logged with its traceback, and retried too:
-                # a writer that died would strand every buffered update.
-                expected = isinstance(exc, (OSError, ConnectionError, TimeoutError, RespError))
+                # Connection errors, error replies and refusals are expected while Redis is
+                # away or misconfigured; anything else is a bug, logged with its traceback,
+                # and retried too: a writer that died would strand every buffered update.
+                expected = isinstance(
+                    exc, (OSError, ConnectionError, TimeoutError, RespError, RedisRefused)
+                )
                 if not expected:
                     log.exception("publishing failed unexpectedly")
+                self.health.failed("XADD", exc, _code(exc))
                 self._drop_connection()
                 delay = min(self._retry_max_s, self._retry_initial_s * 2**attempt)
                 delay *= 0.5 + random.random() / 2  # jitter
@@ -330,6 +372,9 @@ class Outbox:
                     return  # close() spools what is left
                 await asyncio.sleep(delay)
                 continue
+            if attempt:
+                log.info("publishing again", extra={"stream": self._stream.decode()})
+                self.health.recovered("XADD")
             attempt = 0
             if from_spool:
                 self._spool.advance(next_offset)
@@ -352,10 +397,10 @@ class Outbox:
                 if self._explicit and _DUPLICATE_ID in str(reply):
                     refused.append(entries[index])
                     continue
-                # e.g. OOM or WRONGTYPE: keep this entry and the rest for a retry.
+                # e.g. OOM or NOPERM: keep this entry and the rest for a retry.
                 self.stats.published += index - len(refused)
                 log.error("XADD rejected", extra={"error": str(reply), "stream": self._stream})
-                raise reply
+                self._raise_reply(reply, "XADD")
             newest = reply
         self._note_top(newest)  # IDs only grow: the last one is the newest
         self.stats.published += len(replies) - len(refused)
@@ -373,7 +418,7 @@ class Outbox:
         missing: list[Entry] = []
         for (stamp, payload), reply in zip(refused, found, strict=True):
             if isinstance(reply, RespError):
-                raise reply
+                self._raise_reply(reply, "XRANGE")
             stored = _payload_of(reply)
             if stored == payload:
                 self.stats.recognised_duplicates += 1
@@ -390,7 +435,7 @@ class Outbox:
         )
         for reply in replies:
             if isinstance(reply, RespError):
-                raise reply
+                self._raise_reply(reply, "XADD")
             self._note_top(reply)
         self.stats.published += len(missing)
         self.stats.server_assigned_ids += len(missing)
@@ -440,7 +485,7 @@ class Outbox:
                 raise
             if isinstance(top, RespError):
                 connection.close()
-                raise top
+                self._raise_reply(top, "XREVRANGE")
             if top:
                 self._note_top(top[0][0])  # type: ignore[index]
         self._connection = connection
@@ -450,8 +495,19 @@ class Outbox:
         self.stats.reconnects += 1
         return connection
 
+    def _raise_reply(self, reply: RespError, command: str) -> NoReturn:
+        """A transient reply raises itself (retried); any other becomes RedisRefused."""
+        if reply_kind(reply) == "transient":
+            raise reply
+        raise refusal(reply, command, self._stream.decode()) from reply
+
     def _drop_connection(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
         self.connected = False
+
+
+def _code(exc: BaseException) -> str:
+    """The failure's code (``OOM``, ``NOPERM``, ``CONNECTION``...) for health and metrics."""
+    return error_code(exc.__cause__ if isinstance(exc, RedisRefused) and exc.__cause__ else exc)

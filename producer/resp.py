@@ -9,6 +9,8 @@ connect (TCP, TLS or a Unix socket, AUTH, SELECT: the URL means what it
 means to redis-py, shared/redis_conn.py), send a batch, read its replies.
 Error replies come back as :class:`RespError` values in the reply list, so one
 rejected XADD (e.g. an explicit ID already written) does not hide the others.
+A refused AUTH or SELECT (wrong password, missing right) raises
+:class:`shared.errors.RedisRefused` from :meth:`RespConnection.open`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 import hiredis
 
 from shared.redis_conn import RedisTarget
+from shared.redis_errors import refusal, reply_kind
 
 READ_SIZE = 1 << 16
 
@@ -60,18 +63,24 @@ class RespConnection:
         connection = cls(reader, writer)
         try:
             setup: list[bytes] = []
+            names: list[str] = []
             if address.password is not None:
                 auth = [b"AUTH"]
                 if address.username:
                     auth.append(address.username.encode())
                 setup.append(pack_command(*auth, address.password.encode()))
+                names.append("AUTH")
             if address.db:
                 setup.append(pack_command(b"SELECT", str(address.db).encode()))
+                names.append("SELECT")
             if setup:
                 replies = await asyncio.wait_for(connection.execute(setup), timeout_s)
-                failed = [r for r in replies if isinstance(r, RespError)]
-                if failed:
-                    raise ConnectionError(f"Redis refused the connection setup: {failed[0]}")
+                for name, reply in zip(names, replies, strict=True):
+                    if not isinstance(reply, RespError):
+                        continue
+                    if reply_kind(reply) == "fatal":  # WRONGPASS, NOPERM, a bad database
+                        raise refusal(reply, name) from reply
+                    raise ConnectionError(f"Redis refused {name} for now: {reply}")
         except BaseException:
             connection.close()
             raise

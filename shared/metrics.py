@@ -61,6 +61,22 @@ class StatsCollector(Collector):
                 yield gauge
 
 
+class LabelledCounter(Collector):
+    """One counter family with a label, read at scrape time: ``read()`` -> {label: n}."""
+
+    def __init__(self, name: str, text: str, label: str, read: Callable[[], dict[str, int]]):
+        self._name = name
+        self._text = text
+        self._label = label
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._text, labels=[self._label])
+        for value, count in sorted(self._read().items()):
+            family.add_metric([value], count)
+        yield family
+
+
 def bind_problem(host: str, port: int, exc: OSError) -> str:
     """Which setting a failed bind is about: the host (no such address) or the port."""
     if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:

@@ -52,6 +52,21 @@ _PIPELINE_ERROR = re.compile(
     re.DOTALL,
 )
 _UNKNOWN_COMMAND = re.compile(r"unknown (?:sub)?command '?(?P<command>[^' ,]+)", re.IGNORECASE)
+# NOPERM text of Redis 6.2/7.x: "... no permissions to run the 'xack' command".
+_DENIED_COMMAND = re.compile(r"permissions to run the '(?P<command>[^']+)' command", re.IGNORECASE)
+# redis-py strips the code off the replies it maps to its own exception types.
+_CODE_OF_TYPE: tuple[tuple[type[BaseException], str], ...] = (
+    (rex.NoPermissionError, "NOPERM"),
+    (rex.AuthenticationWrongNumberOfArgsError, "WRONGPASS"),
+    (rex.AuthenticationError, "WRONGPASS"),
+    (rex.OutOfMemoryError, "OOM"),
+    (rex.BusyLoadingError, "LOADING"),
+    (rex.ReadOnlyError, "READONLY"),
+    (rex.TimeoutError, "TIMEOUT"),
+    (TimeoutError, "TIMEOUT"),
+    (rex.ConnectionError, "CONNECTION"),
+    (OSError, "CONNECTION"),
+)
 _MAX_REPLY_CHARS = 200
 
 TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
@@ -68,6 +83,34 @@ def reply_code(exc: BaseException) -> str:
     text = _reply_text(exc)
     code = text.split(" ", 1)[0] if text else ""
     return code if code.isupper() else ""
+
+
+def error_code(exc: BaseException) -> str:
+    """A short name of the failure for metrics and logs: the reply's code where Redis
+    sent one (``OOM``, ``NOPERM``, ``WRONGPASS``...), ``CONNECTION`` or ``TIMEOUT`` for
+    a failed connection, else ``ERR``."""
+    code = reply_code(exc)
+    if code:
+        return code
+    if isinstance(exc, rex.AuthenticationError) and "required" in str(exc).lower():
+        return "NOAUTH"
+    for kind, name in _CODE_OF_TYPE:
+        if isinstance(exc, kind):
+            return name
+    return "ERR"
+
+
+def is_auth_failure(exc: BaseException) -> bool:
+    """Wrong or missing credentials (the password may change while a process runs)."""
+    return isinstance(exc, rex.AuthenticationError) or reply_code(exc) in AUTH_CODES
+
+
+def reply_kind(reply: BaseException | str) -> Kind:
+    """``transient`` or ``fatal`` for an error reply read without redis-py (the
+    producer's RESP writer): by its code alone."""
+    text = reply if isinstance(reply, str) else _reply_text(reply)
+    code = text.split(" ", 1)[0] if text else ""
+    return "transient" if code in TRANSIENT_CODES else "fatal"
 
 
 def kind_of(exc: BaseException) -> Kind | None:
@@ -99,14 +142,21 @@ def refusal(exc: BaseException, command: str | None = None, key: str | None = No
     text = _reply_text(exc)
     match = _PIPELINE_ERROR.match(text)
     if match:
-        command = command or match.group("command")
-        key = key or match.group("key")
+        # What Redis says beats the caller's guess (a call may send several commands).
+        command = match.group("command")
+        key = match.group("key") or key
         text = match.group("reply")
+    denied = _DENIED_COMMAND.search(text)
+    if denied:
+        command = denied.group("command")
     code = text.split(" ", 1)[0] if text else ""
     unknown = _UNKNOWN_COMMAND.search(text)
     if unknown and not command:
         command = unknown.group("command")
     where = ""
+    if is_auth_failure(exc) or code in AUTH_CODES:
+        command = key = None  # the login failed, not the command it came with
+        where = " the login"
     if command:
         where += f" to {command.upper()}"
     if key:
@@ -123,6 +173,9 @@ def refusal(exc: BaseException, command: str | None = None, key: str | None = No
     else:
         hint = "Redis will refuse this again; the message above says why"
     line = _one_line(text) or type(exc).__name__
+    named = error_code(exc)
+    if named in ("NOPERM", "WRONGPASS", "NOAUTH", "OOM") and not line.startswith(named):
+        line = f"{named} {line}"  # the code redis-py took off, for the operator to look up
     return RedisRefused(f"Redis refused{where}: {line} ({hint})")
 
 

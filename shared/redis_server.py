@@ -57,6 +57,7 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     appendonly: bool = False
     appendfsync: str = "everysec"  # "always": every acknowledged write survives a SIGKILL
+    extra_args: list[str] = field(default_factory=list)  # e.g. ["--maxmemory", "10mb"]
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -75,6 +76,7 @@ class RedisServer:
             "--appendfsync", self.appendfsync,
             "--logfile", str(self.data_dir / "redis.log"),
             "--daemonize", "no",
+            *self.extra_args,
         ]  # fmt: skip
         # Its own session: a Ctrl-C at the terminal must not stop it before its clients.
         self.process = subprocess.Popen(

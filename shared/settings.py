@@ -256,6 +256,11 @@ class Settings(BaseSettings):
         return f"{self.stream}:dlq"
 
     @property
+    def maintenance_lease_key(self) -> str:
+        """The key a consumer holds while it runs table maintenance (one at a time)."""
+        return f"poslake:{self.stream}:{self.group}:maintenance"
+
+    @property
     def spool_path(self) -> Path:
         """The producer's overflow file for this stream."""
         return Path(self.producer_spool_dir) / f"{self.stream}.spool"
