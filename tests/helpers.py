@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import redis
 from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
 
 from shared.model import PositionUpdate
 from shared.publisher import StreamPublisher
@@ -130,13 +131,14 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def wait_until(condition: Any, timeout: float = 30, interval: float = 0.05) -> None:
-    """Poll ``condition``; a Redis error (group not created yet) counts as not yet."""
+    """Poll ``condition``; a Redis error (group not created yet) or a table still being
+    created counts as not yet."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if condition():
                 return
-        except redis.ResponseError:
+        except (redis.ResponseError, TableNotFoundError):
             pass
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
