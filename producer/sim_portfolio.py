@@ -321,7 +321,8 @@ class SyntheticPortfolio:
                 raise ValueError(f"{key} is not held")
             instrument = self._by_conid[conid]
             price = self.price_of(instrument)
-            holding = Holding(account, instrument, position, round(price * instrument.multiplier, 4), price)
+            cost = round(price * instrument.multiplier, 4)
+            holding = Holding(account, instrument, position, cost, price)
             holding.open_value = holding.market_value
             self._add(holding)
             kind = EventKind.OPEN

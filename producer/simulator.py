@@ -46,6 +46,8 @@ class ReceivedRequest:
     at: float  # time.monotonic()
     msg_id: int
     conid: int | None  # PnL-single subscribe and cancel only
+
+
 STARTUP_REQUESTS = frozenset(
     {
         "positions",
@@ -244,9 +246,11 @@ class GatewaySimulator:
             session.send_pnl_single(req_id, holding)
 
     def sent_stats(self) -> dict[str, dict[str, int]]:
-        """Per message kind: how many were sent, and when the first and last were."""
+        """Per message kind: how many were sent, and when the first and last were; per
+        request message ID, how many were received."""
         return {"count": dict(self.sent_count), "first_ns": self.first_sent_ns,
-                "last_ns": self.last_sent_ns}  # fmt: skip
+                "last_ns": self.last_sent_ns,
+                "received": {str(k): v for k, v in self.received_count.items()}}  # fmt: skip
 
     def final_state(self) -> list[dict[str, object]]:
         """The book now: one row per open holding."""

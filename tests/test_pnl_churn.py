@@ -34,7 +34,8 @@ def pnl_request_times(sim: GatewaySimulator, conid: int | None = None) -> list[f
 
 
 def most_in_window(times: list[float], window_s: float) -> int:
-    return max((bisect.bisect_left(times, t + window_s) - i for i, t in enumerate(times)), default=0)
+    counts = (bisect.bisect_left(times, t + window_s) - i for i, t in enumerate(times))
+    return max(counts, default=0)
 
 
 def priced_positions(redis_url: str, stream: str, account: str) -> dict[int, float]:
@@ -62,7 +63,7 @@ def test_churn_stays_within_budget_and_every_position_gets_pnl(
             )  # fmt: skip
             async with running_producer(settings) as producer:
                 subscriptions = producer.source.subscriptions
-                await until(lambda: producer.source.ib.isConnected())
+                await until(producer.source.ib.isConnected)
                 queued, started = 0, asyncio.get_running_loop().time()
                 while asyncio.get_running_loop().time() - started < churn_s:
                     queued = max(queued, subscriptions.ib_queue())
