@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=60.0, help="seconds left out of slopes")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--no-baseline", action="store_true", help="skip the second producer")
+    parser.add_argument(
+        "--consumer-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment of the consumer (repeatable), e.g. MALLOC_ARENA_MAX=2",
+    )
     parser.add_argument("--quick", action="store_true", help="90 s run, 30 s warm-up")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs)")
     args = parser.parse_args(argv)
@@ -142,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         port = int(sim.stdout.readline().rsplit(":", 1)[1])
         base = consumer_env(server.url, folder / "lake", "soak", "positions")
         metrics_port = free_port()
-        consumer = start_module(["consumer"], base, folder / "consumer.log")
+        extra = dict(item.split("=", 1) for item in args.consumer_env)
+        consumer = start_module(["consumer"], {**base, **extra}, folder / "consumer.log")
         producer = start_module(
             ["producer"],
             producer_env(base, port, folder / "spool", metrics_port),
