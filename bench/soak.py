@@ -14,7 +14,11 @@ the end, growth over the last 4 minutes, the least-squares slope after warm-up
 (kB/s), and MET/NOT MET against the goal: under 2 MB growth over the last 4
 minutes for the producer and the consumer.
 
-    python -m bench.soak [--duration 330] [--rate 2000] [--warmup 60] [--quick]
+    python -m bench.soak [--duration 600] [--rate 2000] [--positions 200] [--warmup 60]
+                         [--consumer-env NAME=VALUE] [--no-baseline] [--keep] [--quick]
+
+At 2,000 events/s with 200 positions (``poslake run``'s default) a position lives
+about 2 s: far more opens and closes than PnL-single requests the budget allows.
 """
 
 from __future__ import annotations
@@ -117,9 +121,11 @@ def report(series: Series, warmup: float, goal: bool) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=330.0, help="run length in seconds")
+    parser.add_argument("--duration", type=float, default=600.0, help="run length in seconds")
     parser.add_argument("--rate", type=float, default=2000.0, help="simulator events/s")
-    parser.add_argument("--positions", type=int, default=2000, help="open positions held")
+    parser.add_argument(
+        "--positions", type=int, default=200, help="open positions held (poslake run's default)"
+    )
     parser.add_argument("--warmup", type=float, default=60.0, help="seconds left out of slopes")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--no-baseline", action="store_true", help="skip the second producer")
