@@ -206,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         sim.send_signal(signal.SIGTERM)
         sim.wait(30)
         received = json.loads(stats_path.read_text()).get("received", {})
+        with (folder / "rss.csv").open("w") as table:  # kept with --keep
+            table.write("process,seconds,rss_kb\n")
+            for one in series:
+                table.writelines(f"{one.name},{t:.1f},{kb}\n" for t, kb in one.samples)
 
     with open("/proc/loadavg") as loadavg:
         load = loadavg.read().split()[:3]
