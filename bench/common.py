@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -357,6 +358,23 @@ def consumer_env(
     )
     env.update({f"POSLAKE_{k.upper()}": str(v) for k, v in settings.items()})
     return env
+
+
+def start_module(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``python -m <args>`` with its output in ``log_path``."""
+    with log_path.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=out, stderr=out)
+
+
+def rss_kb(pid: int) -> int | None:
+    """VmRSS of a live process in kB (None once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
 
 
 # -- figures -------------------------------------------------------------------

@@ -5,8 +5,10 @@ first selected account (``POSLAKE_IB_ACCOUNTS``, else the login's first) gets
 the portfolio stream; every other selected account is covered by IB's
 position stream plus a PnL-single subscription per open position, which
 fills market value and P&L (market price is derived from the value). A
-position that closes is published with position 0 and its PnL subscription
-is cancelled.
+position that closes is published with position 0; its PnL subscription is
+cancelled after a grace period, and every subscribe and cancel goes through
+:class:`~producer.pnl_subscriptions.PnlSubscriptions`, which keeps them within
+a request budget (ib_async queues anything past 45 requests/s without bound).
 
 Staying up: connect with backoff and jitter (longer after error 326, client
 ID in use); after IB has been quiet for ``ib_idle_probe_s`` ask for the
@@ -39,6 +41,7 @@ from producer.ib_mapping import (
     price_from_value,
 )
 from producer.outbox import Outbox
+from producer.pnl_subscriptions import PnlSubscriptions
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,7 +93,12 @@ class IbSource:
         self.position_accounts: frozenset[str] = frozenset()
         self.held: dict[tuple[str, int], HeldPosition] = {}
         self.pnl: dict[tuple[str, int], PnlFigures] = {}
-        self.pnl_requests: dict[int, tuple[str, int]] = {}
+        self.subscriptions = PnlSubscriptions(
+            self.ib,
+            settings.ib_pnl_requests_per_s,
+            settings.ib_pnl_cancel_grace_s,
+            settings.ib_pnl_max_subscriptions,
+        )
         self._refused: asyncio.Future[None] | None = None
         self._disconnected = asyncio.Event()
         self._resubscribe = asyncio.Event()
@@ -228,10 +236,10 @@ class IbSource:
         if position == 0:
             self.held.pop(key, None)
             self.pnl.pop(key, None)
-            self._cancel_pnl(key)
+            self.subscriptions.drop(key)
         else:
             self.held[key] = HeldPosition(contract, position, average_cost)
-            self._request_pnl(key)
+            self.subscriptions.want(key)
 
     def on_pnl_single(
         self,
@@ -243,14 +251,14 @@ class IbSource:
         value: float | None,
     ) -> None:
         self.stats.received += 1
-        key = self.pnl_requests.get(req_id)
+        key = self.subscriptions.key_of(req_id)
         if key is None:
             return
         held = self.held.get(key)
-        figures = PnlFigures(position, unrealized_pnl, realized_pnl, value)
-        self.pnl[key] = figures
         if held is None or position == 0:
             return  # a close is published from the position stream
+        figures = PnlFigures(position, unrealized_pnl, realized_pnl, value)
+        self.pnl[key] = figures
         self._publish(
             key[0],
             held.contract,
@@ -306,23 +314,6 @@ class IbSource:
                 number(item.realizedPnL),
                 number(item.value),
             )
-
-    # --- PnL-single subscriptions ------------------------------------------------
-
-    def _request_pnl(self, key: tuple[str, int]) -> None:
-        if key in self.pnl_requests.values() or not self.ib.isConnected():
-            return
-        account, conid = key
-        self.ib.reqPnLSingle(account, "", conid)
-        req_id = self.ib.wrapper.pnlSingleKey2ReqId[(account, "", conid)]
-        self.pnl_requests[req_id] = key
-
-    def _cancel_pnl(self, key: tuple[str, int]) -> None:
-        for req_id, subscribed in list(self.pnl_requests.items()):
-            if subscribed == key:
-                del self.pnl_requests[req_id]
-                if self.ib.isConnected():
-                    self.ib.cancelPnLSingle(key[0], "", key[1])
 
     # --- connection lifecycle -----------------------------------------------------
 
@@ -422,6 +413,20 @@ class IbSource:
             "tick": tick,
         }
         self.last_data_at = time.monotonic()
+        pump = asyncio.create_task(self.subscriptions.run())
+        try:
+            await self._serve_loop(stop, waiters, idle_s)
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _serve_loop(
+        self,
+        stop: asyncio.Event,
+        waiters: dict[str, Callable[[], Coroutine[Any, Any, object]]],
+        idle_s: float,
+    ) -> None:
         while True:
             tasks = {asyncio.ensure_future(wait()): name for name, wait in waiters.items()}
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -456,15 +461,14 @@ class IbSource:
         timeout = self.settings.ib_connect_timeout_s
         if self.portfolio_account:
             await asyncio.wait_for(self.ib.reqAccountUpdatesAsync(self.portfolio_account), timeout)
-        for key in list(self.pnl_requests.values()):
-            self._cancel_pnl(key)
-        # The positions IB resends subscribe their PnL-single again (on_position).
+        # IB forgot every PnL-single: they go out again within the budget.
+        self.subscriptions.resubscribe()
         await asyncio.wait_for(self.ib.reqPositionsAsync(), timeout)
 
     def _forget_connection(self) -> None:
         # ib_async wipes its subscriptions on disconnect; so do we.
         if self.ib.isConnected():
             self.ib.disconnect()
-        self.pnl_requests.clear()
+        self.subscriptions.reset()
         self.pnl.clear()
         self.held.clear()

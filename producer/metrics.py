@@ -23,12 +23,18 @@ COUNTERS = {
     "spooled": "updates written to the spool file while Redis was away",
     "replayed_from_spool": "updates published from the spool file",
     "redis_retries": "publishing retries after Redis errors",
+    "pnl_subscribes": "PnL-single subscriptions sent",
+    "pnl_cancels": "PnL-single cancels sent",
+    "pnl_reused": "positions reopened within the grace period (no request sent)",
 }
 GAUGES = {
     "buffered": "updates waiting in memory for the stream",
     "ib_connected": "1 while connected to IB",
     "redis_connected": "1 while the writer has a Redis connection",
     "redis_ok": "1 while publishing works, 0 while a Redis failure is retried",
+    "ib_request_queue": "requests ib_async holds back under its 45/s throttle",
+    "pnl_subscriptions": "PnL-single subscriptions held (closed ones in their grace period too)",
+    "pnl_pending": "open positions waiting for a PnL-single subscription",
 }
 
 
@@ -60,6 +66,15 @@ class ProducerMetrics:
             ib_connected=1.0 if self.source.ib.isConnected() else 0.0,
             redis_connected=1.0 if self.outbox.connected else 0.0,
             redis_ok=1.0 if self.outbox.health.ok else 0.0,
+        )
+        subscriptions = self.source.subscriptions
+        values.update(
+            pnl_subscribes=subscriptions.stats.subscribes,
+            pnl_cancels=subscriptions.stats.cancels,
+            pnl_reused=subscriptions.stats.reused,
+            ib_request_queue=subscriptions.ib_queue(),
+            pnl_subscriptions=subscriptions.active,
+            pnl_pending=subscriptions.pending,
         )
         return values
 

@@ -312,6 +312,29 @@ class SyntheticPortfolio:
         holding.position = 0.0
         self._remove((holding.account, holding.instrument.conid))
 
+    def set_position(self, account: str, conid: int, position: float) -> PortfolioEvent:
+        """One chosen event: open (at the current price), change or close a holding."""
+        key = (account, conid)
+        holding = self.holdings.get(key)
+        if holding is None:
+            if position == 0:
+                raise ValueError(f"{key} is not held")
+            instrument = self._by_conid[conid]
+            price = self.price_of(instrument)
+            cost = round(price * instrument.multiplier, 4)
+            holding = Holding(account, instrument, position, cost, price)
+            holding.open_value = holding.market_value
+            self._add(holding)
+            kind = EventKind.OPEN
+        elif position == 0:
+            self._close(holding)
+            kind = EventKind.CLOSE
+        else:
+            holding.position = position
+            kind = EventKind.CHANGE
+        holding.touch()
+        return PortfolioEvent(kind, holding)
+
     def holdings_of(self, account: str) -> list[Holding]:
         return [h for h in self.holdings.values() if h.account == account]
 

@@ -202,6 +202,7 @@ class ClientSession:
             msg_id = int(fields[0])
         except (ValueError, IndexError):
             raise tws.ProtocolError(f"bad message {fields[:3]!r}") from None
+        self.sim.note_request(msg_id, fields)
         handler = _HANDLERS.get(msg_id)
         if handler is None:
             log.debug("ignoring request %s", msg_id)

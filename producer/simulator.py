@@ -39,6 +39,15 @@ from shared.logs import configure_logging
 log = logging.getLogger(__name__)
 
 TICK_S = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedRequest:
+    at: float  # time.monotonic()
+    msg_id: int
+    conid: int | None  # PnL-single subscribe and cancel only
+
+
 STARTUP_REQUESTS = frozenset(
     {
         "positions",
@@ -88,6 +97,10 @@ class GatewaySimulator:
         self.sent_count: Counter[str] = Counter()
         self.first_sent_ns: dict[str, int] = {}
         self.last_sent_ns: dict[str, int] = {}
+        # What clients asked: counts per message ID, and (when recording) each request
+        # as (monotonic time, message ID, conid for PnL-single requests else None).
+        self.received_count: Counter[int] = Counter()
+        self.requests: list[ReceivedRequest] = []
         prerender(self.portfolio.holdings.values())
         self.sessions: set[ClientSession] = set()
         self.connections = 0  # sessions that passed startApi, over the run
@@ -126,6 +139,23 @@ class GatewaySimulator:
 
     def forget(self, session: ClientSession) -> None:
         self.sessions.discard(session)
+
+    def note_request(self, msg_id: int, fields: list[str]) -> None:
+        self.received_count[msg_id] += 1
+        if not self.config.record:
+            return  # a long run keeps counts only
+        conid = None
+        with contextlib.suppress(IndexError, ValueError):
+            if msg_id == tws.Incoming.REQ_PNL_SINGLE:
+                conid = int(fields[4])
+            elif msg_id == tws.Incoming.CANCEL_PNL_SINGLE:
+                sessions = [s for s in self.sessions if int(fields[1]) in s.pnl_by_req]
+                conid = sessions[0].pnl_by_req[int(fields[1])][1] if sessions else None
+        self.requests.append(ReceivedRequest(time.monotonic(), msg_id, conid))
+
+    def set_position(self, account: str, conid: int, position: float) -> None:
+        """Open, change or close one holding now and send the event (tests of churn)."""
+        self.emit([self.portfolio.set_position(account, conid, position)])
 
     # --- faults -------------------------------------------------------------
 
@@ -216,9 +246,11 @@ class GatewaySimulator:
             session.send_pnl_single(req_id, holding)
 
     def sent_stats(self) -> dict[str, dict[str, int]]:
-        """Per message kind: how many were sent, and when the first and last were."""
+        """Per message kind: how many were sent, and when the first and last were; per
+        request message ID, how many were received."""
         return {"count": dict(self.sent_count), "first_ns": self.first_sent_ns,
-                "last_ns": self.last_sent_ns}  # fmt: skip
+                "last_ns": self.last_sent_ns,
+                "received": {str(k): v for k, v in self.received_count.items()}}  # fmt: skip
 
     def final_state(self) -> list[dict[str, object]]:
         """The book now: one row per open holding."""

@@ -139,6 +139,13 @@ class Settings(BaseSettings):
     ib_idle_probe_s: Seconds = 60.0
     # Decode portfolio/position/PnL messages straight into updates (see producer/ib_source.py).
     ib_fast_decode: bool = True
+    # PnL-single subscriptions of the positions-only accounts: requests (subscribe or
+    # cancel) per second, under ib_async's throttle of 45/s that every request shares;
+    # how long a closed position keeps its subscription in case it reopens; how many
+    # are held at most (past that, closed ones are cancelled first).
+    ib_pnl_requests_per_s: Annotated[int, Field(ge=1, le=40)] = 20
+    ib_pnl_cancel_grace_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    ib_pnl_max_subscriptions: Annotated[int, Field(ge=1)] = 10_000
 
     # Producer: buffering while Redis is away.
     producer_buffer_max: Annotated[int, Field(ge=1)] = 100_000

@@ -59,11 +59,15 @@ def test_metrics_and_health_while_running(
         assert _value(text, "poslake_producer_published_total") >= 100
         assert _value(text, "poslake_producer_ib_connected") == 1.0
         assert _value(text, "poslake_producer_connects_total") == 1.0
+        assert _value(text, "poslake_producer_ib_request_queue") == 0.0
+        assert _value(text, "poslake_producer_pnl_subscriptions") == 0.0  # one account only
         for series in (
             "poslake_producer_buffered",
             "poslake_producer_redis_retries_total",
             "poslake_producer_spooled_total",
             "poslake_producer_disconnects_total",
+            "poslake_producer_pnl_pending",
+            "poslake_producer_pnl_subscribes_total",
         ):
             _value(text, series)
         code, text = _get(consumer_port, "/metrics")

@@ -1,0 +1,254 @@
+"""Soak: producer and consumer memory over minutes at a steady rate with position churn.
+
+Processes: a private redis-server, the gateway simulator (``--rate`` events/s over
+three accounts: prices move, positions open, change and close, so the two
+positions-only accounts keep PnL-single subscriptions coming and going), the
+producer (metrics on, so its ib_async request queue and PnL subscriptions can be
+read), one consumer, and, as a baseline, a second producer on the same gateway
+that follows the portfolio account only (no PnL-single churn) into its own
+trimmed stream. Every ``--interval`` seconds this process reads each one's VmRSS
+from ``/proc/<pid>/status``.
+
+Printed per process: RSS at the start of the window (after ``--warmup``) and at
+the end, growth over the last 4 minutes, the least-squares slope after warm-up
+(kB/s), and MET/NOT MET against the goal: under 2 MB growth over the last 4
+minutes for the producer and the consumer.
+
+    python -m bench.soak [--duration 600] [--rate 2000] [--positions 200] [--warmup 60]
+                         [--consumer-env NAME=VALUE] [--no-baseline] [--keep] [--quick]
+
+At 2,000 events/s with 200 positions (``poslake run``'s default) a position lives
+about 2 s: far more opens and closes than PnL-single requests the budget allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import consumer_env, log, private_redis, rss_kb, start_module, work_dir
+from producer import tws_protocol as tws
+from shared.redis_server import free_port
+
+GOAL_GROWTH_KB = 2_000  # over the last 4 minutes, per process
+LAST_WINDOW_S = 240.0
+ACCOUNTS = "DU100001,DU100002,DU100003"
+PORTFOLIO_ACCOUNT = "DU100001"  # the first: IB's portfolio stream, no PnL-single
+_METRIC = re.compile(r"^(poslake_producer_\w+) ([0-9.eE+-]+)$", re.MULTILINE)
+
+
+@dataclass
+class Series:
+    name: str
+    pid: int
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (s since start, kB)
+
+    def sample(self, at: float) -> None:
+        kb = rss_kb(self.pid)
+        if kb is not None:
+            self.samples.append((at, kb))
+
+
+def slope_kb_s(points: list[tuple[float, int]]) -> float:
+    """Least-squares slope of RSS over time."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    cov = sum((t - mean_t) * (v - mean_v) for t, v in points)
+    return cov / var if var else 0.0
+
+
+def at_or_after(points: list[tuple[float, int]], moment: float) -> tuple[float, int]:
+    return next((p for p in points if p[0] >= moment), points[-1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}
+    return {name: float(value) for name, value in _METRIC.findall(text)}
+
+
+def producer_env(
+    base: dict[str, str], port: int, folder: Path, metrics_port: int, **extra: str
+) -> dict[str, str]:
+    env = dict(base)
+    env.update(
+        {
+            "POSLAKE_IB_PORT": str(port),
+            "POSLAKE_PRODUCER_SPOOL_DIR": str(folder),
+            "POSLAKE_METRICS_PORT": str(metrics_port),
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def report(series: Series, warmup: float, goal: bool) -> bool:
+    window = [p for p in series.samples if p[0] >= warmup]
+    if len(window) < 2:
+        print(f"  {series.name}: too few samples after warm-up")
+        return False
+    end_t, end_kb = window[-1]
+    start_t, start_kb = window[0]
+    last_from = max(start_t, end_t - LAST_WINDOW_S)
+    last_t, last_kb = at_or_after(window, last_from)
+    growth = end_kb - last_kb
+    met = growth < GOAL_GROWTH_KB
+    verdict = f"goal < {GOAL_GROWTH_KB / 1000:g} MB: {'MET' if met else 'NOT MET'}" if goal else ""
+    print(
+        f"  {series.name:<18} start {start_kb / 1024:7.1f} MB  end {end_kb / 1024:7.1f} MB  "
+        f"growth over last {end_t - last_t:.0f}s {growth / 1024:+6.2f} MB  "
+        f"slope {slope_kb_s(window):+7.2f} kB/s  peak {max(v for _, v in window) / 1024:.1f} MB"
+        f"  {verdict}"
+    )
+    return met
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=600.0, help="run length in seconds")
+    parser.add_argument("--rate", type=float, default=2000.0, help="simulator events/s")
+    parser.add_argument(
+        "--positions", type=int, default=200, help="open positions held (poslake run's default)"
+    )
+    parser.add_argument("--warmup", type=float, default=60.0, help="seconds left out of slopes")
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the second producer")
+    parser.add_argument(
+        "--consumer-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment of the consumer (repeatable), e.g. MALLOC_ARENA_MAX=2",
+    )
+    parser.add_argument("--quick", action="store_true", help="90 s run, 30 s warm-up")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs)")
+    args = parser.parse_args(argv)
+    duration, warmup = (90.0, 30.0) if args.quick else (args.duration, args.warmup)
+    if duration - warmup < LAST_WINDOW_S:
+        log(f"note: the window after warm-up is under {LAST_WINDOW_S:.0f}s: growth is over less")
+
+    with work_dir("soak", keep=args.keep) as folder, private_redis(folder / "redis") as server:
+        stats_path = folder / "simulator-stats.json"
+        sim = subprocess.Popen(
+            [sys.executable, "-m", "producer.simulator", "--port", "0", "--accounts", ACCOUNTS,
+             "--positions", str(args.positions), "--rate", str(args.rate),
+             "--stats", str(stats_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert sim.stdout is not None
+        port = int(sim.stdout.readline().rsplit(":", 1)[1])
+        base = consumer_env(server.url, folder / "lake", "soak", "positions")
+        metrics_port = free_port()
+        extra = dict(item.split("=", 1) for item in args.consumer_env)
+        consumer = start_module(["consumer"], {**base, **extra}, folder / "consumer.log")
+        producer = start_module(
+            ["producer"],
+            producer_env(base, port, folder / "spool", metrics_port),
+            folder / "producer.log",
+        )
+        processes = [("producer", producer), ("consumer", consumer)]
+        series = [Series("producer", producer.pid), Series("consumer", consumer.pid)]
+        if not args.no_baseline:
+            baseline = start_module(
+                ["producer"],
+                producer_env(
+                    base, port, folder / "spool-baseline", free_port(),
+                    POSLAKE_IB_ACCOUNTS=PORTFOLIO_ACCOUNT, POSLAKE_IB_CLIENT_ID="18",
+                    POSLAKE_STREAM="baseline", POSLAKE_STREAM_MAXLEN="10000",
+                ),
+                folder / "producer-baseline.log",
+            )  # fmt: skip
+            processes.append(("baseline producer", baseline))
+            series.append(Series("baseline producer", baseline.pid))
+        series.append(Series("simulator", sim.pid))
+        if server.process is not None:
+            series.append(Series("redis-server", server.process.pid))
+        log(
+            f"soak: {duration:.0f}s at {args.rate:.0f} events/s, {args.positions} positions, "
+            f"sampling every {args.interval:.0f}s (warm-up {warmup:.0f}s)"
+        )
+        started = time.monotonic()
+        gauges: list[tuple[float, dict[str, float]]] = []
+        while (now := time.monotonic() - started) < duration:
+            for one in series:
+                one.sample(now)
+            gauges.append((now, scrape(metrics_port)))
+            for name, process in processes:
+                if process.poll() is not None:
+                    raise SystemExit(f"{name} exited early ({process.returncode}): see --keep")
+            if int(now) % 60 < args.interval:
+                queue = gauges[-1][1].get("poslake_producer_ib_request_queue", float("nan"))
+                log(
+                    f"{now:.0f}s: producer {series[0].samples[-1][1] / 1024:.1f} MB, "
+                    f"consumer {series[1].samples[-1][1] / 1024:.1f} MB, ib queue {queue:.0f}"
+                )
+            time.sleep(args.interval - (time.monotonic() - started - now))
+        for _, process in processes:
+            process.send_signal(signal.SIGTERM)
+        for _, process in processes:
+            process.wait(60)
+        sim.send_signal(signal.SIGTERM)
+        sim.wait(30)
+        received = json.loads(stats_path.read_text()).get("received", {})
+        with (folder / "rss.csv").open("w") as table:  # kept with --keep
+            table.write("process,seconds,rss_kb\n")
+            for one in series:
+                table.writelines(f"{one.name},{t:.1f},{kb}\n" for t, kb in one.samples)
+
+    with open("/proc/loadavg") as loadavg:
+        load = loadavg.read().split()[:3]
+    print(
+        f"soak: {duration:.0f}s at {args.rate:.0f} events/s over {ACCOUNTS} "
+        f"({args.positions} positions), RSS every {args.interval:.0f}s, warm-up "
+        f"{warmup:.0f}s; load average at the end {' '.join(load)} on {os.cpu_count()} cores"
+    )
+    results = [report(s, warmup, goal=s.name in ("producer", "consumer")) for s in series]
+    pnl = sum(
+        received.get(str(m), 0)
+        for m in (tws.Incoming.REQ_PNL_SINGLE, tws.Incoming.CANCEL_PNL_SINGLE)
+    )
+    print(
+        f"  gateway received: {sum(received.values())} requests, {pnl} PnL-single subscribes "
+        f"and cancels ({pnl / duration:.1f}/s; ib_async throttles at 45/s)"
+    )
+    window = [g for t, g in gauges if t >= warmup and g]
+    if window:
+
+        def figure(name: str) -> str:
+            values = [g.get(f"poslake_producer_{name}", 0.0) for g in window]
+            return f"{values[0]:.0f} -> {values[-1]:.0f} (max {max(values):.0f})"
+
+        print(
+            f"  producer after warm-up: ib_async request queue {figure('ib_request_queue')}, "
+            f"PnL subscriptions {figure('pnl_subscriptions')}, waiting "
+            f"{figure('pnl_pending')}"
+        )
+        published = [g.get("poslake_producer_published_total", 0.0) for g in window]
+        span = (gauges[-1][0] - warmup) or 1.0
+        print(
+            f"  producer published {(published[-1] - published[0]) / span:.0f} updates/s "
+            f"after warm-up"
+        )
+    met = all(results[:2])
+    print(f"  producer and consumer flat: {'MET' if met else 'NOT MET'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
