@@ -9,19 +9,21 @@ connect (TCP, TLS or a Unix socket, AUTH, SELECT: the URL means what it
 means to redis-py, shared/redis_conn.py), send a batch, read its replies.
 Error replies come back as :class:`RespError` values in the reply list, so one
 rejected XADD (e.g. an explicit ID already written) does not hide the others.
-A refused AUTH or SELECT (wrong password, missing right) raises
-:class:`shared.errors.RedisRefused` from :meth:`RespConnection.open`.
+A refused AUTH or SELECT (wrong password, missing right) or a TLS set-up that
+cannot succeed raises :class:`shared.errors.RedisRefused` from
+:meth:`RespConnection.open`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Sequence
 
 import hiredis
 
-from shared.redis_conn import RedisTarget
+from shared.redis_conn import RedisTarget, tls_failure
 from shared.redis_errors import refusal, reply_kind
 
 READ_SIZE = 1 << 16
@@ -49,7 +51,21 @@ class RespConnection:
 
     @classmethod
     async def open(cls, address: RedisTarget, timeout_s: float = 5.0) -> RespConnection:
-        """Connect as redis-py would for the same URL (TLS options included)."""
+        """Connect as redis-py would for the same URL (TLS options included).
+
+        A TLS set-up that cannot succeed (certificate not trusted, client certificate
+        missing or refused) raises :class:`shared.errors.RedisRefused`, like a refused
+        AUTH: retrying it would spool for ever.
+        """
+        try:
+            return await cls._open(address, timeout_s)
+        except ssl.SSLError as exc:
+            if tls_failure(exc) is None:
+                raise  # e.g. the server went away mid-handshake: retried
+            raise refusal(exc) from exc
+
+    @classmethod
+    async def _open(cls, address: RedisTarget, timeout_s: float) -> RespConnection:
         if address.path is not None:
             opening = asyncio.open_unix_connection(address.path)
         else:
@@ -73,6 +89,11 @@ class RespConnection:
             if address.db:
                 setup.append(pack_command(b"SELECT", str(address.db).encode()))
                 names.append("SELECT")
+            if address.tls is not None and not setup:
+                # A server that wants a client certificate says so only after the
+                # handshake: one round trip here (HELLO needs no ACL right) hears it.
+                setup.append(pack_command(b"HELLO", b"2"))
+                names.append("HELLO")
             if setup:
                 replies = await asyncio.wait_for(connection.execute(setup), timeout_s)
                 for name, reply in zip(names, replies, strict=True):
