@@ -69,8 +69,8 @@ class TlsOptions:
         return context
 
     def check(self) -> None:
-        """Read every file once, so a missing or bad one stops the program at start
-        (``ValueError`` naming the option) instead of failing every connection."""
+        """Read every file once (settings do, at start), so a missing or bad one stops the
+        program naming the option (``ValueError``) instead of failing every connection."""
         files = (
             ("ssl_ca_certs", self.ca_certs),
             ("ssl_certfile", self.certfile),
@@ -190,8 +190,6 @@ def _tls_options(query: dict[str, str]) -> TlsOptions:
         certfile=files["ssl_certfile"],
         keyfile=files["ssl_keyfile"],
     )
-    if any(files.values()):
-        options.check()
     return options
 
 
@@ -284,7 +282,7 @@ def _retryable(exc: Exception, also: Callable[[Exception], bool] | None) -> bool
 class _Retry(redis.retry.Retry):
     """redis-py's connection retry (same defaults), minus TLS set-ups that cannot succeed."""
 
-    def call_with_retry(  # type: ignore[override]
+    def call_with_retry(
         self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False
     ) -> Any:
         return super().call_with_retry(
@@ -293,7 +291,7 @@ class _Retry(redis.retry.Retry):
 
 
 class _AsyncRetry(aioretry.Retry):
-    async def call_with_retry(  # type: ignore[override]
+    async def call_with_retry(
         self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False
     ) -> Any:
         return await super().call_with_retry(

@@ -163,7 +163,9 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        RedisTarget.parse(value)  # its ValueError never quotes the password
+        target = RedisTarget.parse(value)  # its ValueError never quotes the password
+        if target.tls is not None:
+            target.tls.check()  # the certificate files exist and load
         return value
 
     @field_validator("storage_options", mode="before")
