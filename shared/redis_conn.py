@@ -194,10 +194,12 @@ def _client_options(target: RedisTarget) -> dict[str, Any]:
     return options
 
 
-def sync_client(target: RedisTarget | str, **options: Any) -> redis.Redis:
-    """A redis-py client for ``target``; ``options`` add timeouts and the like."""
+def sync_client(
+    target: RedisTarget | str, client_class: type[redis.Redis] = redis.Redis, **options: Any
+) -> redis.Redis:
+    """A redis-py client (of ``client_class``) for ``target``; ``options`` add timeouts."""
     target = target if isinstance(target, RedisTarget) else RedisTarget.parse(target)
-    return redis.Redis(**_client_options(target), **options)
+    return client_class(**_client_options(target), **options)
 
 
 def async_client(target: RedisTarget | str, **options: Any) -> aioredis.Redis:
