@@ -46,7 +46,9 @@ def _chosen(
     for entry_id in args.ids:
         try:
             found = client.xrange(dlq, min=entry_id, max=entry_id)
-        except redis.ResponseError:
+        except redis.ResponseError as exc:
+            if "invalid stream id" not in str(exc).lower():
+                raise  # NOPERM and the like: redis_client says what was refused
             raise CommandError(f"bad entry ID {entry_id!r}", ExitCode.BAD_INPUT) from None
         if not found:
             raise CommandError(f"no dead letter {entry_id} in {dlq}", ExitCode.NOT_FOUND)
@@ -56,6 +58,8 @@ def _chosen(
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     dlq = settings.dlq_stream
+    if args.action == "list" and args.limit < 1:
+        raise CommandError(f"--limit must be at least 1, not {args.limit}", ExitCode.BAD_INPUT)
     with redis_client(settings) as client:
         if args.action == "list":
             entries = client.xrange(dlq, count=args.limit)

@@ -303,11 +303,13 @@ def _backoff() -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(base=0.01, cap=1)  # redis-py's default
 
 
-def sync_client(target: RedisTarget | str, **options: Any) -> redis.Redis:
-    """A redis-py client for ``target``; ``options`` add timeouts and the like."""
+def sync_client(
+    target: RedisTarget | str, client_class: type[redis.Redis] = redis.Redis, **options: Any
+) -> redis.Redis:
+    """A redis-py client (of ``client_class``) for ``target``; ``options`` add timeouts."""
     target = target if isinstance(target, RedisTarget) else RedisTarget.parse(target)
     options.setdefault("retry", _Retry(_backoff(), 10))
-    return redis.Redis(**_client_options(target), **options)
+    return client_class(**_client_options(target), **options)
 
 
 def async_client(target: RedisTarget | str, **options: Any) -> aioredis.Redis:

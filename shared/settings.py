@@ -7,6 +7,7 @@ message that names the environment variable.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import json
@@ -14,6 +15,7 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -21,6 +23,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from shared import redaction
 from shared.errors import ConfigError
 from shared.redis_conn import RedisTarget, redacted_url
 
@@ -350,11 +353,32 @@ def load_settings_or_report(program: str) -> Settings | None:
     """For entry points: the settings, or ``None`` after printing what is wrong.
 
     Unknown ``POSLAKE_*`` variables get a warning on stderr with the nearest name.
+    From here on the process masks its secrets in everything it prints and logs
+    (shared/redaction.py): those of the raw variables first, in case they are
+    invalid, then those of the settings.
     """
+    redaction.install(_raw_secrets(os.environ))
     for warning in unknown_variables():
         print(f"{program}: warning: {warning}", file=sys.stderr)
     try:
-        return load_settings()
+        settings = load_settings()
     except ConfigError as exc:
-        print(f"{program}: {exc}", file=sys.stderr)
+        print(f"{program}: {redaction.scrub(str(exc))}", file=sys.stderr)
         return None
+    redaction.install(
+        redaction.secrets_of(settings.redis_url, settings.storage_options, settings.lake_uri)
+    )
+    return settings
+
+
+def _raw_secrets(environ: Mapping[str, str]) -> list[str]:
+    """The secrets in the environment as given, valid or not."""
+    raw = {name.upper(): value for name, value in environ.items()}
+    options: object = None
+    with contextlib.suppress(json.JSONDecodeError):
+        options = json.loads(raw.get(f"{ENV_PREFIX}STORAGE_OPTIONS", "") or "{}")
+    return redaction.secrets_of(
+        raw.get(f"{ENV_PREFIX}REDIS_URL"),
+        options if isinstance(options, dict) else None,
+        raw.get(f"{ENV_PREFIX}LAKE_URI"),
+    )
