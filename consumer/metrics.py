@@ -70,7 +70,9 @@ class ConsumerMetrics:
 
     def _read(self) -> dict[str, float]:
         stats = self.consumer.stats
-        values: dict[str, float] = {name: getattr(stats, name) for name in COUNTERS}
+        values: dict[str, float] = {
+            name: getattr(stats, name) for name in COUNTERS if hasattr(stats, name)
+        }
         values["seconds_since_progress"] = time.monotonic() - self.consumer.heartbeat
         values["redis_ok"] = 1.0 if self.consumer.redis_health.ok else 0.0
         maintainer = self.consumer.maintainer

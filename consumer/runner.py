@@ -33,6 +33,8 @@ from typing import TypeVar
 
 import pyarrow as pa
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from consumer.current import CurrentPositions
 from consumer.group import ConsumerGroup, Page, RawFields
@@ -240,6 +242,10 @@ class Consumer:
             socket_timeout=30,
             socket_connect_timeout=5,
             health_check_interval=30,
+            # One immediate retry (a stale pooled connection); outages are retried by
+            # _redis, which backs off, sees stop requests and reports them: redis-py's
+            # own default (3 retries, seconds of backoff each call) would hide them.
+            retry=Retry(NoBackoff(), 1),
         )
         self.group = ConsumerGroup(self.client, settings)
         self.settler = Settler(self.client, settings.stream, settings.group, settings.consumer_name)
@@ -589,12 +595,12 @@ class Consumer:
                 failures += 1
                 self._count("redis_retries")
                 code = self.redis_health.failed(where, exc)
-                if self._stopping and failures > 5:
+                if self._stopping and (failures > 5 or not self._started):
                     # Stop anyway: whatever is unacknowledged stays pending and replays.
                     raise StreamUnavailable(f"redis unavailable while stopping: {exc}") from None
                 delay = _backoff(self.settings, failures)
                 log.warning(
-                    "redis call failed, retrying",
+                    "redis unavailable, retrying",
                     extra={"code": code, "command": where, "error": str(exc), "delay_s": delay},
                 )
                 self._pause(delay)

@@ -8,12 +8,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from poslake.command import ExitCode, redis_client
 from poslake.replay import count_between
 from shared.redaction import scrub
+from shared.redis_errors import refusal
 from shared.settings import Settings
 
 
@@ -53,6 +55,7 @@ class Status:
     groups: list[GroupStatus]
     dead_letters: int
     table: TableStatus | None
+    maintenance_lease: str = ""  # who holds it and for how long, or why it cannot be read
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +113,19 @@ def group_status(client: Any, settings: Settings) -> list[GroupStatus]:
     return groups
 
 
+def lease_status(client: Any, settings: Settings) -> str:
+    """The consumers' maintenance lease: its holder and TTL, free, or why unreadable."""
+    key = settings.maintenance_lease_key
+    try:
+        holder = client.get(key)
+        ttl_ms = int(client.pttl(key)) if holder is not None else 0
+    except redis.ResponseError as exc:  # e.g. NOPERM: the consumers likely lack it too
+        return f"cannot read: {refusal(exc, 'GET', key)}"
+    if holder is None:
+        return "free"
+    return f"held by {_text(holder)}, expires in {max(ttl_ms, 0) / 1000:.0f}s"
+
+
 def table_status(settings: Settings) -> TableStatus | None:
     try:
         table = DeltaTable(settings.table_uri, storage_options=settings.storage_options or None)
@@ -128,7 +144,9 @@ def collect(settings: Settings) -> Status:
         length, first, last = stream_status(client, settings)
         groups = group_status(client, settings)
         dead = int(client.xlen(settings.dlq_stream))
-    return Status(settings.stream, length, first, last, groups, dead, table_status(settings))
+        lease = lease_status(client, settings)
+    table = table_status(settings)
+    return Status(settings.stream, length, first, last, groups, dead, table, lease)
 
 
 def render(status: Status) -> str:
@@ -151,6 +169,8 @@ def render(status: Status) -> str:
                 f"{consumer.max_deliveries}"
             )
     lines.append(f"dead letters ({status.stream}:dlq): {status.dead_letters}")
+    if status.maintenance_lease:
+        lines.append(f"maintenance lease: {status.maintenance_lease}")
     if status.table is None:
         lines.append("table: not created yet")
     else:

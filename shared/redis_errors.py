@@ -163,6 +163,9 @@ def refusal(exc: BaseException, command: str | None = None, key: str | None = No
     if unknown and not command:
         command = unknown.group("command")
     where = ""
+    if is_auth_failure(exc) or code in AUTH_CODES:
+        command = key = None  # the login failed, not the command it came with
+        where = " the login"
     if command:
         where += f" to {command.upper()}"
     if key:

@@ -1,0 +1,224 @@
+"""Transient Redis failures and a password that changes while running: stay up, say so
+on /healthz and in the metrics, recover by themselves, lose nothing.
+
+Real redis-server processes owned by the test (CONFIG SET and ACL SETUSER change
+them), real Delta tables, real consumer processes; the producer's outbox runs
+in-process against the same real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer.outbox import Outbox
+from shared.redis_server import free_port
+from shared.wire import encode_payload
+from tests.conftest import RedisTarget
+from tests.helpers import (
+    assert_current_exact,
+    assert_table_exact,
+    consumer_env,
+    group_pending,
+    kill,
+    make_updates,
+    publish,
+    start_consumer,
+    table_rows,
+    wait_until,
+)
+from tests.producer_harness import until
+from tests.redis_users import admin_command, consumer_keys, set_user
+
+POISON = {"v": b"1", "payload": b"{not json"}
+
+
+@pytest.fixture
+def own_redis(redis_target: RedisTarget) -> Iterator[str]:
+    """A server this test may reconfigure (never a shared one)."""
+    if redis_target.server is None:
+        pytest.skip("needs a redis-server of its own to reconfigure")
+    yield redis_target.url
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""  # not listening yet
+
+
+def _series(text: str, series: str) -> float:
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    assert match, f"no series {series}"
+    return float(match.group(1))
+
+
+def _fill_memory(client: redis.Redis) -> None:
+    """maxmemory below what is used, under noeviction: every write is refused (OOM)."""
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", str(used // 2))
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("probe", "x")
+
+
+def _rows(lake: Path) -> int:
+    return len(table_rows(lake)) if (lake / "position_updates").exists() else 0
+
+
+def test_consumer_under_maxmemory_starts_commits_and_settles_once_freed(
+    own_redis: str, lake: Path, stream: str, tmp_path: Path
+) -> None:
+    updates = make_updates(500, seed=41)
+    client = redis.Redis.from_url(own_redis)
+    client.xgroup_create(stream, "lake", id="0", mkstream=True)
+    publish(own_redis, stream, updates[:250])
+    client.xadd(stream, POISON)  # type: ignore[arg-type]
+    publish(own_redis, stream, updates[250:])
+    _fill_memory(client)
+    port = free_port()
+    env = consumer_env(own_redis, lake, "c1", stream, metrics_port=port)
+    proc = start_consumer(env, log=tmp_path / "c.log")
+    try:
+        # XGROUP CREATE is refused (OOM), the group exists: the consumer starts, reads
+        # (XREADGROUP is allowed) and commits, but cannot settle (the dead letter's XADD
+        # in the settling MULTI is refused): nothing is acknowledged meanwhile.
+        wait_until(lambda: _rows(lake) == 500, timeout=60)
+        wait_until(lambda: _get(port, "/healthz")[0] == 503, timeout=30)
+        reason = _get(port, "/healthz")[1]
+        assert "OOM" in reason, reason
+        metrics = _get(port, "/metrics")[1]
+        assert _series(metrics, "poslake_consumer_redis_ok") == 0.0
+        assert _series(metrics, 'poslake_consumer_redis_errors_total{code="OOM"}') >= 1
+        assert group_pending(own_redis, stream) == 501
+        assert client.xlen(f"{stream}:dlq") == 0
+        assert proc.poll() is None
+
+        client.config_set("maxmemory", "0")
+        wait_until(lambda: group_pending(own_redis, stream) == 0, timeout=30)
+        wait_until(lambda: _get(port, "/healthz")[0] == 200, timeout=30)
+        metrics = _get(port, "/metrics")[1]
+        assert _series(metrics, "poslake_consumer_redis_ok") == 1.0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        kill(proc)
+    assert code == 0, (tmp_path / "c.log").read_text()[-3000:]
+    assert_table_exact(lake, updates)
+    assert_current_exact(lake, updates)
+    assert client.xlen(f"{stream}:dlq") == 1
+    client.close()
+
+
+def test_consumer_waits_for_memory_to_create_its_group(
+    own_redis: str, lake: Path, stream: str, tmp_path: Path
+) -> None:
+    updates = make_updates(200, seed=42)
+    publish(own_redis, stream, updates)
+    client = redis.Redis.from_url(own_redis)
+    _fill_memory(client)
+    proc = start_consumer(consumer_env(own_redis, lake, "c1", stream), drain=True)
+    try:
+        with pytest.raises(AssertionError):  # no group can be made: it waits, stays up
+            wait_until(lambda: proc.poll() is not None, timeout=3)
+        client.config_set("maxmemory", "0")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        kill(proc)
+    assert_table_exact(lake, updates)
+    client.close()
+
+
+def test_consumer_waits_out_a_changed_password(
+    own_redis: str, lake: Path, stream: str, tmp_path: Path
+) -> None:
+    updates = make_updates(600, seed=43)
+    url = set_user(own_redis, "consumer", "first", *consumer_keys(stream), "+@all")
+    port = free_port()
+    env = consumer_env(url, lake, "c1", stream, metrics_port=port)
+    proc = start_consumer(env, log=tmp_path / "c.log")
+    try:
+        publish(own_redis, stream, updates[:300])
+        wait_until(lambda: _rows(lake) == 300 and group_pending(own_redis, stream) == 0, 60)
+        # The password changes under the running consumer; its connections are cut.
+        admin_command(own_redis, "ACL", "SETUSER", "consumer", "resetpass", ">second")
+        admin_command(own_redis, "CLIENT", "KILL", "USER", "consumer")
+        publish(own_redis, stream, updates[300:])
+        wait_until(lambda: "WRONGPASS" in _get(port, "/healthz")[1], timeout=30)
+        assert _get(port, "/healthz")[0] == 503
+        metrics = _get(port, "/metrics")[1]
+        assert _series(metrics, 'poslake_consumer_redis_errors_total{code="WRONGPASS"}') >= 1
+        assert proc.poll() is None
+        assert _rows(lake) == 300  # nothing read meanwhile
+        admin_command(own_redis, "ACL", "SETUSER", "consumer", ">first")
+        wait_until(lambda: _rows(lake) == 600 and group_pending(own_redis, stream) == 0, 60)
+        wait_until(lambda: _get(port, "/healthz")[0] == 200, timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        kill(proc)
+    assert code == 0
+    log = (tmp_path / "c.log").read_text()
+    assert "Traceback" not in log and "first" not in log.replace("first_id", "")
+    assert_table_exact(lake, updates)
+
+
+def test_outbox_keeps_everything_through_a_changed_password_and_oom(
+    own_redis: str, stream: str, tmp_path: Path
+) -> None:
+    updates = make_updates(300, seed=44)
+    url = set_user(own_redis, "producer", "first", f"~{stream}", "+@all")
+    admin = redis.Redis.from_url(own_redis)
+
+    async def scenario() -> None:
+        outbox = Outbox(url, stream, spool_path=tmp_path / "s.spool", memory_limit=50,
+                        retry_initial_s=0.02, retry_max_s=0.2)  # fmt: skip
+        await outbox.check_access()
+        assert not admin.exists(stream)  # the probe wrote nothing
+        outbox.start()
+        stamp = 1_000_000
+        for update in updates[:50]:
+            stamp += 1
+            outbox.put(stamp, update)
+        await until(lambda: outbox.buffered == 0 and admin.xlen(stream) == 50)
+        assert outbox.health.ok
+
+        admin_command(own_redis, "ACL", "SETUSER", "producer", "resetpass", ">second")
+        admin_command(own_redis, "CLIENT", "KILL", "USER", "producer")
+        for update in updates[50:150]:
+            stamp += 1
+            outbox.put(stamp, update)
+        await until(lambda: "WRONGPASS" in outbox.health.reason())
+        assert outbox.stats.spooled > 0  # memory full: the rest waits on disk
+        assert outbox.health.counts()["WRONGPASS"] >= 1
+        admin_command(own_redis, "ACL", "SETUSER", "producer", ">first")
+        await until(lambda: admin.xlen(stream) == 150 and outbox.health.ok)
+
+        _fill_memory(admin)
+        for update in updates[150:]:
+            stamp += 1
+            outbox.put(stamp, update)
+        await until(lambda: "OOM" in outbox.health.reason())
+        assert admin.xlen(stream) == 150
+        admin.config_set("maxmemory", "0")
+        await until(lambda: admin.xlen(stream) == 300 and outbox.health.ok)
+        assert await outbox.close(timeout_s=5)
+
+    asyncio.run(scenario())
+    entries: Any = admin.xrange(stream)
+    payloads = [fields[b"payload"] for _, fields in entries]
+    assert payloads == [encode_payload(u) for u in updates]  # all, once, in order
+    admin.close()
