@@ -101,3 +101,23 @@ def make_tls_files(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localho
     server_cert, server_key = issue(folder, "server", ca, server=True, hosts=hosts)
     client_cert, client_key = issue(folder, "client", ca, server=False)
     return TlsFiles(folder, ca[0], ca[1], server_cert, server_key, client_cert, client_key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.tls FOLDER [HOST...]``: certificates for a demo (compose.tls.yaml)."""
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m tests.tls", description=main.__doc__)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("hosts", nargs="*", default=["redis", "localhost", "127.0.0.1"])
+    args = parser.parse_args(argv)
+    files = make_tls_files(args.folder, tuple(args.hosts))
+    for path in (files.server_key, files.client_key):
+        path.chmod(0o644)  # the containers run as other users; a demo, not production
+    print(f"CA {files.ca_cert}, server {files.server_cert} for {', '.join(args.hosts)}, "
+          f"client {files.client_cert}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
