@@ -143,8 +143,8 @@ _REPLAY = (
     _right("xinfo|groups", "the group's position"),
     _right("xrange", "count the entries delivered again"),
     _right("info", "the server version (ENTRIESREAD needs 7.0)"),
-    _right("xinfo|stream", "entries added, for ENTRIESREAD"),
-    _right("xrevrange", "the newest ID, for ENTRIESREAD"),
+    _right("xinfo|stream", "entries added, for ENTRIESREAD", rare="Redis 7.0 and newer"),
+    _right("xrevrange", "the newest ID, for ENTRIESREAD", rare="Redis 7.0 and newer"),
     _right("xgroup|setid", "move the group"),
 )
 _DLQ_READ = (_right("xrange", "read dead letters"),)

@@ -149,6 +149,13 @@ def refusal(exc: BaseException, command: str | None = None, key: str | None = No
     if tls is not None:
         return RedisRefused(f"Redis TLS set-up failed: {tls}")
     text = _reply_text(exc)
+    if "EXEC without MULTI" in text:
+        # redis-py goes on after a refused MULTI: the transaction's commands ran one by
+        # one and only EXEC's reply is raised. The refusal is MULTI's (an ACL right).
+        return RedisRefused(
+            f"Redis refused to MULTI ({_one_line(text)}): grant +multi to the ACL user of "
+            f"{URL_SETTING} (README: Access control lists the rights of each role)"
+        )
     match = _PIPELINE_ERROR.match(text)
     if match:
         # What Redis says beats the caller's guess (a call may send several commands).

@@ -76,10 +76,12 @@ def _assert_refused(done: subprocess.CompletedProcess[str], program: str, *needl
     return lines[0]
 
 
-def _needles(which: Role, right: str, stream: str) -> tuple[str, ...]:
+def _needles(right: str, stream: str) -> tuple[str, ...]:
     """What the message must name: the command (``XINFO`` of ``xinfo|groups``) or the key."""
     if right.startswith("~"):
-        return ("NOPERM", right[1:])
+        return ("NOPERM", f"key '{_rule(right, stream)[1:]}'")
+    if right == "+multi":  # redis-py hides MULTI's reply behind EXEC's (see refusal())
+        return ("MULTI", "+multi")
     return ("NOPERM", right[1:].split("|", maxsplit=1)[0])
 
 
@@ -189,7 +191,7 @@ def test_consumer_with_one_right_less(
         assert done.returncode == 0, done.stderr  # not used by a plain drain
         assert_table_exact(lake, updates)
     else:
-        _assert_refused(done, "consumer", *_needles(_CONSUMER, right, stream))
+        _assert_refused(done, "consumer", *_needles(right, stream))
 
 
 def test_consumer_metrics_without_xinfo_consumers_say_so(
@@ -211,7 +213,7 @@ def test_consumer_metrics_without_xinfo_consumers_say_so(
         wait_until(lambda: _quietly(scraped), timeout=30)
         wait_until(lambda: "metrics cannot read the group" in log.read_text(), timeout=10)
         line = next(x for x in log.read_text().splitlines() if "metrics cannot read" in x)
-        assert "NOPERM" in line and "xinfo|consumers" in line.lower(), line
+        assert "NOPERM" in line and "XINFO" in line, line
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0, log.read_text()
@@ -295,7 +297,7 @@ def test_producer_with_one_right_less_stops_at_start(
     url = _as(redis_url, which, stream, without=_rule(right, stream))
     done = _run(["-m", "producer"], _producer_env(url, stream, tmp_path, explicit))
     assert done.returncode not in (-11, 139), done.stderr
-    _assert_refused(done, "producer", *_needles(which, right, stream))
+    _assert_refused(done, "producer", *_needles(right, stream))
 
 
 def test_producer_explicit_ids_without_xrange_names_it_on_a_refused_id(
@@ -414,6 +416,16 @@ def test_operator_command_with_one_right_less(
         if lag is not None:
             pytest.skip("this Redis reports the lag after deletions")
     which = role(command)
+    if command == "replay" and right in {"+xinfo|stream", "+xrevrange"}:
+        admin = sync_client(redis_url)
+        try:
+            version = str(admin.info("server")["redis_version"])
+        finally:
+            admin.close()
+        if int(version.split(".", maxsplit=1)[0]) < 7:  # no ENTRIESREAD to compute: not used
+            done = _operator(_as(redis_url, which, stream, without=right), stream, command)
+            assert done.returncode == 0 and _EXPECTED[command] in done.stdout, done.stderr
+            return
     done = _operator(_as(redis_url, which, stream, without=_rule(right, stream)), stream, command)
     assert done.returncode not in (-11, 139), done.stderr
     if command == "status" and right in _STATUS_SOFT | {"~{lease}"}:
@@ -422,4 +434,4 @@ def test_operator_command_with_one_right_less(
         named = "GET" if right == "~{lease}" else right[1:].upper()
         assert "cannot read" in lease and "NOPERM" in lease and named in lease.upper(), lease
         return
-    _assert_refused(done, command.split(maxsplit=1)[0], *_needles(which, right, stream))
+    _assert_refused(done, command.split(maxsplit=1)[0], *_needles(right, stream))
