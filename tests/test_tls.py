@@ -23,7 +23,10 @@ from producer.resp import RespConnection
 from shared.errors import ExitCode, RedisRefused
 from shared.publisher import StreamPublisher
 from shared.redis_conn import RedisTarget, sync_client
+from shared.redis_errors import refusal
+from shared.redis_server import RedisServer, ServerTls
 from tests.conftest import RedisTarget as ServerTarget
+from tests.conftest import start_tls_server, tls_binary
 from tests.helpers import (
     REPO_ROOT,
     assert_table_exact,
@@ -33,7 +36,7 @@ from tests.helpers import (
     stream_updates,
 )
 from tests.producer_harness import producer_settings, running_producer, running_simulator, until
-from tests.tls import TlsFiles, make_tls_files
+from tests.tls import TlsFiles, issue, make_tls_files
 
 _TIMEOUT_S = 60
 
@@ -207,8 +210,6 @@ def test_wrong_ca_stops_every_process_with_one_line(
 def test_mutual_tls_without_or_with_a_foreign_client_certificate(
     tmp_path: Path, tls_files: TlsFiles, other_ca: TlsFiles, stream: str, lake: Path
 ) -> None:
-    from tests.conftest import start_tls_server  # noqa: PLC0415
-
     server = start_tls_server(tmp_path / "redis", tls_files, mutual=True)
     try:
         no_certificate = server.url.split("&ssl_certfile=")[0]
@@ -248,3 +249,57 @@ def test_a_missing_certificate_file_is_a_bad_setting(tmp_path: Path, lake: Path)
     assert "POSLAKE_REDIS_URL" in done.stderr and "ssl_ca_certs" in done.stderr
     assert "Traceback" not in done.stderr
     assert os.fspath(tmp_path) not in done.stdout
+
+
+def test_every_url_option_means_the_same_to_redis_py_and_the_resp_writer(
+    tmp_path: Path, tls_files: TlsFiles
+) -> None:
+    """Host-name checking, verification off, system CAs only: both clients agree."""
+
+    binary = tls_binary()
+    if binary is None:
+        pytest.skip("needs a redis-server built with TLS")
+    # A certificate for another host name than the 127.0.0.1 the URL names.
+    cert, key = issue(
+        tmp_path, "elsewhere", (tls_files.ca_cert, tls_files.ca_key), server=True,
+        hosts=("redis.example",),
+    )  # fmt: skip
+    server = RedisServer(binary, tmp_path / "redis", tls=ServerTls(tls_files.ca_cert, cert, key))
+    server.start()
+    base = f"rediss://127.0.0.1:{server.port}/0"
+    ca = f"ssl_ca_certs={tls_files.ca_cert}"
+    cases = {
+        f"{base}?{ca}": "not trusted",  # the name does not match
+        f"{base}?{ca}&ssl_check_hostname=false": None,
+        f"{base}?ssl_cert_reqs=none": None,  # no verification at all
+        f"{base}?ssl_cert_reqs=required": "not trusted",  # the system's CAs only
+        f"{base}?{ca}&ssl_cert_reqs=optional&ssl_check_hostname=false": None,
+    }
+    try:
+        for url, failure in cases.items():
+            outcomes: list[str | None] = []
+            client = sync_client(url, socket_connect_timeout=5)
+            try:
+                client.ping()
+                outcomes.append(None)
+            except Exception as exc:
+                outcomes.append(str(refusal(exc)))
+            finally:
+                client.close()
+
+            async def ping(address: str = url) -> None:
+                connection = await RespConnection.open(RedisTarget.parse(address))
+                connection.close()
+
+            try:
+                asyncio.run(ping())
+                outcomes.append(None)
+            except RedisRefused as exc:
+                outcomes.append(str(exc))
+            if failure is None:
+                assert outcomes == [None, None], (url, outcomes)
+            else:
+                assert all(o is not None and failure in o for o in outcomes), (url, outcomes)
+                assert outcomes[0] == outcomes[1], "the same words from both clients"
+    finally:
+        server.stop()
