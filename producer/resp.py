@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 
 import hiredis
 
-from shared.redis_conn import RedisTarget, tls_failure
+from shared.redis_conn import TLS_VERDICT_WAIT_S, RedisTarget, tls_failure
 from shared.redis_errors import refusal, reply_kind
 
 READ_SIZE = 1 << 16
@@ -39,6 +40,20 @@ def pack_command(*args: bytes) -> bytes:
     for arg in args:
         parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
     return b"".join(parts)
+
+
+async def _tls_verdict(writer: asyncio.StreamWriter) -> None:
+    """Wait for the server's verdict on our certificate (TLS 1.3 session tickets or an
+    alert), as :func:`shared.redis_conn.await_tls_verdict` does for redis-py."""
+    tls: ssl.SSLObject | None = writer.get_extra_info("ssl_object")
+    if tls is None or tls.version() != "TLSv1.3":
+        return
+    deadline = time.monotonic() + TLS_VERDICT_WAIT_S
+    while time.monotonic() < deadline and not writer.is_closing():
+        session = tls.session
+        if session is not None and session.has_ticket:
+            return
+        await asyncio.sleep(0.002)
 
 
 class RespConnection:
@@ -72,6 +87,8 @@ class RespConnection:
             context = address.tls.context() if address.tls is not None else None
             opening = asyncio.open_connection(address.host, address.port, ssl=context)
         reader, writer = await asyncio.wait_for(opening, timeout_s)
+        if address.tls is not None:
+            await _tls_verdict(writer)
         raw = writer.get_extra_info("socket")
         if raw is not None and address.path is None:
             # Notice a vanished peer on an idle connection too.
