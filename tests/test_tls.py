@@ -236,6 +236,22 @@ def test_mutual_tls_without_or_with_a_foreign_client_certificate(
                 check=False,
             )
             _assert_one_line_refusal(consumer, "ssl_certfile")
+            _assert_one_line_refusal(_cli(env, "status"), "ssl_certfile")
+            producer_env = {
+                **env,
+                "POSLAKE_IB_PORT": "1",
+                "POSLAKE_PRODUCER_SPOOL_DIR": str(tmp_path / "spool"),
+            }
+            producer = subprocess.run(
+                [sys.executable, "-m", "producer"],
+                env=producer_env,
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=_TIMEOUT_S,
+                check=False,
+            )
+            _assert_one_line_refusal(producer, "ssl_certfile")
     finally:
         server.stop()
 
