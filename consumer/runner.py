@@ -494,8 +494,8 @@ class Consumer:
             return False
         self._crash_point("after_current", committed.number)
         ids, dead, outcome = committed.ids, committed.dead, committed.outcome
-        # A MULTI/EXEC: refused as a whole (OOM for a dead letter's XADD, NOPERM), never
-        # half done; redis-py's message names the command that was refused.
+        # One XACK, or a MULTI/EXEC with dead letters: refused as a whole (OOM, NOPERM),
+        # never half done; redis-py's message names the command that was refused.
         self._redis(lambda: self.settler.settle(ids, dead), "XACK", self.settings.stream)
         entries = committed.entries
         self._count("batches")

@@ -3,8 +3,11 @@
 A batch is settled only after its rows are committed to Delta (or found to be
 there already). Settling writes the batch's dead letters and acknowledges all
 of its entries in one MULTI/EXEC, so a crash can neither lose a dead letter nor
-write it twice. A crash before settling leaves the entries pending: they are
-delivered again and the key dedup makes the second pass a no-op.
+write it twice; a batch without dead letters is one XACK (atomic by itself, and
+allowed under ``maxmemory``, where Redis refuses every command queued in a
+MULTI: acknowledging is what frees memory then). A crash before settling
+leaves the entries pending: they are delivered again and the key dedup makes
+the second pass a no-op.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class Settler:
         repeat after a successful EXEC is prevented by the caller's state.
         """
         if not entry_ids and not dead:
+            return
+        if not dead:
+            self._client.xack(self._stream, self._group, *entry_ids)
             return
         pipe = self._client.pipeline(transaction=True)
         failed_at = str(time.time()).encode()

@@ -108,10 +108,10 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     appendonly: bool = False
     appendfsync: str = "everysec"  # "always": every acknowledged write survives a SIGKILL
+    extra_args: list[str] = field(default_factory=list)  # e.g. ["--maxmemory", "10mb"]
     process: subprocess.Popen[bytes] | None = None
     tls: ServerTls | None = None  # TLS only on ``port``, plain TCP off
     password: str | None = field(default=None, repr=False)  # requirepass
-    extra_args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:

@@ -19,6 +19,7 @@ import pytest
 
 from shared.errors import ExitCode
 from shared.redis_server import free_port
+from tests.conftest import RedisTarget
 from tests.helpers import (
     REPO_ROOT,
     assert_table_exact,
@@ -175,7 +176,7 @@ def test_producer_sigterm_during_start_up_is_exit_0(
     ],
 )
 def test_producer_refused_at_start_is_exit_6(
-    redis_url: str,
+    redis_any_version: RedisTarget,
     stream: str,
     tmp_path: Path,
     case: str,
@@ -183,6 +184,7 @@ def test_producer_refused_at_start_is_exit_6(
     explicit: bool,
     words: list[str],
 ) -> None:
+    redis_url = redis_any_version.url
     keys = ["~other-stream"] if case == "no-stream-key" else [f"~{stream}"]
     url = set_user(redis_url, "producer", "right-pw", *keys, *(rules or ["+@all"]))
     if case == "wrong-password":
