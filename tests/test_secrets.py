@@ -89,6 +89,7 @@ class Canary:
     transcript: Transcript
     running: list[subprocess.Popen[bytes]] = field(default_factory=list)
     started: int = 0
+    stderr: dict[int, Path] = field(default_factory=dict)
 
     def env(self, **settings: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSLAKE_")}
@@ -138,18 +139,32 @@ class Canary:
         out.close()
         err.close()
         self.running.append(process)
+        self.stderr[process.pid] = Path(err.name)
         return process
 
-    def stop(self, process: subprocess.Popen[bytes], after: float = 0) -> int:
-        """SIGTERM (after ``after`` seconds); what it printed is in ``out/``."""
-        time.sleep(after)
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
+    def stop(self, process: subprocess.Popen[bytes]) -> int:
+        """SIGTERM; what it printed is in ``out/``."""
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=60)
+
+    def stop_when_it_said(self, *processes: subprocess.Popen[bytes]) -> None:
+        """SIGTERM each once it has written to stderr; SIGKILL what outstays 10 s
+        (here only what they say matters, not how they end)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(
+            self.stderr[p.pid].stat().st_size or p.poll() is not None for p in processes
+        ):
+            time.sleep(0.1)
+        time.sleep(1)  # a few more attempts' lines
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def close(self) -> None:
         for process in self.running:
@@ -196,7 +211,7 @@ def _wait(
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         for process in processes:
-            assert process.poll() is None, f"{process.args} exited with {process.returncode}"
+            assert process.poll() is None, f"{process.args!r} exited with {process.returncode}"
         time.sleep(0.2)
 
 
@@ -293,8 +308,7 @@ def test_unreachable_and_refused_redis_show_no_secret(canary: Canary) -> None:
         # Whatever they do about it (retry, spool, stop), they say it without the secret.
         consumer = canary.start(env, "consume", "--drain")
         producer = canary.start(env, "produce")
-        canary.stop(consumer, after=3)
-        canary.stop(producer)
+        canary.stop_when_it_said(consumer, producer)
         data = canary.tmp / f"run-{label}"
         assert canary.poslake(env, "run", "--duration", "1", "--data-dir", str(data)) in (4, 6)
         canary.transcript.add_tree(f"run {label}", data)
