@@ -15,6 +15,8 @@ from typing import Any
 import redis
 from deltalake.exceptions import DeltaError
 from polars.exceptions import PolarsError
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry
 
 from shared.errors import ExitCode
 from shared.redaction import scrub
@@ -41,6 +43,9 @@ LAKE_ERRORS: tuple[type[Exception], ...] = (OSError, DeltaError, PolarsError)
 _CONTAINERS = frozenset({"XINFO", "XGROUP", "CONFIG", "CLIENT", "ACL", "OBJECT", "MEMORY"})
 _KEYLESS = frozenset({"INFO", "PING", "HELLO", "AUTH", "CLIENT", "ACL", "CONFIG", "COMMAND"})
 _MAX_CHARS = 400
+_PIPELINE_ERROR = re.compile(
+    r"^Command # \d+ \((?P<command>\S+)[^)]*\) of pipeline caused error: (?P<reply>.*)$", re.DOTALL
+)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 # How delta-rs / object_store word a denial and an unreachable store.
@@ -137,13 +142,17 @@ def redis_failure(exc: redis.RedisError, settings: Settings) -> CommandError:
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
         text = one_line(str(exc))
         return CommandError(scrub(f"cannot reach Redis at {where}: {text}"), ExitCode.UNREACHABLE)
-    code = reply_code(exc) or type(exc).__name__
+    reply = str(exc.args[0]) if exc.args else str(exc)
+    wrapped = _PIPELINE_ERROR.match(reply)
+    if wrapped:  # "Command # 1 (XADD key * fields...) of pipeline caused error: <reply>"
+        command, reply = wrapped.group("command").upper(), wrapped.group("reply")
+    code = getattr(exc, "status_code", None) or reply_code(exc) or type(exc).__name__
     doing = f" {command}" if command else ""
     return CommandError(
         scrub(
-            f"Redis at {where} cannot serve{doing} right now: {one_line(str(exc))} "
-            f"({code} passes by itself: a full server frees up as consumers trim, a "
-            "restarted one finishes loading, a failover ends; try again)"
+            f"Redis at {where} cannot serve{doing} right now: {code} {one_line(reply)} "
+            "(this passes by itself: a full server frees up as consumers trim, a restarted "
+            "one finishes loading, a failover ends; try again)"
         ),
         ExitCode.UNREACHABLE,
     )
@@ -154,7 +163,12 @@ def redis_client(settings: Settings) -> Iterator[Any]:
     """A client for one command; failures become one line and their exit code:
     unreachable or transient 4, refused (password, ACL, unknown command) 6."""
     client: Any = sync_client(
-        settings.redis_target, client_class=OperatorRedis, socket_connect_timeout=5
+        settings.redis_target,
+        client_class=OperatorRedis,
+        socket_connect_timeout=5,
+        # One quick retry: an operator wants the answer now, not redis-py's default
+        # backoff (seconds), which also retries a wrong password.
+        retry=Retry(ConstantBackoff(0.2), 1),
     )
     try:
         yield client

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry
 
 from poslake import status as status_mod
 from poslake.command import LAKE_ERRORS, CommandError, lake_failure, redis_failure
@@ -88,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _start_redis(settings: Settings, data_dir: Path, stack: ExitStack) -> str:
     if "redis_url" in settings.model_fields_set:
-        client = sync_client(settings.redis_target, socket_connect_timeout=3)
+        client = sync_client(
+            settings.redis_target, socket_connect_timeout=3, retry=Retry(ConstantBackoff(0.2), 1)
+        )
         try:
             client.ping()
         except redis.RedisError as exc:
