@@ -164,7 +164,10 @@ def refusal(exc: BaseException, command: str | None = None, key: str | None = No
         text = match.group("reply")
     denied = _DENIED_COMMAND.search(text)
     if denied:
-        command = denied.group("command")
+        named = denied.group("command").replace("|", " ")  # xinfo|groups: XINFO GROUPS
+        # Redis 6.2 names only the container ('xinfo'): keep the caller's subcommand.
+        if not command or not command.upper().startswith(named.upper()):
+            command = named
     code = text.split(" ", 1)[0] if text else ""
     unknown = _UNKNOWN_COMMAND.search(text)
     if unknown and not command:
