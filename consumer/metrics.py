@@ -8,6 +8,8 @@ from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Histogram
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from consumer.runner import Consumer
 from shared.metrics import LabelledCounter, StatsCollector
@@ -41,8 +43,12 @@ class ConsumerMetrics:
     def __init__(self, consumer: Consumer) -> None:
         self.consumer = consumer
         settings = consumer.settings
+        # No retries of its own: a scrape during an outage answers at once.
         self._client: Any = sync_client(
-            settings.redis_target, socket_timeout=2, socket_connect_timeout=2
+            settings.redis_target,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 0),
         )
         self._refused = ""  # the last refusal warned about
         self.registry = CollectorRegistry(auto_describe=False)

@@ -583,12 +583,22 @@ class Consumer:
         a password that stopped working (it may be set right again while we wait).
         Fatal: :class:`RedisRefused` with the one-line reason.
         """
-        failures = 0
+        failures = regroups = 0
         where = command or "redis"
         while True:
             try:
                 result = call()
             except (redis.RedisError, OSError) as exc:
+                if "NOGROUP" in str(exc) and regroups < 3:
+                    # The group vanished (a restart without persistence, an XGROUP
+                    # DESTROY): made again from the stream's start; the dedup drops
+                    # what the table holds.
+                    regroups += 1
+                    log.warning(
+                        "consumer group missing, creating it again", extra={"command": where}
+                    )
+                    self._ensure_group_quietly()
+                    continue
                 transient = kind_of(exc) == "transient" or (self._started and is_auth_failure(exc))
                 if not transient:
                     raise refusal(exc, command, key) from None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import redis
 
+from shared.settings import load_settings
+
 
 def set_user(url: str, name: str, password: str, *rules: str) -> str:
     """(Re)create user ``name`` with exactly ``rules``; returns a URL logging in as it."""
@@ -22,7 +24,8 @@ def login_url(url: str, name: str, password: str) -> str:
 
 def consumer_keys(stream: str, group: str = "lake") -> list[str]:
     """The keys a consumer touches: the stream, its dead-letter stream, the lease."""
-    return [f"~{stream}", f"~{stream}:dlq", f"~poslake:{stream}:{group}:maintenance"]
+    settings = load_settings(stream=stream, group=group)
+    return [f"~{stream}", f"~{settings.dlq_stream}", f"~{settings.maintenance_lease_key}"]
 
 
 def admin_command(url: str, *args: str) -> object:

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from shared.errors import ExitCode
+from shared.settings import load_settings
 from tests.conftest import RedisTarget
 from tests.helpers import (
     REPO_ROOT,
@@ -142,7 +143,7 @@ def test_lease_key_refused_is_warned_once_and_shown_by_status(
     text = log.read_text()
     warnings = [line for line in text.splitlines() if "maintenance lease failed" in line]
     assert len(warnings) == 1, warnings  # eight runs wanted it: one warning
-    key = f"poslake:{stream}:lake:maintenance"
+    key = load_settings(stream=stream).maintenance_lease_key
     assert key in warnings[0] and "NOPERM" in warnings[0] and "SET" in warnings[0]
 
     status = subprocess.run(

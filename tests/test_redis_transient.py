@@ -71,6 +71,12 @@ def _series(text: str, series: str) -> float:
     return float(match.group(1))
 
 
+def _counted(port: int, series: str) -> float:
+    """A series' value from /metrics, 0 while it is not there."""
+    match = re.search(rf"^{re.escape(series)} (\S+)$", _get(port, "/metrics")[1], re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 def _fill_memory(client: redis.Redis) -> None:
     """maxmemory below what is used, under noeviction: every write is refused (OOM)."""
     used = int(client.info("memory")["used_memory"])
@@ -214,12 +220,22 @@ def test_outbox_keeps_everything_through_a_changed_password_and_oom(
         admin_command(own_redis, "ACL", "SETUSER", "producer", ">canary-pw-1")
         await until(lambda: admin.xlen(stream) == 150 and outbox.health.ok)
 
+        # A right taken away while running: unhealthy, nothing dropped, back when granted.
+        admin_command(own_redis, "ACL", "SETUSER", "producer", "-xadd")
+        for update in updates[150:200]:
+            stamp += 1
+            outbox.put(stamp, update)
+        await until(lambda: "NOPERM" in outbox.health.reason())
+        assert "XADD" in outbox.health.reason()
+        admin_command(own_redis, "ACL", "SETUSER", "producer", "+xadd")
+        await until(lambda: admin.xlen(stream) == 200 and outbox.health.ok)
+
         _fill_memory(admin)
-        for update in updates[150:]:
+        for update in updates[200:]:
             stamp += 1
             outbox.put(stamp, update)
         await until(lambda: "OOM" in outbox.health.reason())
-        assert admin.xlen(stream) == 150
+        assert admin.xlen(stream) == 200
         admin.config_set("maxmemory", "0")
         await until(lambda: admin.xlen(stream) == 300 and outbox.health.ok)
         assert await outbox.close(timeout_s=5)
@@ -259,7 +275,7 @@ def test_consumer_waits_while_a_restarted_redis_is_loading(
     updates = make_updates(600, seed=45)
     client = redis.Redis.from_url(server.url)
     filler = client.pipeline(transaction=False)
-    for index in range(12_000):  # loading them takes seconds with key-load-delay
+    for index in range(20_000):  # loading them takes seconds with key-load-delay
         filler.set(f"filler:{index}", b"x")
     filler.execute()
     port = free_port()
@@ -273,13 +289,13 @@ def test_consumer_waits_while_a_restarted_redis_is_loading(
         server.kill()
         server = RedisServer(
             binary, server.data_dir, port=server.port,
-            # µs per key: ~2 s of LOADING, answering clients (LOADING) meanwhile
+            # µs per key: ~3 s of LOADING, answering clients (LOADING) meanwhile
             extra_args=["--key-load-delay", "150",
                         "--loading-process-events-interval-bytes", "1024"],
         ).start()  # fmt: skip
         wait_until(lambda: _loaded(server.url), timeout=60)
-        metrics = _get(port, "/metrics")[1]
-        assert _series(metrics, 'poslake_consumer_redis_errors_total{code="LOADING"}') >= 1
+        loading = 'poslake_consumer_redis_errors_total{code="LOADING"}'
+        wait_until(lambda: _counted(port, loading) >= 1, timeout=30)
         publish(server.url, stream, updates[300:])
         wait_until(lambda: _rows(lake) == 600 and group_pending(server.url, stream) == 0, 60)
         wait_until(lambda: _get(port, "/healthz")[0] == 200, timeout=30)
@@ -359,3 +375,27 @@ def test_producer_healthz_shows_a_changed_password_and_recovers(
     assert code == 0
     text = log.read_text()
     assert "Traceback" not in text and "canary-pw" not in text
+
+
+def test_consumer_makes_a_vanished_group_again(
+    redis_url: str, lake: Path, stream: str, tmp_path: Path
+) -> None:
+    updates = make_updates(600, seed=46)
+    log = tmp_path / "c.log"
+    proc = start_consumer(consumer_env(redis_url, lake, "c1", stream), log=log)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        publish(redis_url, stream, updates[:300])
+        wait_until(lambda: _rows(lake) == 300 and group_pending(redis_url, stream) == 0, 60)
+        client.xgroup_destroy(stream, "lake")
+        publish(redis_url, stream, updates[300:])
+        wait_until(lambda: _rows(lake) == 600 and group_pending(redis_url, stream) == 0, 60)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        kill(proc)
+        client.close()
+    assert code == 0
+    assert "consumer group missing, creating it again" in log.read_text()
+    assert_table_exact(lake, updates)

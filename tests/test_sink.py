@@ -258,7 +258,7 @@ def test_maintainer_vacuums_on_the_clock_under_the_lease(lake: Path, redis_url: 
     maintainer.wait()
     assert stray.exists()
     # Another consumer holding the lease: this one skips, and tries again within a minute.
-    key = f"poslake:{settings.stream}:{settings.group}:maintenance"
+    key = settings.maintenance_lease_key
     client.set(key, "someone-else", px=60_000)
     waiting = TableMaintainer(settings, client)
     waiting.poll()
