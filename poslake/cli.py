@@ -91,6 +91,9 @@ def _operator(name: str, command: OperatorCommand) -> Callable[[argparse.Namespa
         except CommandError as exc:
             print(f"poslake {name}: {scrub(str(exc))}", file=sys.stderr)
             return exc.code
+        except KeyboardInterrupt:  # Ctrl-C, at the prompt or while it works
+            print(f"poslake {name}: cancelled", file=sys.stderr)
+            return ExitCode.CANCELLED
 
     return handler
 

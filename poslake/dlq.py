@@ -15,6 +15,7 @@ import redis
 
 from consumer.settle import DLQ_PREFIX
 from poslake.command import CommandError, ExitCode, confirm, redis_client
+from shared.redaction import scrub
 from shared.settings import Settings
 
 
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             entries = client.xrange(dlq, count=args.limit)
             total = client.xlen(dlq)
             for entry_id, fields in entries:
-                reason = _text(fields.get(f"{DLQ_PREFIX}reason".encode(), b"?"))
+                # A reason may quote a library's error, and that a secret: mask it.
+                reason = scrub(_text(fields.get(f"{DLQ_PREFIX}reason".encode(), b"?")))
                 source = _text(fields.get(f"{DLQ_PREFIX}source_id".encode(), b"?"))
                 deliveries = _text(fields.get(f"{DLQ_PREFIX}deliveries".encode(), b"?"))
                 print(f"{_text(entry_id)}  from {source}  deliveries {deliveries}  {reason}")

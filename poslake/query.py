@@ -189,15 +189,16 @@ def check_output(output: Path | None) -> None:
 
 
 def write(frame: pl.DataFrame, fmt: str, output: Path | None) -> None:
+    target = f"--output {output}" if output is not None else "stdout"
     try:
         _write(frame, fmt, output)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         raise CommandError(
-            f"cannot write --output {output}: {exc.strerror or exc}", ExitCode.BAD_INPUT
+            f"cannot write {target}: {exc.strerror or exc}", ExitCode.BAD_INPUT
         ) from None
-    except OSError as exc:
+    except OSError as exc:  # a full disk, a closed pipe
         raise CommandError(
-            f"writing --output {output} failed: {exc.strerror or exc}", ExitCode.FAILED
+            f"writing {target} failed: {exc.strerror or exc}", ExitCode.FAILED
         ) from None
 
 

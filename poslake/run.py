@@ -251,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    url = settings.redis_url
     with ExitStack() as stack:
         try:
             url = _start_redis(settings, data_dir, stack)
@@ -284,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"poslake run: {scrub(str(exc))}", file=sys.stderr)
             return exc.code
         except redis.RedisError as exc:  # Redis went away or refused while starting
-            failure = redis_failure(exc, settings)
+            failure = redis_failure(exc, settings.model_copy(update={"redis_url": url}))
             print(f"poslake run: redis: {failure}", file=sys.stderr)
             return failure.code
         view_settings = settings.model_copy(update={"redis_url": url, "lake_uri": lake_uri})

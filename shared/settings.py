@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     )
 
     # Redis Stream and consumer group.
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)  # secret
     stream: Annotated[str, Field(min_length=1)] = "positions"
     group: Annotated[str, Field(min_length=1)] = "lake"
     consumer_name: Annotated[str, Field(min_length=1)] = Field(
@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     # Delta Lake.
     lake_uri: Annotated[str, Field(min_length=1)] = "./lake"
     # delta-rs storage options (S3 keys, endpoint...): JSON object of strings, secret.
-    storage_options: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    storage_options: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict, repr=False)
 
     # Batching: a batch closes at this many entries or this long after its first entry.
     batch_max_entries: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000

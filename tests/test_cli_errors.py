@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -244,3 +245,18 @@ def test_poslake_run_uses_the_same_codes(tmp_path: Path, redis_url: str) -> None
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     one_line(bad, "run", ExitCode.BAD_INPUT, "POSLAKE_REDIS_URL")
+
+
+def test_ctrl_c_at_the_prompt_is_cancelled(small: dict[str, str]) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "poslake", "replay", "--beginning"],
+        env=small, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    question = process.stdout.read(len("Move group"))  # the prompt: it waits for an answer
+    assert question == "Move group"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    done = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    one_line(done, "replay", ExitCode.CANCELLED, "cancelled")

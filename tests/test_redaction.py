@@ -14,6 +14,7 @@ import pytest
 from shared import redaction
 from shared.logs import JsonFormatter, TextFormatter
 from shared.redaction import MASK, Redactor, is_public_option, secrets_of
+from shared.settings import load_settings
 from tests.helpers import REPO_ROOT
 
 PASSWORD = "canary-PW:7@x/Q"
@@ -123,3 +124,12 @@ def test_uncaught_tracebacks_are_masked() -> None:
     assert "Traceback" in done.stderr and "ValueError" in done.stderr
     assert "RuntimeError: ***" in done.stderr
     assert "canary" not in done.stderr
+
+
+def test_settings_repr_holds_no_secret() -> None:
+    settings = load_settings(
+        redis_url=f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:6390/0",
+        storage_options={"AWS_SECRET_ACCESS_KEY": SECRET_KEY},
+    )
+    assert "canary" not in repr(settings) and "canary" not in str(settings)
+    assert settings.redis_url_redacted == "redis://:***@127.0.0.1:6390/0"

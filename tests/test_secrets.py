@@ -148,7 +148,7 @@ class Canary:
         return process.wait(timeout=60)
 
     def stop_when_it_said(self, *processes: subprocess.Popen[bytes]) -> None:
-        """SIGTERM each once it has written to stderr; SIGKILL what outstays 10 s
+        """SIGTERM each once it has written to stderr; SIGKILL what outstays 5 s
         (here only what they say matters, not how they end)."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not all(
@@ -161,7 +161,7 @@ class Canary:
                 process.send_signal(signal.SIGTERM)
         for process in processes:
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
