@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -13,6 +14,9 @@ from redis.retry import Retry
 from consumer.runner import Consumer
 from shared.metrics import LabelledCounter, StatsCollector
 from shared.redis_conn import sync_client
+from shared.redis_errors import kind_of, refusal
+
+log = logging.getLogger(__name__)
 
 LAG_COUNT_MAX = 100_000  # where Redis does not report lag, it is counted up to this
 COUNTERS = {
@@ -46,6 +50,7 @@ class ConsumerMetrics:
             socket_connect_timeout=2,
             retry=Retry(NoBackoff(), 0),
         )
+        self._refused = ""  # the last refusal warned about
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector("poslake_consumer", self._read, COUNTERS, GAUGES))
         self.registry.register(
@@ -96,8 +101,12 @@ class ConsumerMetrics:
             for member in self._client.xinfo_consumers(settings.stream, settings.group):
                 if member["name"].decode() == settings.consumer_name:
                     values["pending"] = member["pending"]
-        except redis.RedisError:
-            pass  # Redis away: the stats counters still go out
+        except redis.RedisError as exc:  # Redis away: the stats counters still go out
+            if kind_of(exc) == "fatal":  # e.g. a missing ACL right: say which, once
+                reason = str(refusal(exc))
+                if reason != self._refused:
+                    self._refused = reason
+                    log.warning("metrics cannot read the group: %s", reason)
         return values
 
     def health(self) -> tuple[bool, str]:

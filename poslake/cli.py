@@ -1,7 +1,8 @@
 """``poslake``: the operator command line (a thin layer over the packages).
 
 Every command reads the settings once (``POSLAKE_*``), and ends with an exit
-code from :class:`poslake.command.ExitCode`.
+code from the one table, :class:`shared.errors.ExitCode` (:data:`EXIT_CODES`).
+A failure is one line on stderr, never a traceback, and never shows a secret.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Callable
 from consumer import cli as consumer_cli
 from poslake import dlq, maintain, query, replay, status
 from poslake import run as pipeline
-from poslake.command import CommandError, ExitCode
+from poslake.command import LAKE_ERRORS, CommandError, ExitCode, lake_failure
 from producer import cli as producer_cli
+from shared.redaction import scrub
 from shared.settings import Settings, load_settings_or_report
 
 OperatorCommand = Callable[[argparse.Namespace, Settings], int]
@@ -41,12 +43,21 @@ OPERATOR_COMMANDS: dict[str, tuple[str, ArgumentAdder, OperatorCommand]] = {
 }
 
 
+EXIT_CODES = (
+    f"{ExitCode.OK} done, {ExitCode.FAILED} failed, {ExitCode.BAD_INPUT} bad input "
+    f"(argument, ID, time, setting), {ExitCode.NOT_FOUND} not found (table, group, dead "
+    f"letter), {ExitCode.UNREACHABLE} unreachable or temporarily unavailable (Redis, "
+    f"IB, the lake's store), {ExitCode.CANCELLED} cancelled at the prompt, "
+    f"{ExitCode.REFUSED} refused (password, ACL right, 403, unknown command)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="poslake",
         description="IB position history into Delta Lake through a Redis Stream.",
-        epilog="Settings come from POSLAKE_* environment variables (see README). Exit codes: "
-        "0 done, 1 failed, 2 bad input, 3 not found, 4 Redis unreachable, 5 cancelled.",
+        epilog="Settings come from POSLAKE_* environment variables (see README). "
+        f"Exit codes of every command: {EXIT_CODES}.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
@@ -73,10 +84,16 @@ def _operator(name: str, command: OperatorCommand) -> Callable[[argparse.Namespa
         if settings is None:
             return ExitCode.BAD_INPUT
         try:
-            return command(args, settings)
+            try:
+                return command(args, settings)
+            except LAKE_ERRORS as exc:
+                raise lake_failure(exc, settings) from None
         except CommandError as exc:
-            print(f"poslake {name}: {exc}", file=sys.stderr)
+            print(f"poslake {name}: {scrub(str(exc))}", file=sys.stderr)
             return exc.code
+        except KeyboardInterrupt:  # Ctrl-C, at the prompt or while it works
+            print(f"poslake {name}: cancelled", file=sys.stderr)
+            return ExitCode.CANCELLED
 
     return handler
 

@@ -21,6 +21,7 @@ import redis
 
 from consumer.settle import DLQ_PREFIX, TRUNCATED_FIELD
 from poslake.command import CommandError, ExitCode, confirm, redis_client
+from shared.redaction import scrub
 from shared.settings import Settings
 
 
@@ -52,7 +53,9 @@ def _chosen(
     for entry_id in args.ids:
         try:
             found = client.xrange(dlq, min=entry_id, max=entry_id)
-        except redis.ResponseError:
+        except redis.ResponseError as exc:
+            if "invalid stream id" not in str(exc).lower():
+                raise  # NOPERM and the like: redis_client says what was refused
             raise CommandError(f"bad entry ID {entry_id!r}", ExitCode.BAD_INPUT) from None
         if not found:
             raise CommandError(f"no dead letter {entry_id} in {dlq}", ExitCode.NOT_FOUND)
@@ -62,12 +65,15 @@ def _chosen(
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     dlq = settings.dlq_stream
+    if args.action == "list" and args.limit < 1:
+        raise CommandError(f"--limit must be at least 1, not {args.limit}", ExitCode.BAD_INPUT)
     with redis_client(settings) as client:
         if args.action == "list":
             entries = client.xrange(dlq, count=args.limit)
             total = client.xlen(dlq)
             for entry_id, fields in entries:
-                reason = _text(fields.get(f"{DLQ_PREFIX}reason".encode(), b"?"))
+                # A reason may quote a library's error, and that a secret: mask it.
+                reason = scrub(_text(fields.get(f"{DLQ_PREFIX}reason".encode(), b"?")))
                 source = _text(fields.get(f"{DLQ_PREFIX}source_id".encode(), b"?"))
                 deliveries = _text(fields.get(f"{DLQ_PREFIX}deliveries".encode(), b"?"))
                 print(f"{_text(entry_id)}  from {source}  deliveries {deliveries}  {reason}")

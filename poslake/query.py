@@ -21,6 +21,7 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 from consumer.current import CURRENT_TABLE
 from poslake.command import CommandError, ExitCode
 from shared.errors import RepositoryError
+from shared.redaction import scrub
 from shared.repository import TableRepository
 from shared.settings import Settings
 from shared.strategy_tables import ALL_TABLES
@@ -85,13 +86,20 @@ def parse_time(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def open_table(settings: Settings, version: int | None = None, at: str | None = None) -> DeltaTable:
-    """The table at its latest version, a given version, or as of a time."""
+def open_table(
+    settings: Settings,
+    version: int | None = None,
+    at: str | None = None,
+    uri: str | None = None,
+) -> DeltaTable:
+    """A table (``position_updates`` unless ``uri``) at its latest version, a given
+    version, or as of a time; a version or time it does not have is bad input."""
+    uri = uri or settings.table_uri
     try:
-        table = DeltaTable(settings.table_uri, storage_options=settings.storage_options or None)
+        table = DeltaTable(uri, storage_options=settings.storage_options or None)
     except TableNotFoundError:
         raise CommandError(
-            f"no table at {settings.table_uri} (set POSLAKE_LAKE_URI?)", ExitCode.NOT_FOUND
+            f"no table at {scrub(uri)} (set POSLAKE_LAKE_URI?)", ExitCode.NOT_FOUND
         ) from None
     if version is not None:
         latest = table.version()
@@ -168,7 +176,33 @@ def contract_history(
     return frame.select(SHOWN).sort(["account", "timestamp"]).collect()
 
 
+def check_output(output: Path | None) -> None:
+    """Fail before the query, not after it, when ``--output`` cannot be written."""
+    if output is None:
+        return
+    if output.is_dir():
+        raise CommandError(f"--output {output} is a folder, not a file", ExitCode.BAD_INPUT)
+    if not output.parent.is_dir():
+        raise CommandError(
+            f"--output {output}: the folder {output.parent} does not exist", ExitCode.BAD_INPUT
+        )
+
+
 def write(frame: pl.DataFrame, fmt: str, output: Path | None) -> None:
+    target = f"--output {output}" if output is not None else "stdout"
+    try:
+        _write(frame, fmt, output)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        raise CommandError(
+            f"cannot write {target}: {exc.strerror or exc}", ExitCode.BAD_INPUT
+        ) from None
+    except OSError as exc:  # a full disk, a closed pipe
+        raise CommandError(
+            f"writing {target} failed: {exc.strerror or exc}", ExitCode.FAILED
+        ) from None
+
+
+def _write(frame: pl.DataFrame, fmt: str, output: Path | None) -> None:
     if fmt == "parquet":
         if output is None:
             raise CommandError("--format parquet needs --output FILE", ExitCode.BAD_INPUT)
@@ -190,15 +224,7 @@ def write(frame: pl.DataFrame, fmt: str, output: Path | None) -> None:
 def query_model_table(args: argparse.Namespace, settings: Settings) -> pl.DataFrame:
     """The options data model's tables through their repositories; positions_current."""
     if args.name == CURRENT_TABLE:
-        uri = settings.current_table_uri
-        try:
-            table = DeltaTable(uri, storage_options=settings.storage_options or None)
-        except TableNotFoundError:
-            raise CommandError(f"no table at {uri}", ExitCode.NOT_FOUND) from None
-        if args.version is not None:
-            table.load_as_version(args.version)
-        elif args.at is not None:
-            table.load_as_version(parse_time(args.at))
+        table = open_table(settings, args.version, args.at, uri=settings.current_table_uri)
         frame = _filtered(table, args.symbol, args.account)
         return frame.select(SHOWN).sort(KEY).collect()
     repository = TableRepository(
@@ -222,6 +248,9 @@ def query_model_table(args: argparse.Namespace, settings: Settings) -> pl.DataFr
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    check_output(args.output)
+    if args.format == "parquet" and args.output is None:
+        raise CommandError("--format parquet needs --output FILE", ExitCode.BAD_INPUT)
     if args.what == "table":
         write(query_model_table(args, settings), args.format, args.output)
         return ExitCode.OK

@@ -68,7 +68,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     with redis_client(settings) as client:
         try:
             groups = {g["name"].decode(): g for g in client.xinfo_groups(settings.stream)}
-        except redis.ResponseError:
+        except redis.ResponseError as exc:
+            if "no such key" not in str(exc).lower():
+                raise  # NOPERM and the like: redis_client says what was refused
             raise CommandError(f"no stream {settings.stream!r}", ExitCode.NOT_FOUND) from None
         if group not in groups:
             known = ", ".join(groups) or "none"

@@ -6,8 +6,10 @@ the producer and N consumers, each its own process (logs in
 ``<data-dir>/logs``). While it runs a live view shows the flow; Ctrl-C or
 ``--duration`` ends it in order (source, producer flush, consumers drain and
 commit, servers) and prints where the tables are and how to query them. A
-part that fails to start stops everything, named, with exit code 1 (3 for an
-unreachable Redis or IB).
+part that fails to start stops everything, named, with an exit code from the
+one table (shared.errors.ExitCode): 4 for an unreachable Redis or IB, 6 for a
+refused password, 1 otherwise. Nothing it prints shows the Redis password or
+a storage option (shared/redaction.py).
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry
 
 from poslake import status as status_mod
-from poslake.command import CommandError
+from poslake.command import LAKE_ERRORS, CommandError, lake_failure, redis_failure
 from poslake.live_view import LiveView
+from shared.errors import ExitCode
 from shared.logs import configure_logging
+from shared.redaction import scrub
 from shared.redis_conn import sync_client
 from shared.redis_server import RedisServer, find_redis_server
 from shared.settings import Settings, load_settings_or_report
@@ -41,7 +47,7 @@ SIMULATED_ACCOUNTS = "DU100001,DU100002,DU100003"
 class StartupError(Exception):
     """A part of the pipeline failed to start: names the part and why."""
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: ExitCode = ExitCode.FAILED) -> None:
         super().__init__(message)
         self.code = code
 
@@ -54,7 +60,7 @@ class Part:
 
     def tail(self, lines: int = 5) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+        return scrub("\n".join("    " + line for line in text.splitlines()[-lines:]))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,12 +90,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _start_redis(settings: Settings, data_dir: Path, stack: ExitStack) -> str:
     if "redis_url" in settings.model_fields_set:
+        client = sync_client(
+            settings.redis_target, socket_connect_timeout=3, retry=Retry(ConstantBackoff(0.2), 1)
+        )
         try:
-            sync_client(settings.redis_target, socket_connect_timeout=3).ping()
+            client.ping()
         except redis.RedisError as exc:
-            raise StartupError(
-                f"redis: cannot reach POSLAKE_REDIS_URL={settings.redis_url_redacted}: {exc}", 3
-            ) from exc
+            failure = redis_failure(exc, settings)
+            raise StartupError(f"redis: {failure}", failure.code) from None
+        finally:
+            client.close()
         return settings.redis_url
     binary = find_redis_server()
     if binary is None:
@@ -151,8 +161,8 @@ def _start_ib(
             raise StartupError(
                 f"ib: cannot reach POSLAKE_IB_HOST={settings.ib_host} port {settings.ib_port}: "
                 f"{exc}",
-                3,
-            ) from exc
+                ExitCode.UNREACHABLE,
+            ) from None
         return None, settings.ib_host, settings.ib_port
     module = [
         "producer.simulator",
@@ -198,7 +208,7 @@ def _wait_drained(client: Any, settings: Settings, timeout: float) -> bool:
     try:
         return _poll_drained(client, settings, timeout)
     except redis.RedisError as exc:
-        print(f"poslake run: cannot check the group: {exc}", file=sys.stderr)
+        print(f"poslake run: cannot check the group: {scrub(str(exc))}", file=sys.stderr)
         return False
 
 
@@ -214,10 +224,18 @@ def _poll_drained(client: Any, settings: Settings, timeout: float) -> bool:
     return False
 
 
+def _collect(settings: Settings) -> status_mod.Status:
+    """A status snapshot; a failing Redis or store is a CommandError (one line, a code)."""
+    try:
+        return status_mod.collect(settings)
+    except LAKE_ERRORS as exc:
+        raise lake_failure(exc, settings) from None
+
+
 def run(args: argparse.Namespace) -> int:
     settings = load_settings_or_report("poslake run")
     if settings is None:
-        return 2
+        return ExitCode.BAD_INPUT
     data_dir: Path = args.data_dir.resolve()
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -233,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    url = settings.redis_url
     with ExitStack() as stack:
         try:
             url = _start_redis(settings, data_dir, stack)
@@ -263,8 +282,12 @@ def run(args: argparse.Namespace) -> int:
             client: Any = sync_client(url)
             _wait_for_first_entry(client, settings, producer, settings.ib_connect_timeout_s + 20)
         except StartupError as exc:
-            print(f"poslake run: {exc}", file=sys.stderr)
+            print(f"poslake run: {scrub(str(exc))}", file=sys.stderr)
             return exc.code
+        except redis.RedisError as exc:  # Redis went away or refused while starting
+            failure = redis_failure(exc, settings.model_copy(update={"redis_url": url}))
+            print(f"poslake run: redis: {failure}", file=sys.stderr)
+            return failure.code
         view_settings = settings.model_copy(update={"redis_url": url, "lake_uri": lake_uri})
         parts = [p for p in (simulator, producer, *consumers) if p is not None]
         view = LiveView(live=not args.no_live and sys.stdout.isatty())
@@ -278,9 +301,9 @@ def run(args: argparse.Namespace) -> int:
                 if failed is not None:
                     break
                 try:
-                    view.update(status_mod.collect(view_settings))
+                    view.update(_collect(view_settings))
                 except CommandError as exc:  # Redis away for a moment: the parts go on
-                    print(f"poslake run: {exc}", file=sys.stderr)
+                    print(f"poslake run: {scrub(str(exc))}", file=sys.stderr)
                 time.sleep(1.0)
         if failed is not None:
             print(
@@ -288,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{failed.tail()}",
                 file=sys.stderr,
             )
-            return 1
+            return ExitCode.FAILED
         # Stop in flow order: the source, then the producer (it flushes), then let the
         # consumers drain and commit before they stop.
         if simulator is not None:
@@ -296,34 +319,49 @@ def run(args: argparse.Namespace) -> int:
         _stop(producer)
         drained = _wait_drained(client, settings, timeout=120)
         try:
-            final = status_mod.collect(view_settings)
+            final = _collect(view_settings)
         except CommandError as exc:
-            print(f"poslake run: {exc}", file=sys.stderr)
-            return 1
-    print_summary(final, lake_uri, url if not private_redis else None, drained, data_dir)
-    return 0 if drained else 1
+            print(f"poslake run: {scrub(str(exc))}", file=sys.stderr)
+            return exc.code
+    print_summary(
+        final, lake_uri, None if private_redis else settings.redis_url_redacted, drained, data_dir
+    )
+    return ExitCode.OK if drained else ExitCode.FAILED
 
 
 def print_summary(
-    final: status_mod.Status, lake_uri: str, redis_url: str | None, drained: bool, data_dir: Path
+    final: status_mod.Status,
+    lake_uri: str,
+    redis_shown: str | None,
+    drained: bool,
+    data_dir: Path,
 ) -> None:
+    """Where the tables are and how to query them; ``redis_shown`` is the redacted URL
+    of a configured Redis (``None`` for the private one, gone with the run)."""
     table = final.table
     rows = table.rows if table else 0
-    print(
+    lake = scrub(lake_uri)
+    lines = [
         f"\nposlake run: {final.length} updates in stream {final.stream}; table "
-        f"{lake_uri}/position_updates holds {rows} rows at version "
+        f"{lake}/position_updates holds {rows} rows at version "
         f"{table.version if table else '-'}; dead letters: {final.dead_letters}"
         f"{'' if drained else '; NOT fully drained'}."
-    )
+    ]
     state = data_dir / "simulator-final-state.json"
     if state.exists():
-        print(
+        lines.append(
             f"The simulator's final book: {state} ({len(json.loads(state.read_text()))} "
             "open positions)."
         )
-    print("Query it, for example:")
-    print(f"  POSLAKE_LAKE_URI={lake_uri} poslake query positions")
-    print(f"  POSLAKE_LAKE_URI={lake_uri} poslake query positions --symbol AAPL --format csv")
-    print(f"  POSLAKE_LAKE_URI={lake_uri} poslake query history --conid <conid> --version 3")
-    if redis_url:
-        print(f"  POSLAKE_REDIS_URL={redis_url} POSLAKE_LAKE_URI={lake_uri} poslake status")
+    lines += [
+        "Query it, for example:",
+        f"  POSLAKE_LAKE_URI={lake} poslake query positions",
+        f"  POSLAKE_LAKE_URI={lake} poslake query positions --symbol AAPL --format csv",
+        f"  POSLAKE_LAKE_URI={lake} poslake query history --conid <conid> --version 3",
+    ]
+    if redis_shown:
+        lines.append(
+            f"  POSLAKE_LAKE_URI={lake} poslake status   (with POSLAKE_REDIS_URL set as for "
+            f"this run: {redis_shown})"
+        )
+    print(scrub("\n".join(lines)))

@@ -14,6 +14,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from poslake.command import ExitCode, redis_client
 from poslake.replay import count_between
+from shared.redaction import scrub
 from shared.redis_errors import refusal
 from shared.settings import Settings
 
@@ -134,7 +135,8 @@ def table_status(settings: Settings) -> TableStatus | None:
     rows = sum(n or 0 for n in actions.column("num_records").to_pylist())
     last = table.history(1)[0]
     when = datetime.fromtimestamp(int(last["timestamp"]) / 1000, UTC).isoformat()
-    return TableStatus(settings.table_uri, table.version(), rows, actions.num_rows, when)
+    uri = scrub(settings.table_uri)  # a lake URI may carry credentials
+    return TableStatus(uri, table.version(), rows, actions.num_rows, when)
 
 
 def collect(settings: Settings) -> Status:

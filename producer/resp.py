@@ -9,19 +9,22 @@ connect (TCP, TLS or a Unix socket, AUTH, SELECT: the URL means what it
 means to redis-py, shared/redis_conn.py), send a batch, read its replies.
 Error replies come back as :class:`RespError` values in the reply list, so one
 rejected XADD (e.g. an explicit ID already written) does not hide the others.
-A refused AUTH or SELECT (wrong password, missing right) raises
-:class:`shared.errors.RedisRefused` from :meth:`RespConnection.open`.
+A refused AUTH or SELECT (wrong password, missing right) or a TLS set-up that
+cannot succeed raises :class:`shared.errors.RedisRefused` from
+:meth:`RespConnection.open`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
+import time
 from collections.abc import Sequence
 
 import hiredis
 
-from shared.redis_conn import RedisTarget
+from shared.redis_conn import TLS_VERDICT_WAIT_S, RedisTarget, tls_failure
 from shared.redis_errors import refusal, reply_kind
 
 READ_SIZE = 1 << 16
@@ -39,6 +42,20 @@ def pack_command(*args: bytes) -> bytes:
     return b"".join(parts)
 
 
+async def _tls_verdict(writer: asyncio.StreamWriter) -> None:
+    """Wait for the server's verdict on our certificate (TLS 1.3 session tickets or an
+    alert), as :func:`shared.redis_conn.await_tls_verdict` does for redis-py."""
+    tls: ssl.SSLObject | None = writer.get_extra_info("ssl_object")
+    if tls is None or tls.version() != "TLSv1.3":
+        return
+    deadline = time.monotonic() + TLS_VERDICT_WAIT_S
+    while time.monotonic() < deadline and not writer.is_closing():
+        session = tls.session
+        if session is not None and session.has_ticket:
+            return
+        await asyncio.sleep(0.002)
+
+
 class RespConnection:
     """One connection; not shared between tasks (the producer has one writer task)."""
 
@@ -49,13 +66,29 @@ class RespConnection:
 
     @classmethod
     async def open(cls, address: RedisTarget, timeout_s: float = 5.0) -> RespConnection:
-        """Connect as redis-py would for the same URL (TLS options included)."""
+        """Connect as redis-py would for the same URL (TLS options included).
+
+        A TLS set-up that cannot succeed (certificate not trusted, client certificate
+        missing or refused) raises :class:`shared.errors.RedisRefused`, like a refused
+        AUTH: retrying it would spool for ever.
+        """
+        try:
+            return await cls._open(address, timeout_s)
+        except ssl.SSLError as exc:
+            if tls_failure(exc) is None:
+                raise  # e.g. the server went away mid-handshake: retried
+            raise refusal(exc) from exc
+
+    @classmethod
+    async def _open(cls, address: RedisTarget, timeout_s: float) -> RespConnection:
         if address.path is not None:
             opening = asyncio.open_unix_connection(address.path)
         else:
             context = address.tls.context() if address.tls is not None else None
             opening = asyncio.open_connection(address.host, address.port, ssl=context)
         reader, writer = await asyncio.wait_for(opening, timeout_s)
+        if address.tls is not None:
+            await _tls_verdict(writer)
         raw = writer.get_extra_info("socket")
         if raw is not None and address.path is None:
             # Notice a vanished peer on an idle connection too.
@@ -73,6 +106,11 @@ class RespConnection:
             if address.db:
                 setup.append(pack_command(b"SELECT", str(address.db).encode()))
                 names.append("SELECT")
+            if address.tls is not None and not setup:
+                # A server that wants a client certificate says so only after the
+                # handshake: one round trip here (HELLO needs no ACL right) hears it.
+                setup.append(pack_command(b"HELLO", b"2"))
+                names.append("HELLO")
             if setup:
                 replies = await asyncio.wait_for(connection.execute(setup), timeout_s)
                 for name, reply in zip(names, replies, strict=True):

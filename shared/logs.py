@@ -1,7 +1,10 @@
 """Logging setup for the entry points (nothing else configures logging).
 
 Records carry structured fields through ``extra=``; the text format appends
-them as ``key=value`` and the JSON format emits them as keys.
+them as ``key=value`` and the JSON format emits them as keys. Both formatters
+pass everything they emit (message, fields, traceback) through
+:func:`shared.redaction.scrub`: the last line of defence against a library
+error that quotes a password, a URL's credentials or a storage option.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+
+from shared.redaction import scrub, scrub_value
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -21,7 +26,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
-        return f"{base} {extra}" if extra else base
+        return scrub(f"{base} {extra}" if extra else base)
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,7 +40,12 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
+        if record.stack_info:
+            payload["stack"] = self.formatStack(record.stack_info)
+        # Scrub the values before encoding (JSON escapes would hide a secret from
+        # the text pass), and the encoded line again.
+        cleaned = {key: scrub_value(value) for key, value in payload.items()}
+        return scrub(json.dumps(cleaned, default=str))
 
 
 def configure_logging(level: str = "INFO", as_json: bool = False) -> None:

@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from shared.errors import ConfigError
+from shared.redaction import scrub
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ class MetricsServer:
                     self._reply(200, generate_latest(registry), "text/plain; version=0.0.4")
                 elif self.path.startswith("/healthz"):
                     healthy, reason = health()
-                    self._reply(200 if healthy else 503, reason.encode(), "text/plain")
+                    # A reason may quote an error, and an error a URL: never a secret.
+                    body = scrub(reason).encode()
+                    self._reply(200 if healthy else 503, body, "text/plain")
                 else:
                     self._reply(404, b"not found", "text/plain")
 

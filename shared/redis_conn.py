@@ -19,13 +19,21 @@ ever shown: the password never appears in output, logs or errors.
 
 from __future__ import annotations
 
+import os
+import select
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.retry as aioretry
+import redis.connection
+import redis.retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 CertReqs = Literal["none", "optional", "required"]
 _CERT_REQS: dict[str, ssl.VerifyMode] = {
@@ -35,6 +43,7 @@ _CERT_REQS: dict[str, ssl.VerifyMode] = {
 }
 _TLS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
 QUERY_OPTIONS = frozenset({"db", "ssl_cert_reqs", "ssl_check_hostname", *_TLS_FILE_OPTIONS})
+URL_SETTING = "POSLAKE_REDIS_URL"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -51,13 +60,46 @@ class TlsOptions:
     keyfile: str | None = None
 
     def context(self) -> ssl.SSLContext:
-        """An SSL context for a client connection, as redis-py builds it."""
-        context = ssl.create_default_context(cafile=self.ca_certs, capath=self.ca_path)
+        """An SSL context for a client connection, built as redis-py builds its own:
+        the system's CAs plus ``ca_certs``/``ca_path``, then the client certificate."""
+        context = ssl.create_default_context()
         context.check_hostname = self.check_hostname and self.cert_reqs != "none"
         context.verify_mode = _CERT_REQS[self.cert_reqs]
         if self.certfile is not None:
             context.load_cert_chain(self.certfile, self.keyfile)
+        if self.ca_certs is not None or self.ca_path is not None:
+            context.load_verify_locations(cafile=self.ca_certs, capath=self.ca_path)
         return context
+
+    def check(self) -> None:
+        """Read every file once (settings do, at start), so a missing or bad one stops the
+        program naming the option (``ValueError``) instead of failing every connection."""
+        files = (
+            ("ssl_ca_certs", self.ca_certs),
+            ("ssl_certfile", self.certfile),
+            ("ssl_keyfile", self.keyfile),
+        )
+        for option, path in files:
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{option}: no such file {path!r}")
+        if self.ca_path is not None and not os.path.isdir(self.ca_path):
+            raise ValueError(f"ssl_ca_path: no such folder {self.ca_path!r}")
+        context = ssl.create_default_context()
+        try:
+            if self.ca_certs is not None or self.ca_path is not None:
+                context.load_verify_locations(cafile=self.ca_certs, capath=self.ca_path)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"ssl_ca_certs: cannot be loaded ({_reason(exc)})") from None
+        try:
+            if self.certfile is not None:
+                context.load_cert_chain(self.certfile, self.keyfile)
+        except (ssl.SSLError, OSError) as exc:
+            reason = _reason(exc)
+            raise ValueError(f"ssl_certfile/ssl_keyfile: cannot be loaded ({reason})") from None
+
+
+def _reason(exc: OSError) -> str:
+    return str(getattr(exc, "reason", None) or exc.strerror or exc).lower().replace("_", " ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +185,7 @@ def _tls_options(query: dict[str, str]) -> TlsOptions:
     files = {name: query.get(name) or None for name in _TLS_FILE_OPTIONS}
     if files["ssl_keyfile"] and not files["ssl_certfile"]:
         raise ValueError("ssl_keyfile needs ssl_certfile")
-    return TlsOptions(
+    options = TlsOptions(
         ca_certs=files["ssl_ca_certs"],
         ca_path=files["ssl_ca_path"],
         cert_reqs=reqs,  # type: ignore[arg-type]
@@ -151,6 +193,48 @@ def _tls_options(query: dict[str, str]) -> TlsOptions:
         certfile=files["ssl_certfile"],
         keyfile=files["ssl_keyfile"],
     )
+    return options
+
+
+def tls_failure(exc: BaseException) -> str | None:
+    """Why a TLS set-up failed for good (a certificate not trusted, a client certificate
+    missing or refused, no TLS on the port), or ``None`` when ``exc`` is not such a
+    failure. An unexpected end of the stream (``SSLEOFError``) is not: a server killed
+    mid-connection ends it the same way."""
+    for link in _chain(exc):
+        if isinstance(link, ssl.SSLCertVerificationError):
+            return (
+                f"the server's certificate is not trusted ({link.verify_message}): check "
+                f"ssl_ca_certs or ssl_ca_path (the CA that signed it) and the host name in "
+                f"{URL_SETTING}"
+            )
+        if type(link) is ssl.SSLError:  # the subclasses are EOF, syscall, want-read...
+            reason = str(link.reason or "")
+            if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+                return (
+                    "the server asks for a client certificate (tls-auth-clients yes): set "
+                    f"ssl_certfile and ssl_keyfile in {URL_SETTING}"
+                )
+            if "ALERT" in reason:
+                return (
+                    f"the server refused our client certificate ({reason.lower()}): check "
+                    f"ssl_certfile and ssl_keyfile in {URL_SETTING} (signed by a CA the "
+                    "server trusts, not expired)"
+                )
+            if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"):
+                return f"the server does not speak TLS on this port: check {URL_SETTING}"
+            return f"TLS failed ({reason or link}): check the ssl_* options of {URL_SETTING}"
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what caused it (redis-py raises its own errors inside ``except``)."""
+    seen: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and len(seen) < 8 and link not in seen:
+        seen.append(link)
+        link = link.__cause__ or link.__context__
+    return seen
 
 
 def redacted_url(url: str) -> str:
@@ -194,13 +278,93 @@ def _client_options(target: RedisTarget) -> dict[str, Any]:
     return options
 
 
-def sync_client(target: RedisTarget | str, **options: Any) -> redis.Redis:
-    """A redis-py client for ``target``; ``options`` add timeouts and the like."""
+def _retryable(exc: Exception, also: Callable[[Exception], bool] | None) -> bool:
+    return tls_failure(exc) is None and (also is None or also(exc))
+
+
+class _Retry(redis.retry.Retry):
+    """redis-py's connection retry (same defaults), minus TLS set-ups that cannot succeed."""
+
+    def call_with_retry(
+        self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False
+    ) -> Any:
+        return super().call_with_retry(
+            do, fail, lambda exc: _retryable(exc, is_retryable), with_failure_count
+        )
+
+
+class _AsyncRetry(aioretry.Retry):
+    async def call_with_retry(
+        self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False
+    ) -> Any:
+        return await super().call_with_retry(
+            do, fail, lambda exc: _retryable(exc, is_retryable), with_failure_count
+        )
+
+
+def _backoff() -> ExponentialWithJitterBackoff:
+    return ExponentialWithJitterBackoff(base=0.01, cap=1)  # redis-py's default
+
+
+TLS_VERDICT_WAIT_S = 0.25
+
+
+def await_tls_verdict(sock: ssl.SSLSocket, timeout_s: float = TLS_VERDICT_WAIT_S) -> None:
+    """After a TLS 1.3 handshake, wait until the server accepts the connection (its session
+    tickets arrive) or refuses our certificate (its alert arrives, raised here).
+
+    In TLS 1.3 the server judges the client's certificate after the client's handshake
+    is done; a command written at once races the server's close, and the reset that
+    follows drops the alert: the failure would look like a lost connection. Waiting
+    for the verdict (a millisecond on a LAN) makes it the clear one. A server that
+    sends no tickets costs ``timeout_s`` per connection."""
+    if sock.version() != "TLSv1.3":
+        return  # TLS 1.2 judges the certificate inside the handshake
+    previous = sock.gettimeout()
+    deadline = time.monotonic() + timeout_s
+    sock.setblocking(False)
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([sock], [], [], left)[0]:
+                return
+            try:
+                sock.recv(1)  # Redis sends nothing before a command: only TLS records
+                return
+            except ssl.SSLWantReadError:
+                session = sock.session
+                if session is not None and session.has_ticket:
+                    return  # accepted
+    finally:
+        sock.settimeout(previous)
+
+
+class _TlsConnection(redis.connection.SSLConnection):
+    """redis-py's TLS connection, which hears a refused client certificate as such."""
+
+    def _connect(self) -> Any:
+        sock = super()._connect()  # type: ignore[no-untyped-call]
+        try:
+            await_tls_verdict(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+def sync_client(
+    target: RedisTarget | str, client_class: type[redis.Redis] = redis.Redis, **options: Any
+) -> redis.Redis:
+    """A redis-py client (of ``client_class``) for ``target``; ``options`` add timeouts."""
     target = target if isinstance(target, RedisTarget) else RedisTarget.parse(target)
-    return redis.Redis(**_client_options(target), **options)
+    options.setdefault("retry", _Retry(_backoff(), 10))
+    client = client_class(**_client_options(target), **options)
+    if target.tls is not None:
+        client.connection_pool.connection_class = _TlsConnection  # no connection made yet
+    return client
 
 
 def async_client(target: RedisTarget | str, **options: Any) -> aioredis.Redis:
     """An asyncio redis-py client for ``target``."""
     target = target if isinstance(target, RedisTarget) else RedisTarget.parse(target)
+    options.setdefault("retry", _AsyncRetry(_backoff(), 10))
     return aioredis.Redis(**_client_options(target), **options)

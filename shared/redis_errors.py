@@ -19,6 +19,9 @@ timeout
 ``WRONGTYPE`` on AUTH
 ``NOPERM``                      fatal       the ACL user lacks a command or key right
 ``ERR unknown command``         fatal       server too old, or the command renamed
+TLS: certificate not trusted,   fatal       the ``ssl_*`` URL options or the server's
+client certificate missing or               TLS set-up must change
+refused, no TLS on the port
 any other error reply           fatal       retrying the same command cannot help
 ==============================  ==========  =========================================
 
@@ -35,6 +38,7 @@ from typing import Literal
 import redis.exceptions as rex
 
 from shared.errors import RedisRefused
+from shared.redis_conn import tls_failure
 
 Kind = Literal["transient", "fatal"]
 
@@ -118,6 +122,8 @@ def kind_of(exc: BaseException) -> Kind | None:
     # Authentication failures are ConnectionError subclasses in redis-py: test first.
     if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):
         return "fatal"
+    if tls_failure(exc) is not None:  # a certificate not trusted, refused or missing
+        return "fatal"
     if isinstance(exc, rex.BusyLoadingError | rex.ReadOnlyError | rex.OutOfMemoryError):
         return "transient"
     if isinstance(exc, rex.NoPermissionError | rex.AuthenticationWrongNumberOfArgsError):
@@ -139,7 +145,17 @@ def is_transient(exc: BaseException) -> bool:
 
 def refusal(exc: BaseException, command: str | None = None, key: str | None = None) -> RedisRefused:
     """A one-line :class:`RedisRefused` for a fatal failure: cause, command, key, setting."""
+    tls = tls_failure(exc)
+    if tls is not None:
+        return RedisRefused(f"Redis TLS set-up failed: {tls}")
     text = _reply_text(exc)
+    if "EXEC without MULTI" in text:
+        # redis-py goes on after a refused MULTI: the transaction's commands ran one by
+        # one and only EXEC's reply is raised. The refusal is MULTI's (an ACL right).
+        return RedisRefused(
+            f"Redis refused to MULTI ({_one_line(text)}): grant +multi to the ACL user of "
+            f"{URL_SETTING} (README: Access control lists the rights of each role)"
+        )
     match = _PIPELINE_ERROR.match(text)
     if match:
         # What Redis says beats the caller's guess (a call may send several commands).
@@ -148,7 +164,10 @@ def refusal(exc: BaseException, command: str | None = None, key: str | None = No
         text = match.group("reply")
     denied = _DENIED_COMMAND.search(text)
     if denied:
-        command = denied.group("command")
+        named = denied.group("command").replace("|", " ")  # xinfo|groups: XINFO GROUPS
+        # Redis 6.2 names only the container ('xinfo'): keep the caller's subcommand.
+        if not command or not command.upper().startswith(named.upper()):
+            command = named
     code = text.split(" ", 1)[0] if text else ""
     unknown = _UNKNOWN_COMMAND.search(text)
     if unknown and not command:

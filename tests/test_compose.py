@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from typing import Any
 
 import yaml
 
+from shared.redis_conn import RedisTarget
 from shared.settings import ENV_PREFIX, Settings
 from tests.helpers import REPO_ROOT
 
@@ -74,3 +76,80 @@ def test_healthchecks_use_the_metrics_endpoint() -> None:
     assert "USER poslake" in dockerfile and "-slim" in dockerfile
     for folder in ("shared", "consumer", "producer", "poslake"):
         assert f"COPY {folder} ./{folder}" in dockerfile
+
+
+# --- passwords and TLS ------------------------------------------------------------
+
+_VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?::(?P<op>[-?])(?P<arg>[^}]*))?\}")
+
+
+def _env_example() -> dict[str, str]:
+    values = {}
+    for line in (REPO_ROOT / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?message}``."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match["name"], match["op"], match["arg"]
+        if env.get(name):
+            return env[name]
+        assert op != "?", f"{name} must be set: {arg}"
+        return arg if op == "-" else ""
+
+    return _VARIABLE.sub(one, text)
+
+
+def _poslake_services(data: dict[str, Any]) -> dict[str, Any]:
+    """The services of this image that talk to Redis (all but the gateway simulator)."""
+    return {
+        name: service
+        for name, service in data["services"].items()
+        if service.get("build") is not None and service["command"][2] != "producer.simulator"
+    }
+
+
+def test_redis_password_comes_from_the_env_file() -> None:
+    env = _env_example()
+    password = env["REDIS_PASSWORD"]
+    assert password, "REDIS_PASSWORD is set in .env.example"
+    text = (REPO_ROOT / "compose.yaml").read_text()
+    assert password not in text, "the password belongs in .env, not in compose.yaml"
+    assert ".env" in (REPO_ROOT / ".gitignore").read_text().split()
+    data = _compose()
+    redis_service = data["services"]["redis"]
+    command = redis_service["command"]
+    assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
+    assert redis_service["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD")
+    assert redis_service["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
+    for name, service in _poslake_services(data).items():
+        url = service["environment"]["POSLAKE_REDIS_URL"]
+        assert "${REDIS_PASSWORD" in url, name
+        target = RedisTarget.parse(_interpolate(url, env))
+        assert target.password == password and target.host == "redis", name
+        assert password not in target.redacted
+
+
+def test_tls_override_verifies_the_server_with_the_mounted_ca() -> None:
+    env = _env_example()
+    base = _compose()
+    tls: dict[str, Any] = yaml.safe_load((REPO_ROOT / "compose.tls.yaml").read_text())
+    redis_command = tls["services"]["redis"]["command"]
+    port = redis_command[redis_command.index("--tls-port") + 1]
+    assert redis_command[redis_command.index("--port") + 1] == "0"  # no plain TCP
+    for option in ("--appendonly", "--requirepass", "--tls-cert-file", "--tls-ca-cert-file"):
+        assert option in redis_command, option
+    assert "./tls:/tls:ro" in tls["services"]["redis"]["volumes"]
+    assert "--tls" in tls["services"]["redis"]["healthcheck"]["test"]
+    for name in _poslake_services(base):
+        service = tls["services"][name]
+        assert "./tls:/tls:ro" in service["volumes"], name
+        target = RedisTarget.parse(_interpolate(service["environment"]["POSLAKE_REDIS_URL"], env))
+        assert target.tls is not None and target.port == int(port), name
+        assert target.tls.ca_certs == "/tls/ca.pem" and target.tls.cert_reqs == "required"
+        assert target.password == env["REDIS_PASSWORD"]

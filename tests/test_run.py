@@ -58,8 +58,8 @@ def test_run_says_which_part_failed(tmp_path: Path) -> None:
         env=_env(POSLAKE_REDIS_URL="redis://127.0.0.1:1/0"),  # nothing listens on port 1
         cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert result.returncode == 3
-    assert "redis: cannot reach POSLAKE_REDIS_URL" in result.stderr
+    assert result.returncode == 4  # ExitCode.UNREACHABLE, as for every command
+    assert "redis: cannot reach Redis at redis://127.0.0.1:1/0" in result.stderr
 
 
 def test_run_says_when_ib_is_unreachable(tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_run_says_when_ib_is_unreachable(tmp_path: Path) -> None:
         env=_env(POSLAKE_IB_HOST="127.0.0.1", POSLAKE_IB_PORT="1"),
         cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert result.returncode == 3
+    assert result.returncode == 4
     assert "ib: cannot reach POSLAKE_IB_HOST=127.0.0.1 port 1" in result.stderr
 
 
