@@ -174,6 +174,7 @@ class Consumer:
             if self._stopping:
                 return ExitCode.OK
             self._redis(self.group.ensure_group, "XGROUP", s.stream)
+            self._redis(self.settler.check_transactions, "MULTI")
             sink = self._open_sink()
         except StreamUnavailable:
             return ExitCode.OK  # stopped during start-up: nothing in hand

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -76,6 +77,22 @@ class Settler:
         self._group = group
         self._consumer = consumer
         self.dlq_stream = f"{stream}:dlq"
+
+    def check_transactions(self) -> None:
+        """An empty MULTI/EXEC on one connection: raises if either is refused.
+
+        Checked at start because a refused MULTI does not stop a pipeline: Redis
+        runs the commands queued after it one by one, so a settlement would no
+        longer be atomic (redis-py reports only the EXEC without MULTI).
+        """
+        probe: Any = redis.Redis(
+            connection_pool=self._client.connection_pool, single_connection_client=True
+        )
+        try:
+            probe.execute_command("MULTI")
+            probe.execute_command("EXEC")
+        finally:
+            probe.close()
 
     def settle(self, entry_ids: Sequence[bytes], dead: Sequence[DeadLetter]) -> None:
         """Dead-letter ``dead`` and acknowledge every ID in ``entry_ids`` atomically.

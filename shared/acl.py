@@ -108,7 +108,11 @@ _CONSUMER = (
     _right("xautoclaim", "claim entries other consumers left pending"),
     _right("xpending", "delivery counts, and the group's pending count for --drain"),
     _right("xrange", "is anything left after the group's position (--drain)"),
-    _right("multi", "settle a batch atomically: dead letters and acknowledgements"),
+    _right(
+        "multi",
+        "settle a batch atomically (checked at start: without it Redis would run "
+        "the queued commands one by one)",
+    ),
     _right("exec", "settle a batch atomically: dead letters and acknowledgements"),
     _right("xack", "acknowledge a committed batch"),
     _right("xadd", "write a dead letter to <stream>:dlq", rare="an entry is dead-lettered"),
