@@ -21,10 +21,10 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
+from shared.redis_conn import check_transactions
 from shared.wire import EntryFields
 
 log = logging.getLogger(__name__)
@@ -79,20 +79,8 @@ class Settler:
         self.dlq_stream = f"{stream}:dlq"
 
     def check_transactions(self) -> None:
-        """An empty MULTI/EXEC on one connection: raises if either is refused.
-
-        Checked at start because a refused MULTI does not stop a pipeline: Redis
-        runs the commands queued after it one by one, so a settlement would no
-        longer be atomic (redis-py reports only the EXEC without MULTI).
-        """
-        probe: Any = redis.Redis(
-            connection_pool=self._client.connection_pool, single_connection_client=True
-        )
-        try:
-            probe.execute_command("MULTI")
-            probe.execute_command("EXEC")
-        finally:
-            probe.close()
+        """Raise if Redis refuses MULTI or EXEC (see shared/redis_conn.py)."""
+        check_transactions(self._client)
 
     def settle(self, entry_ids: Sequence[bytes], dead: Sequence[DeadLetter]) -> None:
         """Dead-letter ``dead`` and acknowledge every ID in ``entry_ids`` atomically.

@@ -22,6 +22,7 @@ import redis
 from consumer.settle import DLQ_PREFIX, TRUNCATED_FIELD
 from poslake.command import CommandError, ExitCode, confirm, redis_client
 from shared.redaction import scrub
+from shared.redis_conn import check_transactions
 from shared.settings import Settings
 
 
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return ExitCode.OK
         verb = "Requeue" if args.action == "requeue" else "Delete"
         confirm(f"{verb} {len(entries)} dead letters of {dlq}?", args.yes)
+        check_transactions(client)  # all or nothing, never a half-done requeue
         pipe = client.pipeline(transaction=True)
         for entry_id, fields in entries:
             if args.action == "requeue":

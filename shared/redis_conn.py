@@ -368,3 +368,18 @@ def async_client(target: RedisTarget | str, **options: Any) -> aioredis.Redis:
     target = target if isinstance(target, RedisTarget) else RedisTarget.parse(target)
     options.setdefault("retry", _AsyncRetry(_backoff(), 10))
     return aioredis.Redis(**_client_options(target), **options)
+
+
+def check_transactions(client: redis.Redis) -> None:
+    """An empty MULTI/EXEC on one connection: raises if either is refused.
+
+    Check before relying on a transaction: a refused MULTI does not stop a
+    pipeline, Redis runs the commands queued after it one by one, so the
+    transaction would not be atomic (redis-py reports only the EXEC without MULTI).
+    """
+    probe: Any = redis.Redis(connection_pool=client.connection_pool, single_connection_client=True)
+    try:
+        probe.execute_command("MULTI")
+        probe.execute_command("EXEC")
+    finally:
+        probe.close()
