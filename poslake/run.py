@@ -40,6 +40,7 @@ from shared.redaction import scrub
 from shared.redis_conn import sync_client
 from shared.redis_server import RedisServer, find_redis_server
 from shared.settings import Settings, load_settings_or_report
+from shared.stopping import spawn_holding_stops
 
 SIMULATED_ACCOUNTS = "DU100001,DU100002,DU100003"
 
@@ -124,7 +125,8 @@ def _spawn(
 ) -> Part:
     log = logs / f"{name}.log"
     with log.open("ab") as out:
-        process = subprocess.Popen(
+        # Stops held until the part's handler is in (shared/stopping.py).
+        process = spawn_holding_stops(
             [sys.executable, "-m", *module],
             env=env,
             stdout=stdout or out,

@@ -35,6 +35,7 @@ from producer import tws_protocol as tws
 from producer.sim_portfolio import EventKind, Holding, PortfolioEvent, SyntheticPortfolio
 from producer.sim_session import ClientSession, SentUpdate, prerender
 from shared.logs import configure_logging
+from shared.stopping import release_held_stops
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    release_held_stops()  # a stop sent while it started is delivered now
     port = await simulator.start()
     print(f"gateway simulator listening on {config.host}:{port}", flush=True)
     written = 0

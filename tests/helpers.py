@@ -20,6 +20,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from shared.model import PositionUpdate
 from shared.publisher import StreamPublisher
+from shared.stopping import spawn_holding_stops
 from shared.table import updates_to_arrow
 from shared.wire import decode_entry
 
@@ -110,7 +111,7 @@ def start_consumer(
 ) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "consumer"] + (["--drain"] if drain else [])
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
-    return subprocess.Popen(args, env=env, cwd=REPO_ROOT, stdout=out, stderr=out)
+    return spawn_holding_stops(args, env=env, cwd=REPO_ROOT, stdout=out, stderr=out)
 
 
 def run_consumer(env: dict[str, str], *, timeout: float = 120, log: Path | None = None) -> int:

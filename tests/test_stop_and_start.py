@@ -48,7 +48,7 @@ def _log_has(path: Path, text: str) -> bool:
     return path.exists() and text in path.read_text(errors="replace")
 
 
-@pytest.mark.parametrize("delay_s", [0.2, 0.45, 0.9])
+@pytest.mark.parametrize("delay_s", [0.0, 0.02, 0.2, 0.45, 0.9])
 def test_consumer_sigterm_during_start_up_is_exit_0(
     redis_url: str, lake: Path, stream: str, tmp_path: Path, delay_s: float
 ) -> None:
