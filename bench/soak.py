@@ -24,6 +24,7 @@ about 2 s: far more opens and closes than PnL-single requests the budget allows.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             f"after warm-up"
         )
         keys = [g.get("poslake_consumer_dedup_index_keys", 0.0) for g in window]
-        raised = any(b < a for a, b in zip(keys, keys[1:], strict=False))
+        raised = any(b < a for a, b in itertools.pairwise(keys))
         bound = int(extra.get("POSLAKE_DEDUP_INDEX_MAX_KEYS", DEFAULT_INDEX_MAX_KEYS))
         print(
             f"  consumer dedup index after warm-up: {keys[0]:.0f} -> {keys[-1]:.0f} keys "
