@@ -47,7 +47,10 @@ LAST_WINDOW_S = 240.0
 ACCOUNTS = "DU100001,DU100002,DU100003"
 PORTFOLIO_ACCOUNT = "DU100001"  # the first: IB's portfolio stream, no PnL-single
 _METRIC = re.compile(r"^(poslake_\w+) ([0-9.eE+-]+)$", re.MULTILINE)
-INDEX_KEY_BYTES = 8  # consumer/dedup.py: one int64 a key
+# Measured cost in the index (consumer/dedup.py): an int64 a key with its arrays'
+# headroom, and a dict entry and array per contract (account, conid).
+INDEX_KEY_BYTES = 15
+INDEX_CONTRACT_BYTES = 200
 
 
 @dataclass
@@ -258,15 +261,23 @@ def main(argv: list[str] | None = None) -> int:
             f"  producer published {(published[-1] - published[0]) / span:.0f} updates/s "
             f"after warm-up"
         )
+        # The index's share of the consumer's growth: measured per item (consumer/dedup.py).
+        last = [g for t, g in gauges if t >= gauges[-1][0] - LAST_WINDOW_S and g]
+
+        def index_mb(g: dict[str, float]) -> float:
+            keys = g.get("poslake_consumer_dedup_index_keys", 0.0)
+            contracts = g.get("poslake_consumer_dedup_index_contracts", 0.0)
+            return (keys * INDEX_KEY_BYTES + contracts * INDEX_CONTRACT_BYTES) / 1e6
+
         keys = [g.get("poslake_consumer_dedup_index_keys", 0.0) for g in window]
         raised = any(b < a for a, b in itertools.pairwise(keys))
         bound = int(extra.get("POSLAKE_DEDUP_INDEX_MAX_KEYS", DEFAULT_INDEX_MAX_KEYS))
         print(
-            f"  consumer dedup index after warm-up: {keys[0]:.0f} -> {keys[-1]:.0f} keys "
-            f"(bound {bound}; ~{(keys[-1] - keys[0]) * INDEX_KEY_BYTES / 1e6:+.1f} MB of the "
-            f"consumer's RSS by design; "
-            f"{'horizon raised' if raised else 'still filling, horizon not raised'} "
-            f"in the window)"
+            f"  consumer dedup index after warm-up: {keys[0]:.0f} -> {keys[-1]:.0f} keys, "
+            f"{last[-1].get('poslake_consumer_dedup_index_contracts', 0):.0f} contracts "
+            f"(bound {bound} keys, {'horizon raised' if raised else 'still filling'}); "
+            f"~{index_mb(last[-1]) - index_mb(last[0]):+.1f} MB over the last "
+            f"{LAST_WINDOW_S:.0f}s, by design while it fills"
         )
     met = all(results[:2])
     print(f"  producer and consumer flat: {'MET' if met else 'NOT MET'}")

@@ -84,6 +84,11 @@ class CommittedKeyIndex:
     def __len__(self) -> int:
         return self._size
 
+    @property
+    def contracts(self) -> int:
+        """Contracts holding keys: each costs ~200 bytes besides its keys' ~8-16."""
+        return len(self._stamps)
+
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, tuple) or len(key) != 3:
             return False
