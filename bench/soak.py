@@ -36,8 +36,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+from deltalake import DeltaTable
+
 from bench.common import consumer_env, log, private_redis, rss_kb, start_module, work_dir
 from producer import tws_protocol as tws
+from producer.sim_portfolio import SyntheticPortfolio
 from shared.redis_server import free_port
 from shared.settings import Settings
 
@@ -88,6 +92,18 @@ def scrape(port: int) -> dict[str, float]:
     except OSError:
         return {}
     return {name: float(value) for name, value in _METRIC.findall(text)}
+
+
+def table_rows(uri: Path) -> int:
+    """Rows of a Delta table, from its file statistics."""
+    actions = pa.table(DeltaTable(str(uri)).get_add_actions(flatten=True))
+    return int(sum(actions.column("num_records").to_pylist())) if actions.num_rows else 0
+
+
+def universe() -> int:
+    """(account, contract) pairs the simulator can open positions in."""
+    accounts = ACCOUNTS.split(",")
+    return len(accounts) * len(SyntheticPortfolio(accounts, 1).instruments)
 
 
 def producer_env(
@@ -222,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         sim.send_signal(signal.SIGTERM)
         sim.wait(30)
         received = json.loads(stats_path.read_text()).get("received", {})
+        current_rows = table_rows(folder / "lake" / "positions_current")
         with (folder / "rss.csv").open("w") as table:  # kept with --keep
             table.write("process,seconds,rss_kb\n")
             for one in series:
@@ -279,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
             f"~{index_mb(last[-1]) - index_mb(last[0]):+.1f} MB over the last "
             f"{LAST_WINDOW_S:.0f}s, by design while it fills"
         )
+    # One row per contract ever held: every merge rewrites the files holding the
+    # batch's contracts (all of them, at this rate), so its working set grows with it.
+    print(
+        f"  positions_current at the end: {current_rows} rows (one per contract ever held; "
+        f"the simulator's universe is {universe()} contracts)"
+    )
     met = all(results[:2])
     print(f"  producer and consumer flat: {'MET' if met else 'NOT MET'}")
     return 0
