@@ -34,16 +34,19 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
 from deltalake import DeltaTable
 
 from bench.common import consumer_env, log, private_redis, rss_kb, start_module, work_dir
+from consumer.current import CurrentPositions
 from producer import tws_protocol as tws
 from producer.sim_portfolio import SyntheticPortfolio
 from shared.redis_server import free_port
-from shared.settings import Settings
+from shared.settings import Settings, load_settings
+from shared.table import POSITION_UPDATES_SCHEMA
 
 DEFAULT_INDEX_MAX_KEYS = Settings.model_fields["dedup_index_max_keys"].default
 GOAL_GROWTH_KB = 2_000  # over the last 4 minutes, per process
@@ -106,6 +109,46 @@ def universe() -> int:
     return len(accounts) * len(SyntheticPortfolio(accounts, 1).instruments)
 
 
+def seed_current(lake: Path) -> int:
+    """Give ``positions_current`` a row (closed, a day old) for every contract of the
+    universe, as a consumer that has run for long has: its merges then work on a
+    table at full size from the start, not on one growing by each new contract."""
+    accounts = ACCOUNTS.split(",")
+    instruments = SyntheticPortfolio(accounts, 1).instruments
+    pairs = [(a, i) for a in accounts for i in instruments]
+    when = datetime.now(UTC) - timedelta(days=1)
+    n = len(pairs)
+
+    def expiry(text: str) -> object:
+        return datetime.strptime(text, "%Y%m%d").date() if text else None
+
+    rows = pa.table(
+        {
+            "account": [a for a, _ in pairs],
+            "conid": [i.conid for _, i in pairs],
+            "symbol": [i.symbol for _, i in pairs],
+            "sec_type": [i.sec_type for _, i in pairs],
+            "right": [i.right or None for _, i in pairs],
+            "strike": [i.strike if i.sec_type == "OPT" else None for _, i in pairs],
+            "expiry": [expiry(i.expiry) for _, i in pairs],
+            "multiplier": [float(i.multiplier) for _, i in pairs],
+            "currency": [i.currency for _, i in pairs],
+            "position": [0.0] * n,
+            "market_price": [1.0] * n,
+            "market_value": [0.0] * n,
+            "average_cost": [1.0] * n,
+            "unrealized_pnl": [0.0] * n,
+            "realized_pnl": [0.0] * n,
+            "timestamp": [when] * n,
+            "date": [when.date()] * n,
+            "stream_id": ["0-0"] * n,
+        },
+        schema=POSITION_UPDATES_SCHEMA,
+    )
+    CurrentPositions(load_settings(lake_uri=str(lake))).merge(rows)
+    return n
+
+
 def producer_env(
     base: dict[str, str], port: int, folder: Path, metrics_port: int, **extra: str
 ) -> dict[str, str]:
@@ -164,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="extra environment of the consumer (repeatable), e.g. MALLOC_ARENA_MAX=2",
     )
+    parser.add_argument(
+        "--seed-current",
+        action="store_true",
+        help="start positions_current with a row for every contract (its steady-state size)",
+    )
     parser.add_argument("--quick", action="store_true", help="90 s run, 30 s warm-up")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs)")
     args = parser.parse_args(argv)
@@ -182,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         assert sim.stdout is not None
         port = int(sim.stdout.readline().rsplit(":", 1)[1])
         base = consumer_env(server.url, folder / "lake", "soak", "positions")
+        if args.seed_current:
+            log(f"positions_current seeded with {seed_current(folder / 'lake')} rows")
         metrics_port, consumer_port = free_port(), free_port()
         extra = dict(item.split("=", 1) for item in args.consumer_env)
         consumer = start_module(
