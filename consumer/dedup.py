@@ -191,15 +191,25 @@ class CommittedKeyIndex:
         """The ``rank``-th newest stamp (1 = the newest), by a binary search over
         time counting each contract's sorted stamps: no copy of the keys. Copying
         and sorting them took ~3x the index's own memory at each raise, a peak the
-        allocators kept as resident memory."""
-        low = min(s[0] for s in self._stamps.values())  # count_from(low) >= rank
-        high = max(s[-1] for s in self._stamps.values()) + 1
-        while high - low > 1:  # invariant: count_from(low) >= rank > count_from(high)
+        allocators kept as resident memory. A contract whose stamps all fall on one
+        side of the narrowing window is counted once and dropped from the search."""
+        live = list(self._stamps.values())
+        low = min(s[0] for s in live)  # invariant: count_from(low) >= rank
+        high = max(s[-1] for s in live) + 1  # and count_from(high) < rank
+        above = 0  # keys of the dropped contracts lying wholly at or after ``high``
+        while high - low > 1:
             middle = (low + high) // 2
-            if self._count_from(middle) >= rank:
+            if above + sum(len(s) - bisect_left(s, middle) for s in live) >= rank:
                 low = middle
             else:
                 high = middle
+            straddling = []
+            for stamps in live:
+                if stamps[0] >= high:
+                    above += len(stamps)
+                elif stamps[-1] >= low:
+                    straddling.append(stamps)
+            live = straddling
         return low
 
     def sync(self, table: DeltaTable, own_commit_ids: set[str]) -> int:
