@@ -338,13 +338,14 @@ def main(argv: list[str] | None = None) -> int:
 
         keys = [g.get("poslake_consumer_dedup_index_keys", 0.0) for g in window]
         raised = any(b < a for a, b in itertools.pairwise(keys))
+        state = "at its bound: horizon raised" if raised else "still filling, by design"
         bound = int(extra.get("POSLAKE_DEDUP_INDEX_MAX_KEYS", DEFAULT_INDEX_MAX_KEYS))
         print(
             f"  consumer dedup index after warm-up: {keys[0]:.0f} -> {keys[-1]:.0f} keys, "
             f"{last[-1].get('poslake_consumer_dedup_index_contracts', 0):.0f} contracts "
-            f"(bound {bound} keys, {'horizon raised' if raised else 'still filling'}); "
+            f"(bound {bound} keys, {state}); "
             f"~{index_mb(last[-1]) - index_mb(last[0]):+.1f} MB over the last "
-            f"{LAST_WINDOW_S:.0f}s, by design while it fills"
+            f"{LAST_WINDOW_S:.0f}s"
         )
     # One row per contract ever held: every merge rewrites the files holding the
     # batch's contracts (all of them, at this rate), so its working set grows with it.
