@@ -24,6 +24,7 @@ about 2 s: far more opens and closes than PnL-single requests the budget allows.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -33,17 +34,30 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bench.common import consumer_env, log, private_redis, rss_kb, start_module, work_dir
-from producer import tws_protocol as tws
-from shared.redis_server import free_port
+import pyarrow as pa
+from deltalake import DeltaTable
 
+from bench.common import consumer_env, log, private_redis, rss_kb, start_module, work_dir
+from consumer.current import CurrentPositions
+from producer import tws_protocol as tws
+from producer.sim_portfolio import SyntheticPortfolio
+from shared.redis_server import free_port
+from shared.settings import Settings, load_settings
+from shared.table import POSITION_UPDATES_SCHEMA
+
+DEFAULT_INDEX_MAX_KEYS = Settings.model_fields["dedup_index_max_keys"].default
 GOAL_GROWTH_KB = 2_000  # over the last 4 minutes, per process
 LAST_WINDOW_S = 240.0
 ACCOUNTS = "DU100001,DU100002,DU100003"
 PORTFOLIO_ACCOUNT = "DU100001"  # the first: IB's portfolio stream, no PnL-single
-_METRIC = re.compile(r"^(poslake_producer_\w+) ([0-9.eE+-]+)$", re.MULTILINE)
+_METRIC = re.compile(r"^(poslake_\w+) ([0-9.eE+-]+)$", re.MULTILINE)
+# Measured cost in the index (consumer/dedup.py): an int64 a key with its arrays'
+# headroom, and a dict entry and array per contract (account, conid).
+INDEX_KEY_BYTES = 15
+INDEX_CONTRACT_BYTES = 200
 
 
 @dataclass
@@ -83,6 +97,58 @@ def scrape(port: int) -> dict[str, float]:
     return {name: float(value) for name, value in _METRIC.findall(text)}
 
 
+def table_rows(uri: Path) -> int:
+    """Rows of a Delta table, from its file statistics."""
+    actions = pa.table(DeltaTable(str(uri)).get_add_actions(flatten=True))
+    return int(sum(actions.column("num_records").to_pylist())) if actions.num_rows else 0
+
+
+def universe() -> int:
+    """(account, contract) pairs the simulator can open positions in."""
+    accounts = ACCOUNTS.split(",")
+    return len(accounts) * len(SyntheticPortfolio(accounts, 1).instruments)
+
+
+def seed_current(lake: Path) -> int:
+    """Give ``positions_current`` a row (closed, a day old) for every contract of the
+    universe, as a consumer that has run for long has: its merges then work on a
+    table at full size from the start, not on one growing by each new contract."""
+    accounts = ACCOUNTS.split(",")
+    instruments = SyntheticPortfolio(accounts, 1).instruments
+    pairs = [(a, i) for a in accounts for i in instruments]
+    when = datetime.now(UTC) - timedelta(days=1)
+    n = len(pairs)
+
+    def expiry(text: str) -> object:
+        return datetime.strptime(text, "%Y%m%d").date() if text else None
+
+    rows = pa.table(
+        {
+            "account": [a for a, _ in pairs],
+            "conid": [i.conid for _, i in pairs],
+            "symbol": [i.symbol for _, i in pairs],
+            "sec_type": [i.sec_type for _, i in pairs],
+            "right": [i.right or None for _, i in pairs],
+            "strike": [i.strike if i.sec_type == "OPT" else None for _, i in pairs],
+            "expiry": [expiry(i.expiry) for _, i in pairs],
+            "multiplier": [float(i.multiplier) for _, i in pairs],
+            "currency": [i.currency for _, i in pairs],
+            "position": [0.0] * n,
+            "market_price": [1.0] * n,
+            "market_value": [0.0] * n,
+            "average_cost": [1.0] * n,
+            "unrealized_pnl": [0.0] * n,
+            "realized_pnl": [0.0] * n,
+            "timestamp": [when] * n,
+            "date": [when.date()] * n,
+            "stream_id": ["0-0"] * n,
+        },
+        schema=POSITION_UPDATES_SCHEMA,
+    )
+    CurrentPositions(load_settings(lake_uri=str(lake))).merge(rows)
+    return n
+
+
 def producer_env(
     base: dict[str, str], port: int, folder: Path, metrics_port: int, **extra: str
 ) -> dict[str, str]:
@@ -107,12 +173,17 @@ def report(series: Series, warmup: float, goal: bool) -> bool:
     start_t, start_kb = window[0]
     last_from = max(start_t, end_t - LAST_WINDOW_S)
     last_t, last_kb = at_or_after(window, last_from)
-    growth = end_kb - last_kb
+    # RSS swings by tens of MB with batches and compaction, so two single samples
+    # say little: the growth judged is the least-squares trend over the last 4
+    # minutes (its slope times the span); the sample-to-sample difference is shown too.
+    last = [p for p in window if p[0] >= last_t]
+    growth = slope_kb_s(last) * (end_t - last_t)
     met = growth < GOAL_GROWTH_KB
     verdict = f"goal < {GOAL_GROWTH_KB / 1000:g} MB: {'MET' if met else 'NOT MET'}" if goal else ""
     print(
         f"  {series.name:<18} start {start_kb / 1024:7.1f} MB  end {end_kb / 1024:7.1f} MB  "
-        f"growth over last {end_t - last_t:.0f}s {growth / 1024:+6.2f} MB  "
+        f"growth over last {end_t - last_t:.0f}s {growth / 1024:+6.2f} MB (trend; samples "
+        f"{(end_kb - last_kb) / 1024:+.2f})  "
         f"slope {slope_kb_s(window):+7.2f} kB/s  peak {max(v for _, v in window) / 1024:.1f} MB"
         f"  {verdict}"
     )
@@ -136,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="extra environment of the consumer (repeatable), e.g. MALLOC_ARENA_MAX=2",
     )
+    parser.add_argument(
+        "--seed-current",
+        action="store_true",
+        help="start positions_current with a row for every contract (its steady-state size)",
+    )
     parser.add_argument("--quick", action="store_true", help="90 s run, 30 s warm-up")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs)")
     args = parser.parse_args(argv)
@@ -154,9 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         assert sim.stdout is not None
         port = int(sim.stdout.readline().rsplit(":", 1)[1])
         base = consumer_env(server.url, folder / "lake", "soak", "positions")
-        metrics_port = free_port()
+        if args.seed_current:
+            log(f"positions_current seeded with {seed_current(folder / 'lake')} rows")
+        metrics_port, consumer_port = free_port(), free_port()
         extra = dict(item.split("=", 1) for item in args.consumer_env)
-        consumer = start_module(["consumer"], {**base, **extra}, folder / "consumer.log")
+        consumer = start_module(
+            ["consumer"],
+            {**base, "POSLAKE_METRICS_PORT": str(consumer_port), **extra},
+            folder / "consumer.log",
+        )
         producer = start_module(
             ["producer"],
             producer_env(base, port, folder / "spool", metrics_port),
@@ -188,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         while (now := time.monotonic() - started) < duration:
             for one in series:
                 one.sample(now)
-            gauges.append((now, scrape(metrics_port)))
+            gauges.append((now, scrape(metrics_port) | scrape(consumer_port)))
             for name, process in processes:
                 if process.poll() is not None:
                     raise SystemExit(f"{name} exited early ({process.returncode}): see --keep")
@@ -206,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         sim.send_signal(signal.SIGTERM)
         sim.wait(30)
         received = json.loads(stats_path.read_text()).get("received", {})
+        current_rows = table_rows(folder / "lake" / "positions_current")
         with (folder / "rss.csv").open("w") as table:  # kept with --keep
             table.write("process,seconds,rss_kb\n")
             for one in series:
@@ -245,6 +328,31 @@ def main(argv: list[str] | None = None) -> int:
             f"  producer published {(published[-1] - published[0]) / span:.0f} updates/s "
             f"after warm-up"
         )
+        # The index's share of the consumer's growth: measured per item (consumer/dedup.py).
+        last = [g for t, g in gauges if t >= gauges[-1][0] - LAST_WINDOW_S and g]
+
+        def index_mb(g: dict[str, float]) -> float:
+            keys = g.get("poslake_consumer_dedup_index_keys", 0.0)
+            contracts = g.get("poslake_consumer_dedup_index_contracts", 0.0)
+            return (keys * INDEX_KEY_BYTES + contracts * INDEX_CONTRACT_BYTES) / 1e6
+
+        keys = [g.get("poslake_consumer_dedup_index_keys", 0.0) for g in window]
+        raised = any(b < a for a, b in itertools.pairwise(keys))
+        state = "at its bound: horizon raised" if raised else "still filling, by design"
+        bound = int(extra.get("POSLAKE_DEDUP_INDEX_MAX_KEYS", DEFAULT_INDEX_MAX_KEYS))
+        print(
+            f"  consumer dedup index after warm-up: {keys[0]:.0f} -> {keys[-1]:.0f} keys, "
+            f"{last[-1].get('poslake_consumer_dedup_index_contracts', 0):.0f} contracts "
+            f"(bound {bound} keys, {state}); "
+            f"~{index_mb(last[-1]) - index_mb(last[0]):+.1f} MB over the last "
+            f"{LAST_WINDOW_S:.0f}s"
+        )
+    # One row per contract ever held: every merge rewrites the files holding the
+    # batch's contracts (all of them, at this rate), so its working set grows with it.
+    print(
+        f"  positions_current at the end: {current_rows} rows (one per contract ever held; "
+        f"the simulator's universe is {universe()} contracts)"
+    )
     met = all(results[:2])
     print(f"  producer and consumer flat: {'MET' if met else 'NOT MET'}")
     return 0

@@ -65,8 +65,9 @@ class CommittedKeyIndex:
     """Keys committed at or after :attr:`horizon_us`, as of table :attr:`version`.
 
     Per contract (account, conid), the committed timestamps in ascending order,
-    as an ``array('q')`` of 8 bytes a key: millions of keys fit in a few tens of
-    MB, where a set of key objects would take ~90 bytes a key. A key newer than
+    as an ``array('q')`` of 8 bytes a key (~15 with the arrays' headroom, plus
+    ~200 a contract, measured): millions of keys fit in a few tens of MB, where a
+    set of key objects would take ~90 bytes a key. A key newer than
     its contract's last stamp (the common case: a new observation) is answered
     by one comparison; an older one (a replay) by a binary search.
     """
@@ -83,6 +84,11 @@ class CommittedKeyIndex:
 
     def __len__(self) -> int:
         return self._size
+
+    @property
+    def contracts(self) -> int:
+        """Contracts holding keys: each costs ~200 bytes besides its keys' ~8-16."""
+        return len(self._stamps)
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, tuple) or len(key) != 3:
@@ -156,16 +162,10 @@ class CommittedKeyIndex:
         # Keep the newest half of the bound: one pass per raise keeps the cost
         # amortised O(1) a key. The horizon only ever moves forward, and every key
         # at or after it stays: below it, the table answers.
-        every = array("q")
-        for stamps in self._stamps.values():
-            every.extend(stamps)
-        values = pa.Array.from_buffers(pa.int64(), len(every), [None, pa.py_buffer(every)])
         keep = self._max_keys // 2
-        order = pc.array_sort_indices(values, order="descending")
-        pivot = int(values[order[keep].as_py()].as_py())  # the (keep+1)-th newest stamp
-        if int(pc.sum(pc.greater_equal(values, pivot)).as_py()) > self._max_keys:
+        pivot = self._newest_stamp(keep + 1)  # the (keep+1)-th newest stamp
+        if self._count_from(pivot) > self._max_keys:
             pivot += 1  # one stamp held by very many keys: keep only the newer ones
-        del values, every, order
         self.horizon_us = max(self.horizon_us, pivot)
         horizon, size = self.horizon_us, 0
         for contract in list(self._stamps):
@@ -182,6 +182,35 @@ class CommittedKeyIndex:
             "dedup index horizon raised",
             extra={"horizon_us": self.horizon_us, "keys": self._size},
         )
+
+    def _count_from(self, micros: int) -> int:
+        """How many keys are at or after ``micros``."""
+        return sum(len(s) - bisect_left(s, micros) for s in self._stamps.values())
+
+    def _newest_stamp(self, rank: int) -> int:
+        """The ``rank``-th newest stamp (1 = the newest), by a binary search over
+        time counting each contract's sorted stamps: no copy of the keys. Copying
+        and sorting them took ~3x the index's own memory at each raise, a peak the
+        allocators kept as resident memory. A contract whose stamps all fall on one
+        side of the narrowing window is counted once and dropped from the search."""
+        live = list(self._stamps.values())
+        low = min(s[0] for s in live)  # invariant: count_from(low) >= rank
+        high = max(s[-1] for s in live) + 1  # and count_from(high) < rank
+        above = 0  # keys of the dropped contracts lying wholly at or after ``high``
+        while high - low > 1:
+            middle = (low + high) // 2
+            if above + sum(len(s) - bisect_left(s, middle) for s in live) >= rank:
+                low = middle
+            else:
+                high = middle
+            straddling = []
+            for stamps in live:
+                if stamps[0] >= high:
+                    above += len(stamps)
+                elif stamps[-1] >= low:
+                    straddling.append(stamps)
+            live = straddling
+        return low
 
     def sync(self, table: DeltaTable, own_commit_ids: set[str]) -> int:
         """Learn what other writers committed since :attr:`version`; returns rows read.

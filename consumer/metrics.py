@@ -36,6 +36,9 @@ GAUGES = {
     "group_pending": "entries the whole group holds unacknowledged",
     "seconds_since_progress": "seconds since the consume loop last went round",
     "redis_ok": "1 while no Redis call is failing, 0 while one is retried",
+    # Its memory is ~8 bytes a key, growing by design up to POSLAKE_DEDUP_INDEX_MAX_KEYS.
+    "dedup_index_keys": "keys held by the in-memory dedup index",
+    "dedup_index_contracts": "contracts (account, conid) the dedup index holds keys of",
 }
 
 
@@ -86,6 +89,9 @@ class ConsumerMetrics:
         }
         values["seconds_since_progress"] = time.monotonic() - self.consumer.heartbeat
         values["redis_ok"] = 1.0 if self.consumer.redis_health.ok else 0.0
+        sink = self.consumer.sink
+        values["dedup_index_keys"] = len(sink.index) if sink else 0
+        values["dedup_index_contracts"] = sink.index.contracts if sink else 0
         maintainer = self.consumer.maintainer
         values["maintenance_lease_errors"] = maintainer.lease_errors if maintainer else 0
         settings = self.consumer.settings

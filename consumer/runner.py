@@ -112,6 +112,7 @@ class Consumer:
         self._stats_lock = threading.Lock()
         self._batches_in_hand = 0  # numbers batches for the crash points
         self.current: CurrentPositions | None = None  # opened with the sink in run()
+        self.sink: DeltaSink | None = None  # kept for metrics (its dedup index's size)
         # For metrics and health (consumer/metrics.py): batch observer, loop heartbeat.
         self.on_batch: Callable[[int, float], None] | None = None
         self.heartbeat = time.monotonic()
@@ -472,6 +473,7 @@ class Consumer:
             try:
                 sink = DeltaSink(self.settings)
                 self.current = CurrentPositions(self.settings)
+                self.sink = sink
                 return sink
             except Exception as exc:  # a store away, a lake not mounted yet: wait for it
                 failures += 1

@@ -76,6 +76,9 @@ def test_metrics_and_health_while_running(
         assert _value(text, "poslake_consumer_rows_written_total") >= 100
         assert _value(text, "poslake_consumer_batch_entries_count") >= 1
         assert _value(text, "poslake_consumer_commit_seconds_count") >= 1
+        # Every row written is a key the dedup index holds (far below its bound).
+        assert _value(text, "poslake_consumer_dedup_index_keys") >= 100
+        assert _value(text, "poslake_consumer_dedup_index_contracts") >= 1
         for series in (
             "poslake_consumer_lag",
             "poslake_consumer_pending",

@@ -116,6 +116,16 @@ def test_index_bound_keeps_every_key_at_or_after_the_horizon(stamps: list[int]) 
     assert index.split_new(known, pa.table({}), None) == []  # type: ignore[arg-type]
 
 
+def test_index_bound_keeps_exactly_the_newest_half() -> None:
+    # Distinct stamps spread over contracts out of order: the horizon found by the
+    # search over time is the (bound/2 + 1)-th newest stamp, no more and no less.
+    stamps = [(i * 7_919) % 10_007 + 50 for i in range(1_001)]
+    index = CommittedKeyIndex(max_keys=1_000)
+    index.add_committed(BatchKeys([i % 13 for i in range(1_001)], stamps), range(1_001))
+    newest = sorted(stamps, reverse=True)
+    assert index.horizon_us == newest[500] and len(index) == 501
+
+
 def test_maintenance_compacts_small_files_and_keeps_every_row(lake: Path) -> None:
     settings = _settings(lake, compact_min_small_files=5, checkpoint_interval=10)
     sink = DeltaSink(settings)
