@@ -119,6 +119,15 @@ class RespConnection:
                     if reply_kind(reply) == "fatal":  # WRONGPASS, NOPERM, a bad database
                         raise refusal(reply, name) from reply
                     raise ConnectionError(f"Redis refused {name} for now: {reply}")
+        except (ConnectionError, OSError) as exc:
+            connection.close()
+            # The server's TLS alert (client certificate refused) may close the
+            # connection while a command is on its way: the write then fails with a
+            # reset, and the alert itself is what the stream recorded.
+            stored = reader.exception()
+            if address.tls is not None and isinstance(stored, ssl.SSLError):
+                raise stored from exc
+            raise
         except BaseException:
             connection.close()
             raise

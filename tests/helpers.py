@@ -114,6 +114,27 @@ def start_consumer(
     return spawn_holding_stops(args, env=env, cwd=REPO_ROOT, stdout=out, stderr=out)
 
 
+def run_python(
+    args: Sequence[str],
+    env: dict[str, str],
+    *,
+    cwd: Path = REPO_ROOT,
+    timeout: float = 120,
+    stdin: str = "",
+) -> subprocess.CompletedProcess[str]:
+    """``python <args>`` (a module of ours, usually ``-m ...``) to its end, output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        env=env,
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def run_consumer(env: dict[str, str], *, timeout: float = 120, log: Path | None = None) -> int:
     """Run ``python -m consumer --drain`` to completion; returns its exit code."""
     proc = start_consumer(env, drain=True, log=log)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.helpers import (
     consumer_env,
     make_updates,
     publish,
+    run_python,
     start_consumer,
     wait_until,
 )
@@ -53,15 +53,7 @@ def _as(url: str, which: Role, stream: str, without: str | None = None) -> str:
 
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=_TIMEOUT_S,
-        check=False,
-    )
+    return run_python(args, env, timeout=_TIMEOUT_S)
 
 
 def _assert_refused(done: subprocess.CompletedProcess[str], program: str, *needles: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,29 +20,20 @@ from poslake.status import ConsumerStatus, GroupStatus, Status, TableStatus
 from shared.repository import StrategyPositionRepository
 from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
 from tests.helpers import (
-    REPO_ROOT,
     assert_table_exact,
     consumer_env,
     group_pending,
     make_updates,
     publish,
     run_consumer,
+    run_python,
     table_rows,
 )
 from tests.test_repository import position
 
 
 def poslake(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "poslake", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_python(["-m", "poslake", *args], env, stdin=stdin)
 
 
 @pytest.fixture

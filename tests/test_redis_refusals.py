@@ -28,6 +28,7 @@ from tests.helpers import (
     make_updates,
     publish,
     run_consumer,
+    run_python,
 )
 from tests.redis_users import consumer_keys, login_url, set_user
 
@@ -44,15 +45,7 @@ CASES = [
 
 
 def _drain(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "consumer", "--drain"],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_python(["-m", "consumer", "--drain"], env, timeout=timeout)
 
 
 def _assert_refused(done: subprocess.CompletedProcess[str], words: list[str]) -> None:

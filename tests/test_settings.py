@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from shared.errors import ConfigError
 from shared.redis_conn import RedisTarget, redacted_url
 from shared.settings import load_settings, unknown_variables
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, run_python
 
 CANARY = "Canary-S3cret-7731"
 
@@ -47,15 +46,7 @@ BAD_SETTINGS = [
 
 
 def _run(program: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *program],
-        cwd=cwd,
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_python(program, env, cwd=cwd, timeout=60)
 
 
 def _clean_env(tmp_path: Path) -> dict[str, str]:

@@ -33,6 +33,7 @@ from tests.helpers import (
     consumer_env,
     make_updates,
     run_consumer,
+    run_python,
     stream_updates,
 )
 from tests.producer_harness import producer_settings, running_producer, running_simulator, until
@@ -48,15 +49,7 @@ def other_ca(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "poslake", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=_TIMEOUT_S,
-        check=False,
-    )
+    return run_python(["-m", "poslake", *args], env, timeout=_TIMEOUT_S)
 
 
 def _assert_one_line_refusal(done: Any, *needles: str) -> None:
