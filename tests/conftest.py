@@ -53,7 +53,9 @@ def _start_container() -> Iterator[RedisTarget]:
         container.stop()
 
 
-def _redis_target(binary: str | None, tmp_path: Path, appendonly: bool) -> Iterator[RedisTarget]:
+def _redis_target(
+    binary: str | None, tmp_path: Path, appendonly: bool, appendfsync: str = "everysec"
+) -> Iterator[RedisTarget]:
     url = os.environ.get("POSLAKE_TEST_REDIS_URL")
     if url and binary is None:
         yield RedisTarget(url, "external")
@@ -62,7 +64,9 @@ def _redis_target(binary: str | None, tmp_path: Path, appendonly: bool) -> Itera
     if binary is None:
         yield from _start_container()
         return
-    server = RedisServer(binary, tmp_path / "redis", appendonly=appendonly).start()
+    server = RedisServer(
+        binary, tmp_path / "redis", appendonly=appendonly, appendfsync=appendfsync
+    ).start()
     try:
         yield RedisTarget(server.url, server_version(binary), server)
     finally:
@@ -106,11 +110,15 @@ def redis_any_version(request: pytest.FixtureRequest, tmp_path: Path) -> Iterato
 
 @pytest.fixture
 def redis_aof(tmp_path: Path) -> Iterator[RedisTarget]:
-    """A private server with AOF on, which a test may kill and restart."""
+    """A private server with AOF on, which a test may kill and restart.
+
+    ``appendfsync always``: with ``everysec`` Redis may reply before its AOF write
+    while a slow fsync is pending, so a SIGKILL can lose acknowledged writes.
+    """
     binary = find_redis_server()
     if binary is None:
         pytest.skip("needs a redis-server binary to kill and restart")
-    yield from _redis_target(binary, tmp_path, appendonly=True)
+    yield from _redis_target(binary, tmp_path, appendonly=True, appendfsync="always")
 
 
 def tls_binary() -> str | None:

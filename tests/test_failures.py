@@ -94,7 +94,7 @@ def test_consumer_survives_redis_restart(
         server.kill()
         time.sleep(1.0)
         restarted = RedisServer(
-            server.binary, server.data_dir, port=server.port, appendonly=True
+            server.binary, server.data_dir, port=server.port, appendonly=True, appendfsync="always"
         ).start()
         redis_aof.server = restarted
         publish(restarted.url, stream, updates[1_500:])

@@ -55,7 +55,13 @@ def test_publisher_retries_across_a_redis_restart(
         server.kill()
         time.sleep(0.5)
         restarted.append(
-            RedisServer(server.binary, server.data_dir, port=server.port, appendonly=True).start()
+            RedisServer(
+                server.binary,
+                server.data_dir,
+                port=server.port,
+                appendonly=True,
+                appendfsync="always",
+            ).start()
         )
 
     bouncer = threading.Thread(target=bounce)
