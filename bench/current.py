@@ -31,7 +31,8 @@ from bench.common import (
     timed_median,
     work_dir,
 )
-from consumer.current import CURRENT_TABLE, CurrentPositions
+from consumer.current import CurrentWriter
+from shared.lake_names import POSITIONS_CURRENT as CURRENT_TABLE
 from shared.table import POSITION_UPDATES_SCHEMA
 
 KEY = ["account", "conid"]
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             .collect()
         )
         settings = sink_settings(folder / "lake")
-        current = CurrentPositions(settings)
+        current = CurrentWriter(settings)
         current.merge(newest.to_arrow().cast(POSITION_UPDATES_SCHEMA))
         current_uri = f"{folder / 'lake'}/{CURRENT_TABLE}"
 

@@ -41,7 +41,7 @@ import pyarrow as pa
 from deltalake import DeltaTable
 
 from bench.common import consumer_env, log, private_redis, rss_kb, start_module, work_dir
-from consumer.current import CurrentPositions
+from consumer.current import CurrentWriter
 from producer import tws_protocol as tws
 from producer.sim_portfolio import SyntheticPortfolio
 from shared.redis_server import free_port
@@ -145,7 +145,7 @@ def seed_current(lake: Path) -> int:
         },
         schema=POSITION_UPDATES_SCHEMA,
     )
-    CurrentPositions(load_settings(lake_uri=str(lake))).merge(rows)
+    CurrentWriter(load_settings(lake_uri=str(lake))).merge(rows)
     return n
 
 

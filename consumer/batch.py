@@ -17,10 +17,10 @@ import pyarrow as pa
 
 from consumer.group import Page, RawFields
 from consumer.settle import DeadLetter
-from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
+from shared.kinds import EntryKind
 from shared.wire import (
     DEFAULT_MAX_ENTRY_BYTES,
-    DecodedBatch,
+    KindEntries,
     decode_entries,
     entry_bytes,
     fields_as_dict,
@@ -35,7 +35,7 @@ _PAGES_DECODING = 2
 class DecodedPage:
     """What one page of new entries in hand turned into."""
 
-    rows: pa.Table | None  # the decodable entries' rows, in delivery order
+    rows: dict[EntryKind, pa.Table]  # the decodable entries' rows per kind, in delivery order
     over_limit: list[DeadLetter]  # delivered more often than allowed
     poison: list[DeadLetter]
 
@@ -73,13 +73,15 @@ def decode_page(
         )
         for p in decoded.poison
     ]
-    rows = None
-    if decoded.updates:
+    rows: dict[EntryKind, pa.Table] = {}
+    for kind, decoded_kind in decoded.by_kind.items():
         try:
-            rows = updates_to_arrow(decoded.updates, decoded.entry_ids)
+            rows[kind] = kind.to_rows(decoded_kind.updates, decoded_kind.entry_ids)
         except Exception:  # some row Arrow cannot take: find which
             raw_of = dict(zip(ids, fields, strict=True))
-            rows = _rows_one_by_one(decoded, raw_of, count_of, poison, max_entry_bytes)
+            found = _rows_one_by_one(kind, decoded_kind, raw_of, count_of, poison, max_entry_bytes)
+            if found is not None:
+                rows[kind] = found
     return DecodedPage(rows, over_limit, poison)
 
 
@@ -94,7 +96,8 @@ def _dead(
 
 
 def _rows_one_by_one(
-    decoded: DecodedBatch,
+    kind: EntryKind,
+    decoded: KindEntries,
     raw_of: dict[bytes, RawFields],
     count_of: dict[bytes, int],
     poison: list[DeadLetter],
@@ -103,7 +106,7 @@ def _rows_one_by_one(
     tables: list[pa.Table] = []
     for entry_id, update in zip(decoded.entry_ids, decoded.updates, strict=True):
         try:
-            tables.append(updates_to_arrow([update], [entry_id]))
+            tables.append(kind.to_rows([update], [entry_id]))
         except Exception as exc:  # this entry's alone
             reason = f"cannot become a table row: {type(exc).__name__}: {exc}"
             count = count_of.get(entry_id, 1)
@@ -126,7 +129,7 @@ class Batch:
     ids: list[bytes] = field(default_factory=list)
     size_bytes: int = 0  # of the entries read, field names and values
     mean_entry_bytes: int = 0  # mean size of the last page's entries
-    rows: list[pa.Table] = field(default_factory=list)
+    rows: dict[EntryKind, list[pa.Table]] = field(default_factory=dict)
     over_limit: list[DeadLetter] = field(default_factory=list)
     poison: list[DeadLetter] = field(default_factory=list)
     vanished: list[bytes] = field(default_factory=list)
@@ -184,8 +187,8 @@ class Batch:
             self._fold(self._decoding.popleft().result())
 
     def _fold(self, page: DecodedPage) -> None:
-        if page.rows is not None:
-            self.rows.append(page.rows)
+        for kind, rows in page.rows.items():
+            self.rows.setdefault(kind, []).append(rows)
         self.over_limit.extend(page.over_limit)
         self.poison.extend(page.poison)
 
@@ -195,16 +198,17 @@ class Batch:
             self._fold(self._decoding.popleft().result())
         return self
 
-    def table(self) -> pa.Table:
-        """The rows of every decodable entry in delivery order, in one chunk.
+    def tables(self) -> dict[EntryKind, pa.Table]:
+        """Per kind, the rows of its decodable entries in delivery order, in one chunk;
+        the batch lets go of its pages' rows.
 
         One chunk rather than one per page: the Delta writer splits every chunk
         by partition, so many small chunks cost it noticeably more.
         """
         self.finish()
-        if not self.rows:
-            return POSITION_UPDATES_SCHEMA.empty_table()
-        return pa.concat_tables(self.rows).combine_chunks()
+        tables = {kind: pa.concat_tables(rows).combine_chunks() for kind, rows in self.rows.items()}
+        self.rows.clear()
+        return tables
 
     @property
     def dead(self) -> list[DeadLetter]:

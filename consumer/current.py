@@ -1,14 +1,16 @@
-"""``positions_current``: one row per (account, conid), the newest observation wins.
+"""A kind's "current" table: one row per match key, the newest observation wins.
 
+For positions this is ``positions_current``, one row per (account, conid); each
+kind declares its own (shared/kinds.py, :class:`~shared.kinds.CurrentTable`).
 The consumer keeps it in the same batch as the history append: after the
-``position_updates`` commit, before the XACK, it MERGEs the batch's newest
-update per contract into this table, updating a row only when the incoming
-timestamp is newer and inserting contracts it has not seen. That makes the
-merge idempotent and order-proof: a replayed, duplicated or older update never
-overwrites a newer row, and a position that closes keeps its row with
-position 0. The merge uses every valid update of the batch, including the ones
-the history dedup dropped, so a crash between the two commits is repaired by
-the replay that follows it.
+history commit, before the XACK, it MERGEs the batch's newest row per key into
+this table, updating a row only when the incoming ``newer_by`` value (the
+timestamp) is newer and inserting keys it has not seen. That makes the merge
+idempotent and order-proof: a replayed, duplicated or older row never
+overwrites a newer one, and a position that closes keeps its row with position
+0. The merge uses every valid row of the batch, including the ones the history
+dedup dropped, so a crash between the two commits is repaired by the replay
+that follows it.
 """
 
 from __future__ import annotations
@@ -19,84 +21,88 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
-from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.exceptions import DeltaError
 
 from consumer.sink import NO_CHECKPOINT, commit_error
 from shared.errors import RowsRejected
+from shared.kinds import POSITIONS, CurrentTable, EntryKind
 from shared.settings import Settings
-from shared.table import (
-    PARTITION_COLUMNS,
-    POSITION_UPDATES_SCHEMA,
-    table_configuration,
-)
+from shared.table import open_or_create_table
 
 log = logging.getLogger(__name__)
 
-CURRENT_TABLE = "positions_current"
-# No symbol in the match: a contract whose underlying changes ticker (same conid) moves
-# to its new partition instead of leaving its old row behind. Nothing is lost: the
-# default streamed MERGE prunes no partitions anyway.
-MERGE_PREDICATE = "t.account = s.account AND t.conid = s.conid"
+
+def _current_of(kind: EntryKind) -> CurrentTable:
+    if kind.current is None:
+        raise ValueError(f"kind {kind.tag!r} has no current table")
+    return kind.current
 
 
-def open_or_create_current(settings: Settings) -> DeltaTable:
-    uri = settings.current_table_uri
-    options = settings.storage_options or None
-    try:
-        return DeltaTable(uri, storage_options=options)
-    except TableNotFoundError:
-        return DeltaTable.create(
-            uri,
-            POSITION_UPDATES_SCHEMA,
-            mode="ignore",
-            partition_by=PARTITION_COLUMNS,
-            name=CURRENT_TABLE,
-            configuration=table_configuration(
-                settings.checkpoint_interval, settings.history_retention_hours
-            ),
-            storage_options=options,
-        )
+def merge_predicate(current: CurrentTable) -> str:
+    """The MERGE's match: the current table's match columns. For positions no symbol:
+    a contract whose underlying changes ticker (same conid) moves to its new partition
+    instead of leaving its old row behind (the default streamed MERGE prunes no
+    partitions anyway)."""
+    return " AND ".join(f"t.{name} = s.{name}" for name in current.match)
 
 
-def newest_per_contract(rows: pa.Table) -> pa.Table:
-    """The newest row of each (account, conid) among ``rows``; of rows with equal
-    timestamps the first, as in the history, where the first occurrence of a key lands.
+def open_or_create_current(settings: Settings, kind: EntryKind = POSITIONS) -> DeltaTable:
+    current = _current_of(kind)
+    return open_or_create_table(
+        settings.lake_table_uri(current.name),
+        settings.storage_options or None,
+        settings.checkpoint_interval,
+        settings.history_retention_hours,
+        schema=kind.schema,
+        partition_by=kind.partition_by,
+        name=current.name,
+    )
 
-    Pure Arrow: a stable sort of the keys (account as its dictionary index, so the
-    sort is numeric; newest first), then the first row of each run of equal
-    contracts. The consumer does not load polars, whose import alone costs ~40 MB.
+
+def newest_per_contract(rows: pa.Table, kind: EntryKind = POSITIONS) -> pa.Table:
+    """The newest row of each match key (positions: (account, conid)) among ``rows``; of
+    rows with equal timestamps the first, as in the history, where the first occurrence
+    of a key lands.
+
+    Pure Arrow: a stable sort of the keys (text as its dictionary index, so the sort
+    is numeric; newest first), then the first row of each run of equal keys. The
+    consumer does not load polars, whose import alone costs ~40 MB.
     """
     n = rows.num_rows
     if n == 0:
         return rows
-    keys = pa.table(
-        {
-            "account": pc.dictionary_encode(rows.column("account")).combine_chunks().indices,
-            "conid": rows.column("conid"),
-            "timestamp": rows.column("timestamp"),
-        }
-    )
+    current = _current_of(kind)
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {}
+    for name in current.match:
+        column = rows.column(name)
+        if pa.types.is_string(column.type):
+            column = pc.dictionary_encode(column).combine_chunks().indices
+        columns[name] = column
+    columns["__newer"] = rows.column(current.newer_by)
+    keys = pa.table(columns)
     order = pc.sort_indices(
         keys,
-        sort_keys=[("account", "ascending"), ("conid", "ascending"), ("timestamp", "descending")],
+        sort_keys=[*((name, "ascending") for name in current.match), ("__newer", "descending")],
     )
     ordered = keys.take(order)
-    accounts = ordered.column("account").combine_chunks()
-    conids = ordered.column("conid").combine_chunks()
-    # Row i of the sorted keys is its contract's newest when row i - 1 is another one.
-    key_changes = pc.or_(
-        pc.not_equal(accounts.slice(1), accounts.slice(0, n - 1)),
-        pc.not_equal(conids.slice(1), conids.slice(0, n - 1)),
-    )
+    # Row i of the sorted keys is its key's newest when row i - 1 has another key.
+    key_changes: pa.Array | None = None
+    for name in current.match:
+        column = ordered.column(name).combine_chunks()
+        changed = pc.not_equal(column.slice(1), column.slice(0, n - 1))
+        key_changes = changed if key_changes is None else pc.or_(key_changes, changed)
+    assert key_changes is not None
     newest = pc.filter(order, pa.concat_arrays([pa.array([True]), key_changes]))
     return rows.take(newest)
 
 
-class CurrentPositions:
-    """The consumer's writer to ``positions_current``."""
+class CurrentWriter:
+    """The consumer's writer to a kind's current table (positions: ``positions_current``)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.table = open_or_create_current(settings)
+    def __init__(self, settings: Settings, kind: EntryKind = POSITIONS) -> None:
+        self.kind = kind
+        self.spec = _current_of(kind)
+        self.table = open_or_create_current(settings, kind)
 
     def merge(self, rows: pa.Table) -> float:
         """Upsert the newest of ``rows`` per contract (the batch's rows, before history
@@ -108,28 +114,31 @@ class CurrentPositions:
         if rows.num_rows == 0:
             return 0.0
         started = time.perf_counter()
-        source = newest_per_contract(rows)
+        source = newest_per_contract(rows, self.kind)
         try:
             self.table.update_incremental()
             metrics = (
                 self.table.merge(
                     source,
-                    MERGE_PREDICATE,
+                    merge_predicate(self.spec),
                     source_alias="s",
                     target_alias="t",
                     post_commithook_properties=NO_CHECKPOINT,
                 )
-                .when_matched_update_all(predicate="s.timestamp > t.timestamp")
+                .when_matched_update_all(
+                    predicate=f"s.{self.spec.newer_by} > t.{self.spec.newer_by}"
+                )
                 .when_not_matched_insert_all()
                 .execute()
             )
         except (DeltaError, OSError) as exc:
-            raise commit_error(exc, CURRENT_TABLE) from exc
+            raise commit_error(exc, self.spec.name) from exc
         elapsed = time.perf_counter() - started
         log.debug(
-            "positions_current merged",
+            "current table merged",
             extra={
-                "contracts": source.num_rows,
+                "table": self.spec.name,
+                "keys": source.num_rows,
                 "inserted": metrics.get("num_target_rows_inserted"),
                 "updated": metrics.get("num_target_rows_updated"),
                 "merge_s": round(elapsed, 4),

@@ -1,4 +1,8 @@
-"""Which update keys are already in the table, without reading the table.
+"""Which keys of a kind's rows are already in its table, without reading the table.
+
+A kind's key (shared/kinds.py) is its ``group`` columns and a timestamp; below,
+a "contract" is one value of the group (for positions an account and a conid)
+and a "stamp" one timestamp in microseconds.
 
 :class:`CommittedKeyIndex` holds every key committed with a timestamp at or
 after its *horizon*, complete as of table version :attr:`version`. A key at or
@@ -32,32 +36,34 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable
 from deltalake.fs import DeltaStorageHandler
 
-from shared.model import UpdateKey
+from shared.kinds import POSITIONS, EntryKind
 
 log = logging.getLogger(__name__)
 
 # Delta statistics keep timestamps to the millisecond, truncated.
 _STATS_RESOLUTION_US = 1_000
-_KEY_COLUMNS = ["account", "conid", "timestamp"]
 _MASK64 = (1 << 64) - 1
-_KEY_SCHEMA = pa.schema(
-    [("account", pa.string()), ("conid", pa.int64()), ("timestamp", pa.timestamp("us", tz="UTC"))]
-)
+
+RowKey = tuple[object, ...]
+"""A row's key: its group columns' values, then its timestamp in UTC microseconds."""
 
 
-def keys_of(rows: pa.Table) -> list[UpdateKey]:
-    """``(account, conid, timestamp_us)`` for each row, in order."""
-    accounts = rows.column("account").to_pylist()
-    conids = rows.column("conid").to_pylist()
-    micros = rows.column("timestamp").cast(pa.int64()).to_pylist()
-    return list(zip(accounts, conids, micros, strict=True))
+def keys_of(rows: pa.Table, kind: EntryKind = POSITIONS) -> list[RowKey]:
+    """The key of each row, in order (for positions ``(account, conid, timestamp_us)``)."""
+    columns = [rows.column(name).to_pylist() for name in kind.group]
+    columns.append(rows.column(kind.time_column).cast(pa.int64()).to_pylist())
+    return list(zip(*columns, strict=True))
+
+
+def _key_schema(kind: EntryKind) -> pa.Schema:
+    return pa.schema([kind.schema.field(name) for name in kind.key_columns])
 
 
 @dataclass(frozen=True, slots=True)
 class BatchKeys:
     """A batch's keys, row by row: the contract as one int, and the timestamp."""
 
-    contracts: list[int]  # account_id << 64 | conid
+    contracts: list[int]  # the group's values as one int (positions: account_id << 64 | conid)
     micros: list[int]
 
 
@@ -72,11 +78,20 @@ class CommittedKeyIndex:
     by one comparison; an older one (a replay) by a binary search.
     """
 
-    def __init__(self, max_keys: int, storage_options: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        max_keys: int,
+        storage_options: dict[str, str] | None = None,
+        kind: EntryKind = POSITIONS,
+    ) -> None:
+        self.kind = kind
         self._storage_options = storage_options
         self._filesystem: pafs.FileSystem | None = None
         self._stamps: dict[int, array[int]] = {}
-        self._accounts: dict[str, int] = {}
+        # Per group column: None for an integer column, else its text values' ids.
+        self._text_ids: list[dict[str, int] | None] = [
+            {} if pa.types.is_string(kind.schema.field(name).type) else None for name in kind.group
+        ]
         self._size = 0
         self._max_keys = max_keys
         self.horizon_us = 0
@@ -91,41 +106,45 @@ class CommittedKeyIndex:
         return len(self._stamps)
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, tuple) or len(key) != 3:
+        group = self.kind.group
+        if not isinstance(key, tuple) or len(key) != len(group) + 1:
             return False
-        account, conid, micros = key
+        micros = key[-1]
         if micros < self.horizon_us:
             return False  # below the horizon only the table knows
-        stamps = self._stamps.get(self._contract(self._account_id(account), conid))
+        contract = 0
+        for value, ids in zip(key[:-1], self._text_ids, strict=True):
+            part = value & _MASK64 if ids is None else _text_id(ids, value)
+            contract = (contract << 64) | part
+        stamps = self._stamps.get(contract)
         return stamps is not None and _holds(stamps, micros)
 
-    def _account_id(self, account: str) -> int:
-        found = self._accounts.get(account)
-        if found is None:
-            found = self._accounts[account] = len(self._accounts)
-        return found
-
-    @staticmethod
-    def _contract(account_id: int, conid: int) -> int:
-        return (account_id << 64) | (conid & _MASK64)
-
     def keys_for(self, rows: pa.Table) -> BatchKeys:
-        """Keys of ``rows`` (account strings are mapped through a small dictionary)."""
-        encoded = pc.dictionary_encode(rows.column("account")).combine_chunks()
-        ids = [self._account_id(a) for a in encoded.dictionary.to_pylist()]
-        accounts = [ids[i] for i in encoded.indices.to_pylist()]
-        conids = rows.column("conid").to_pylist()
-        micros = rows.column("timestamp").cast(pa.int64()).to_pylist()
-        mask = _MASK64  # _contract, inlined: this runs once per entry
-        contracts = [(a << 64) | (c & mask) for a, c in zip(accounts, conids, strict=True)]
-        return BatchKeys(contracts, micros)
+        """Keys of ``rows``: text columns are mapped through small dictionaries, and
+        the group's parts packed into one int, 64 bits each."""
+        contracts: list[int] | None = None
+        mask = _MASK64
+        for name, ids in zip(self.kind.group, self._text_ids, strict=True):
+            column = rows.column(name)
+            if ids is None:
+                parts = [v & mask for v in column.to_pylist()]
+            else:
+                encoded = pc.dictionary_encode(column).combine_chunks()
+                known = [_text_id(ids, v) for v in encoded.dictionary.to_pylist()]
+                parts = [known[i] for i in encoded.indices.to_pylist()]
+            if contracts is None:
+                contracts = parts
+            else:  # this runs once per entry and group column
+                contracts = [(c << 64) | p for c, p in zip(contracts, parts, strict=True)]
+        micros = rows.column(self.kind.time_column).cast(pa.int64()).to_pylist()
+        return BatchKeys(contracts or [], micros)
 
     def bootstrap(self, table: DeltaTable) -> None:
         """Start empty, just past the newest committed timestamp: complete by construction."""
         self._stamps.clear()
         self._size = 0
         self.version = table.version()
-        self.horizon_us = newest_timestamp_us(table) + _STATS_RESOLUTION_US
+        self.horizon_us = newest_timestamp_us(table, self.kind.time_column) + _STATS_RESOLUTION_US
         log.info(
             "dedup index bootstrapped",
             extra={"table_version": self.version, "horizon_us": self.horizon_us},
@@ -273,10 +292,11 @@ class CommittedKeyIndex:
                 add = json.loads(line).get("add") if line.strip() else None
                 if add and add.get("dataChange", True):
                     paths.append(unquote(add["path"]))
+        schema = _key_schema(self.kind)
         if not paths:
-            return _KEY_SCHEMA.empty_table()
-        dataset = pds.dataset(paths, schema=_KEY_SCHEMA, format="parquet", filesystem=fs)
-        return dataset.to_table(columns=_KEY_COLUMNS)
+            return schema.empty_table()
+        dataset = pds.dataset(paths, schema=schema, format="parquet", filesystem=fs)
+        return dataset.to_table(columns=schema.names)
 
     def split_new(self, batch: BatchKeys, rows: pa.Table, table: DeltaTable) -> list[int]:
         """Indices of the rows whose keys the table lacks, first occurrence only."""
@@ -314,47 +334,57 @@ class CommittedKeyIndex:
                 cold.append(i)
         if cold:
             suspects = rows.take(pa.array(cold, pa.int64()))
-            keys = keys_of(suspects)
-            in_table = committed_among(table, keys, suspects.column("symbol").to_pylist())
+            keys = keys_of(suspects, self.kind)
+            in_table = committed_among(table, keys, suspects, self.kind)
             fresh.extend(i for i, key in zip(cold, keys, strict=True) if key not in in_table)
             fresh.sort()
         return fresh
 
 
 def committed_among(
-    table: DeltaTable, keys: Sequence[UpdateKey], symbols: Sequence[str]
-) -> set[UpdateKey]:
-    """Which of ``keys`` the table holds: a read pruned by partition, file stats and row groups."""
-    low = min(k[2] for k in keys)
-    high = max(k[2] for k in keys)
-    ts_type = pa.timestamp("us", tz="UTC")
-    predicate = (
-        pc.field("symbol").isin(sorted(set(symbols)))
-        & (pc.field("timestamp") >= pa.scalar(low, ts_type))
-        & (pc.field("timestamp") <= pa.scalar(high, ts_type))
-        & pc.field("conid").isin(sorted({k[1] for k in keys}))
+    table: DeltaTable, keys: Sequence[RowKey], rows: pa.Table, kind: EntryKind = POSITIONS
+) -> set[RowKey]:
+    """Which of ``keys`` (of ``rows``) the table holds: a read pruned by partition, file
+    statistics and row groups (the rows' partitions, time range and integer key columns)."""
+    micros = [int(k[-1]) for k in keys]  # type: ignore[call-overload]
+    ts_type = kind.schema.field(kind.time_column).type
+    predicate = (pc.field(kind.time_column) >= pa.scalar(min(micros), ts_type)) & (
+        pc.field(kind.time_column) <= pa.scalar(max(micros), ts_type)
     )
+    for name in kind.partition_by:
+        predicate &= pc.field(name).isin(sorted(set(rows.column(name).to_pylist())))
+    for at, name in enumerate(kind.group):
+        if pa.types.is_integer(kind.schema.field(name).type):
+            predicate &= pc.field(name).isin(sorted({k[at] for k in keys}))  # type: ignore[type-var]
     dataset: pds.Dataset = table.to_pyarrow_dataset()
-    found = dataset.to_table(columns=_KEY_COLUMNS, filter=predicate)
+    found = dataset.to_table(columns=list(kind.key_columns), filter=predicate)
     wanted = set(keys)
-    hits = {k for k in keys_of(found) if k in wanted}
+    hits = {k for k in keys_of(found, kind) if k in wanted}
     log.debug("cold dedup read", extra={"keys": len(keys), "rows_read": found.num_rows})
     return hits
 
 
-def newest_timestamp_us(table: DeltaTable) -> int:
-    """The newest timestamp in the table, from file statistics where every file has them."""
+def newest_timestamp_us(table: DeltaTable, column: str = "timestamp") -> int:
+    """The newest ``column`` value in the table, from file statistics where every file
+    has them."""
     actions = pa.table(table.get_add_actions(flatten=True))
     if actions.num_rows == 0:
         return 0
-    if "max.timestamp" in actions.column_names:
-        maxima = actions.column("max.timestamp")
+    if f"max.{column}" in actions.column_names:
+        maxima = actions.column(f"max.{column}")
         if maxima.null_count == 0:
             return int(pc.max(maxima.cast(pa.int64())).as_py())
     # Some file lacks statistics: read the column (once, at start).
-    column = table.to_pyarrow_dataset().to_table(columns=["timestamp"]).column("timestamp")
-    newest = pc.max(column.cast(pa.int64())).as_py()
+    values = table.to_pyarrow_dataset().to_table(columns=[column]).column(column)
+    newest = pc.max(values.cast(pa.int64())).as_py()
     return int(newest) if newest is not None else 0
+
+
+def _text_id(ids: dict[str, int], value: str) -> int:
+    found = ids.get(value)
+    if found is None:
+        found = ids[value] = len(ids)
+    return found
 
 
 def _holds(stamps: array[int], micros: int) -> bool:

@@ -6,10 +6,10 @@ slows with the file count. Every few commits one consumer of the group (the one
 holding a short Redis lease) compacts the partitions that have gathered small
 files, in a background thread with its own table handle: compaction commits
 carry no app transaction and never conflict with the appends. Each run then
-writes a checkpoint of both tables (the consumers' commits write none: a
+writes a checkpoint of every table (the consumers' commits write none: a
 checkpoint holds every tombstone of the history window, too slow to write
 inline) and drops log files past their retention. Once an hour
-(``POSLAKE_VACUUM_INTERVAL_S``) the run also vacuums both tables: files retired
+(``POSLAKE_VACUUM_INTERVAL_S``) the run also vacuums every table: files retired
 longer ago than the history (``POSLAKE_HISTORY_RETENTION_HOURS``) are deleted.
 
 The lease (``Settings.maintenance_lease_key``) needs SET, GET and DEL on its key;
@@ -33,6 +33,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from consumer.vacuum import vacuum_table
+from shared.kinds import KINDS, all_tables
 from shared.redis_errors import refusal
 from shared.settings import Settings
 
@@ -42,23 +43,26 @@ LEASE_MS = 10 * 60 * 1000
 _LEASE_WARNING_EVERY_S = 600.0
 
 
-def partitions_to_compact(table: DeltaTable, small_bytes: int, min_files: int) -> list[str]:
-    """Symbols whose partition holds at least ``min_files`` files under ``small_bytes``."""
+def partitions_to_compact(
+    table: DeltaTable, small_bytes: int, min_files: int, column: str = "symbol"
+) -> list[str]:
+    """Values of the partition ``column`` whose partition holds at least ``min_files``
+    files under ``small_bytes``."""
     actions = pa.table(table.get_add_actions(flatten=True))
     if actions.num_rows == 0:
         return []
-    symbols = actions.column("partition.symbol").to_pylist()
+    symbols = actions.column(f"partition.{column}").to_pylist()
     sizes = actions.column("size_bytes").to_pylist()
     small = Counter(s for s, size in zip(symbols, sizes, strict=True) if size < small_bytes)
     return sorted(s for s, n in small.items() if n >= min_files)
 
 
 def compact_partitions(
-    table: DeltaTable, symbols: list[str], target_bytes: int
+    table: DeltaTable, symbols: list[str], target_bytes: int, column: str = "symbol"
 ) -> dict[str, object]:
-    """Compact the given symbol partitions in one commit (insertion order is kept)."""
+    """Compact the given partitions in one commit (insertion order is kept)."""
     metrics: dict[str, object] = table.optimize.compact(
-        partition_filters=[("symbol", "in", symbols)], target_size=target_bytes
+        partition_filters=[(column, "in", symbols)], target_size=target_bytes
     )
     return metrics
 
@@ -164,11 +168,13 @@ class TableMaintainer:
             )
 
     def run_once(self) -> list[str]:
-        """Compact what needs it now, then checkpoint both tables; returns the symbols
-        compacted. Each step stands alone: a failed compaction still checkpoints."""
+        """Compact every kind's history where it needs it now, then checkpoint every
+        table; returns the partitions compacted. Each step stands alone: a failed
+        compaction still checkpoints."""
         s = self._settings
         tables: dict[str, DeltaTable] = {}
-        for uri in (s.table_uri, s.current_table_uri):
+        for name in all_tables():
+            uri = s.lake_table_uri(name)
             try:
                 tables[uri] = DeltaTable(uri, storage_options=s.storage_options or None)
             except TableNotFoundError:
@@ -176,11 +182,15 @@ class TableMaintainer:
             except Exception as exc:  # a background thread: log it, keep the other steps
                 self._failed("open", uri, exc)
         symbols: list[str] = []
-        if s.table_uri in tables:
+        for kind in KINDS:
+            # Current tables are rewritten by their merges: only the histories pile up.
+            uri = s.lake_table_uri(kind.table)
+            if uri not in tables or self._stop.is_set():
+                continue
             try:
-                symbols = self._compact(tables[s.table_uri])
+                symbols += self._compact(tables[uri], kind.partition_by[0])
             except Exception as exc:
-                self._failed("compaction", s.table_uri, exc)
+                self._failed("compaction", uri, exc)
         for uri, table in tables.items():
             if self._stop.is_set():
                 break
@@ -191,15 +201,15 @@ class TableMaintainer:
         self.runs += 1
         return symbols
 
-    def _compact(self, table: DeltaTable) -> list[str]:
+    def _compact(self, table: DeltaTable, column: str) -> list[str]:
         s = self._settings
         started = time.perf_counter()
         symbols = partitions_to_compact(
-            table, s.compact_small_file_bytes, s.compact_min_small_files
+            table, s.compact_small_file_bytes, s.compact_min_small_files, column
         )
         if symbols:
             # A concurrent compaction of the same files loses; the next run retries.
-            metrics = compact_partitions(table, symbols, s.compact_target_file_bytes)
+            metrics = compact_partitions(table, symbols, s.compact_target_file_bytes, column)
             log.info(
                 "compacted partitions",
                 extra={
@@ -239,10 +249,10 @@ class TableMaintainer:
         )
 
     def vacuum(self) -> bool:
-        """Vacuum both tables (consumer/vacuum.py); False if either failed."""
+        """Vacuum every table (consumer/vacuum.py); False if any failed."""
         s = self._settings
         done = True
-        for uri in (s.table_uri, s.current_table_uri):
+        for uri in map(s.lake_table_uri, all_tables()):
             if self._stop.is_set():
                 return False
             try:

@@ -25,8 +25,8 @@ COUNTERS = {
     "rows_written": "rows appended to the table",
     "duplicates": "updates dropped as already stored",
     "dead_letters": "entries moved to the dead-letter stream",
-    "commit_retries": "position_updates commits retried (conflict or failure)",
-    "current_commit_retries": "positions_current merges retried (conflict or failure)",
+    "commit_retries": "history table commits retried (conflict or failure)",
+    "current_commit_retries": "current table merges retried (conflict or failure)",
     "redis_retries": "Redis calls retried after a transient failure",
     "maintenance_lease_errors": "maintenance lease SET/GET/DEL refused or failed",
 }
@@ -89,9 +89,10 @@ class ConsumerMetrics:
         }
         values["seconds_since_progress"] = time.monotonic() - self.consumer.heartbeat
         values["redis_ok"] = 1.0 if self.consumer.redis_health.ok else 0.0
-        sink = self.consumer.sink
-        values["dedup_index_keys"] = len(sink.index) if sink else 0
-        values["dedup_index_contracts"] = sink.index.contracts if sink else 0
+        # Every kind's dedup index together (dict copy: the main thread fills it once).
+        sinks = list(dict(self.consumer.sinks).values())
+        values["dedup_index_keys"] = sum(len(sink.index) for sink in sinks)
+        values["dedup_index_contracts"] = sum(sink.index.contracts for sink in sinks)
         maintainer = self.consumer.maintainer
         values["maintenance_lease_errors"] = maintainer.lease_errors if maintainer else 0
         settings = self.consumer.settings

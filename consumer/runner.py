@@ -1,7 +1,9 @@
 """One consumer process: read a batch, validate, dedup, commit to Delta, then settle.
 
-At most three batches are in hand: one merging into positions_current and
-settling, one committing to the history, the next being read. Redis
+A batch holds entries of every kind (shared/kinds.py); each kind's rows go to its
+own history table (one :class:`DeltaSink` per kind) and, for kinds that have one,
+its current table. At most three batches are in hand: one merging into the
+current tables and settling, one committing to the histories, the next being read. Redis
 failures are classified (consumer/redis_calls.py): transient ones (connection
 loss, OOM, LOADING, BUSY, failover replies) and, once running, a password that
 stopped working are retried with backoff around each call while the process
@@ -38,7 +40,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from consumer.batch import Batch
-from consumer.current import CurrentPositions
+from consumer.current import CurrentWriter
 from consumer.group import ConsumerGroup
 from consumer.maintenance import TableMaintainer
 from consumer.redis_calls import SIGNAL_CHECK_S, RedisCalls, backoff, pause
@@ -51,6 +53,7 @@ from shared.errors import (
     RedisRefused,
     StreamUnavailable,
 )
+from shared.kinds import KINDS, EntryKind
 from shared.redis_conn import sync_client
 from shared.settings import Settings
 from shared.stopping import take_early
@@ -74,9 +77,9 @@ class CommittedBatch:
     ids: list[bytes]  # every entry to acknowledge: read ones, then vanished ones
     entries: int  # entries read (without the vanished)
     max_count: int
-    rows: pa.Table
+    rows: dict[EntryKind, pa.Table]  # per kind, every valid row (for the current merges)
     dead: list[DeadLetter]
-    outcome: CommitOutcome
+    outcome: CommitOutcome  # of every kind's history commit together
 
 
 @dataclass(slots=True)
@@ -111,8 +114,9 @@ class Consumer:
         self.stats = ConsumerStats()
         self._stats_lock = threading.Lock()
         self._batches_in_hand = 0  # numbers batches for the crash points
-        self.current: CurrentPositions | None = None  # opened with the sink in run()
-        self.sink: DeltaSink | None = None  # kept for metrics (its dedup index's size)
+        # Opened in run(): per kind its history writer and, if it has one, current writer.
+        self.sinks: dict[EntryKind, DeltaSink] = {}
+        self.currents: dict[EntryKind, CurrentWriter] = {}
         # For metrics and health (consumer/metrics.py): batch observer, loop heartbeat.
         self.on_batch: Callable[[int, float], None] | None = None
         self.heartbeat = time.monotonic()
@@ -176,10 +180,10 @@ class Consumer:
                 return ExitCode.OK
             self._redis(self.group.ensure_group, "XGROUP", s.stream)
             self._redis(self.settler.check_transactions, "MULTI")
-            sink = self._open_sink()
+            opened = self._open_tables()
         except StreamUnavailable:
             return ExitCode.OK  # stopped during start-up: nothing in hand
-        if sink is None:
+        if not opened:
             return ExitCode.OK
         self.redis_calls.started = True
         self.maintainer = TableMaintainer(s, self.client)
@@ -193,19 +197,19 @@ class Consumer:
             },
         )
         try:
-            return self._consume(sink, self.maintainer, drain)
+            return self._consume(self.maintainer, drain)
         except StreamUnavailable as exc:
             log.error("stopped without redis", extra={"error": str(exc)})
             return ExitCode.FAILED
 
-    def _consume(self, sink: DeltaSink, maintainer: TableMaintainer, drain: bool) -> int:
+    def _consume(self, maintainer: TableMaintainer, drain: bool) -> int:
         # Three stages overlap, each in its own thread: reading batch N+2 (with a
         # fourth thread decoding its pages while the reader waits for the next one),
-        # the history commit of batch N+1 (here), and the positions_current merge and
+        # the history commit of batch N+1 (here), and the current tables' merges and
         # settlement of batch N (the finisher). The Delta writes run in Rust without
         # the GIL, so they use both cores. Batches settle in order, one at a time; a
         # crash anywhere leaves the unsettled ones pending, and their replay is a
-        # no-op for the history and repairs positions_current (consumer/current.py).
+        # no-op for the history and repairs the current tables (consumer/current.py).
         # Executors shut down in reverse: the finisher, then the reader (it may still
         # hand pages to the decoder), then the decoder.
         with (
@@ -214,7 +218,7 @@ class Consumer:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="finisher") as finisher,
         ):
             try:
-                return self._pipeline(sink, maintainer, drain, decoder, reader, finisher)
+                return self._pipeline(maintainer, drain, decoder, reader, finisher)
             finally:
                 # Whatever ends the loop (an unexpected error included), the reader must
                 # stop too, or shutting its executor down would wait on it for good.
@@ -222,7 +226,6 @@ class Consumer:
 
     def _pipeline(
         self,
-        sink: DeltaSink,
         maintainer: TableMaintainer,
         drain: bool,
         decoder: Executor,
@@ -253,7 +256,7 @@ class Consumer:
                 # Entries of both unsettled batches are in hand: a claim must skip them.
                 in_flight = frozenset(batch.ids) | finishing_ids
                 upcoming = reader.submit(collect, in_flight)
-            committed = self._commit_history(batch, sink)
+            committed = self._commit_history(batch)
             previous_ok = _wait(finishing) if finishing is not None else True
             finishing, finishing_ids = None, frozenset()
             if committed is None or not previous_ok:
@@ -264,7 +267,7 @@ class Consumer:
                 break
             finishing = finisher.submit(self._finish, committed)
             finishing_ids = frozenset(batch.ids)
-            maintainer.after_commit(sink.commits)
+            maintainer.after_commit(sum(sink.commits for sink in self.sinks.values()))
         if finishing is not None and not _wait(finishing):
             exit_code = 1
         return exit_code
@@ -337,53 +340,61 @@ class Consumer:
 
     # -- processing ----------------------------------------------------------
 
-    def _commit_history(self, batch: Batch, sink: DeltaSink) -> CommittedBatch | None:
-        """Append the batch's new rows to the history; None if stopping after failures."""
+    def _commit_history(self, batch: Batch) -> CommittedBatch | None:
+        """Append the batch's new rows to each kind's history; None if stopping after
+        failures."""
         self._batches_in_hand += 1
         number = self._batches_in_hand
         dead = batch.dead
-        rows = batch.table()
-        batch.rows.clear()
+        tables = batch.tables()
         self._crash_point("after_read", number)
-        landed = self._commit_with_retry(lambda: sink.commit_isolating(rows), "commit_retries")
-        if landed is None:
-            return None
-        outcome, rejected = landed
-        if rejected:
-            # Rows the table cannot hold: dead-lettered with the batch, kept out of the merge.
-            dead = dead + self._rejected_letters(batch, rejected)
-            rows = _without(rows, {entry_id for entry_id, _ in rejected})
+        outcomes: list[CommitOutcome] = []
+        for kind, rows in tables.items():
+            sink = self.sinks[kind]
+            landed = self._commit_with_retry(partial(sink.commit_isolating, rows), "commit_retries")
+            if landed is None:
+                return None
+            outcome, rejected = landed
+            outcomes.append(outcome)
+            if rejected:
+                # Rows the table cannot hold: dead-lettered with the batch, kept out of the merge.
+                dead = dead + self._rejected_letters(batch, rejected)
+                tables[kind] = _without(rows, {entry_id for entry_id, _ in rejected})
         self._crash_point("after_commit", number)
         return CommittedBatch(
             number=number,
             ids=batch.ids + batch.vanished,
             entries=len(batch.ids),
             max_count=batch.max_count,
-            rows=rows,
+            rows=tables,
             dead=dead,
-            outcome=outcome,
+            outcome=_combined(outcomes),
         )
 
     def _finish(self, committed: CommittedBatch) -> bool:
-        """Merge into positions_current, then settle: the batch's second commit and its ack.
+        """Merge into the current tables, then settle: the batch's second commit and its ack.
 
         Every valid row of the batch goes into the merge, replays included: after a
-        crash between the two commits, the replay repairs positions_current.
+        crash between the two commits, the replay repairs the current tables.
         """
-        current = self.current
-        assert current is not None
-        result = self._commit_with_retry(
-            lambda: current.merge_isolating(committed.rows), "current_commit_retries"
-        )
-        if result is None:
-            return False
-        merged, rejected = result
-        self._crash_point("after_current", committed.number)
+        merged = 0.0
         ids, dead, outcome = committed.ids, committed.dead, committed.outcome
-        if rejected:
-            # In the history already, but positions_current cannot hold them: say so.
-            rejected = [(i, f"{reason} (the row is in position_updates)") for i, reason in rejected]
-            dead = dead + self._rejected_letters(None, rejected)
+        for kind, rows in committed.rows.items():
+            current = self.currents.get(kind)
+            if current is None:
+                continue
+            result = self._commit_with_retry(
+                partial(current.merge_isolating, rows), "current_commit_retries"
+            )
+            if result is None:
+                return False
+            seconds, rejected = result
+            merged += seconds
+            if rejected:
+                # In the history already, but the current table cannot hold them: say so.
+                rejected = [(i, f"{reason} (the row is in {kind.table})") for i, reason in rejected]
+                dead = dead + self._rejected_letters(None, rejected)
+        self._crash_point("after_current", committed.number)
         # One XACK, or a MULTI/EXEC with dead letters: refused as a whole (OOM, NOPERM),
         # never half done; redis-py's message names the command that was refused.
         self._redis(lambda: self.settler.settle(ids, dead), "XACK", self.settings.stream)
@@ -466,15 +477,18 @@ class Consumer:
         with self._stats_lock:
             setattr(self.stats, stat, getattr(self.stats, stat) + n)
 
-    def _open_sink(self) -> DeltaSink | None:
-        """Open both tables, retrying while the store fails; None if stopped meanwhile."""
+    def _open_tables(self) -> bool:
+        """Open every kind's tables, retrying while the store fails; False if stopped
+        meanwhile."""
         failures = 0
         while not self._stopping:
             try:
-                sink = DeltaSink(self.settings)
-                self.current = CurrentPositions(self.settings)
-                self.sink = sink
-                return sink
+                sinks = {kind: DeltaSink(self.settings, kind) for kind in KINDS}
+                currents = {
+                    kind: CurrentWriter(self.settings, kind)
+                    for kind in KINDS
+                    if kind.current is not None
+                }
             except Exception as exc:  # a store away, a lake not mounted yet: wait for it
                 failures += 1
                 delay = backoff(self.settings, failures)
@@ -482,7 +496,10 @@ class Consumer:
                     "cannot open table, retrying", extra={"error": str(exc), "delay_s": delay}
                 )
                 self._pause(delay)
-        return None
+                continue
+            self.sinks, self.currents = sinks, currents
+            return True
+        return False
 
     def _redis(
         self, call: Callable[[], T], command: str | None = None, key: str | None = None
@@ -519,6 +536,18 @@ def _without(rows: pa.Table, stream_ids: set[str]) -> pa.Table:
     """``rows`` without those of the given entries."""
     keep = pc.invert(pc.is_in(rows.column("stream_id"), pa.array(sorted(stream_ids))))
     return rows.filter(keep)
+
+
+def _combined(outcomes: list[CommitOutcome]) -> CommitOutcome:
+    """One outcome for a batch's commits to several tables (the first one's version)."""
+    if len(outcomes) == 1:
+        return outcomes[0]
+    return CommitOutcome(
+        sum(o.rows_written for o in outcomes),
+        sum(o.duplicates for o in outcomes),
+        outcomes[0].table_version if outcomes else -1,
+        sum(o.seconds for o in outcomes),
+    )
 
 
 def _as_fields(stats: ConsumerStats) -> dict[str, int]:

@@ -1,4 +1,7 @@
-"""Appending a batch to the Delta table exactly once, even with several consumers.
+"""Appending a batch to a kind's history table exactly once, even with several consumers.
+
+One :class:`DeltaSink` per entry kind (shared/kinds.py): the writer is generic
+over the kind's table, schema and dedup key.
 
 Every commit carries a Delta app transaction (``txn``) under one id shared by
 the whole consumer group. Delta rejects a commit whose snapshot is older than
@@ -24,6 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 from deltalake import CommitProperties, PostCommitHookProperties, Transaction, write_deltalake
@@ -31,9 +35,9 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 
 from consumer.dedup import CommittedKeyIndex
 from shared.errors import CommitConflict, CommitFailed, RowsRejected
-from shared.model import PositionUpdate
+from shared.kinds import POSITIONS, EntryKind
 from shared.settings import Settings
-from shared.table import open_or_create_table, updates_to_arrow
+from shared.table import open_or_create_table
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +59,24 @@ class CommitOutcome:
 
 
 class DeltaSink:
-    """The consumer's one writer to ``position_updates``, with its dedup index."""
+    """The consumer's one writer to a kind's history table, with its dedup index."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, kind: EntryKind = POSITIONS) -> None:
         self._settings = settings
+        self.kind = kind
         self.table = open_or_create_table(
-            settings.table_uri,
+            settings.lake_table_uri(kind.table),
             settings.storage_options or None,
             settings.checkpoint_interval,
             settings.history_retention_hours,
+            schema=kind.schema,
+            partition_by=kind.partition_by,
+            name=kind.table,
         )
+        # One app id per table, shared by the group: each table's log serialises its own.
         self.app_id = f"poslake:{settings.stream}:{settings.group}"
         self.index = CommittedKeyIndex(
-            settings.dedup_index_max_keys, settings.storage_options or None
+            settings.dedup_index_max_keys, settings.storage_options or None, kind
         )
         self.index.bootstrap(self.table)
         self._own_commit_ids: set[str] = set()
@@ -75,10 +84,9 @@ class DeltaSink:
         # Test hook: runs between the dedup check and the write, to force a race.
         self.before_write: Callable[[], object] | None = None
 
-    def commit(
-        self, updates: Sequence[PositionUpdate], entry_ids: Sequence[bytes]
-    ) -> CommitOutcome:
-        """Append the updates whose keys the table lacks, in one commit.
+    def commit(self, updates: Sequence[Any], entry_ids: Sequence[bytes]) -> CommitOutcome:
+        """Append the observations (of this sink's kind) whose keys the table lacks, in
+        one commit.
 
         Raises :class:`CommitConflict` when another consumer committed first (call
         again: the retry sees its rows), :class:`RowsRejected` when the rows
@@ -87,10 +95,10 @@ class DeltaSink:
         batch is in the table, or, if the outcome was unknown, the next call finds
         out and does not write it twice.
         """
-        return self.commit_rows(updates_to_arrow(updates, entry_ids))
+        return self.commit_rows(self.kind.to_rows(updates, entry_ids))
 
     def commit_rows(self, rows: pa.Table) -> CommitOutcome:
-        """:meth:`commit` for rows already built by :func:`shared.table.updates_to_arrow`.
+        """:meth:`commit` for rows already built by the kind's row builder.
 
         ``rows`` may be several such tables concatenated; their ``stream_id``
         column names the entries (first and last go into the commit's metadata).
@@ -144,7 +152,7 @@ class DeltaSink:
             # A lost race did not land: the winner's rows are read on the next try. Any
             # other failure's outcome is unknown; the next sync reads our commit back if
             # it landed.
-            raise commit_error(exc, "position_updates") from exc
+            raise commit_error(exc, self.kind.table) from exc
         self._own_commit_ids.add(commit_id)
         self.index.add_committed(keys, fresh)
         self.commits += 1

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from poslake.status import Status
+from poslake.status import Status, TableStatus
+from shared.kinds import POSITIONS, kind_of_table
 
 
 class LiveView:
@@ -38,7 +39,7 @@ class LiveView:
 
     def _rates(self, status: Status) -> tuple[float, float]:
         now = time.monotonic()
-        rows = status.table.rows if status.table else 0
+        rows = _history_rows(status)
         previous, self._last = self._last, (now, status.length, rows)
         if previous is None or now <= previous[0]:
             return 0.0, 0.0
@@ -52,12 +53,15 @@ class LiveView:
             return
         if time.monotonic() - self._last_print >= 5:
             self._last_print = time.monotonic()
-            table = status.table
+            tables = " | ".join(
+                f"{name} v{table.version} {table.rows} rows"
+                for name, table in _tables(status).items()
+                if table is not None
+            )
             print(
                 f"in {rate_in:.0f}/s out {rate_out:.0f}/s | stream {status.length} | "
                 f"pending {sum(g.pending for g in status.groups)} | dead letters "
-                f"{status.dead_letters} | table v{table.version if table else '-'} "
-                f"{table.rows if table else 0} rows",
+                f"{status.dead_letters} | {tables or 'no table yet'}",
                 flush=True,
             )
 
@@ -77,11 +81,27 @@ def render(status: Status, rate_in: float, rate_out: float) -> Table:
                 f"pending {consumer.pending}, idle {consumer.idle_ms / 1000:.1f}s",
             )
     grid.add_row("dead letters", str(status.dead_letters))
-    if status.table is None:
-        grid.add_row("table", "not created yet")
-    else:
-        table = status.table
-        grid.add_row(
-            "table", f"version {table.version}, {table.rows:,} rows, {table.active_files} files"
-        )
+    for name, table in _tables(status).items():
+        if table is None:
+            grid.add_row(name, "not created yet")
+        else:
+            grid.add_row(
+                name, f"version {table.version}, {table.rows:,} rows, {table.active_files} files"
+            )
     return grid
+
+
+def _tables(status: Status) -> dict[str, TableStatus | None]:
+    """Every kind's tables (shared/kinds.py), or just the positions' history."""
+    return status.tables or {POSITIONS.table: status.table}
+
+
+def _history_rows(status: Status) -> int:
+    """Rows of every kind's history: what "out" counts."""
+    tables = _tables(status)
+    return sum(t.rows for name, t in tables.items() if t is not None and kind_history(name))
+
+
+def kind_history(name: str) -> bool:
+    kind = kind_of_table(name)
+    return kind is not None and kind.table == name

@@ -1,4 +1,4 @@
-"""``poslake maintain``: vacuum, compact, checkpoint both tables.
+"""``poslake maintain``: vacuum, compact, checkpoint every kind's tables.
 
 Consumers do all of this themselves as they go; this is the operator's full
 pass: vacuum files that no version within the retention needs (and orphans,
@@ -22,10 +22,10 @@ import math
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from consumer.current import CURRENT_TABLE
 from consumer.vacuum import local_root, sweep_orphans
 from poslake.command import CommandError, ExitCode
 from poslake.query import open_table
+from shared.kinds import POSITIONS, all_tables
 from shared.settings import Settings
 from shared.table import LOG_RETENTION, TOMBSTONE_RETENTION, retention_interval
 
@@ -56,19 +56,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             f"{history:g} h history (POSLAKE_HISTORY_RETENTION_HOURS); use --force to do it anyway",
             ExitCode.BAD_INPUT,
         )
-    table = open_table(settings)
-    tables = [("position_updates", table, settings.table_uri)]
-    try:
-        current_uri = settings.current_table_uri
-        tables.append(
-            (
-                CURRENT_TABLE,
-                DeltaTable(current_uri, storage_options=settings.storage_options or None),
-                current_uri,
+    # The positions' history must exist (else "not found"); any other table may not yet.
+    tables = [(POSITIONS.table, open_table(settings), settings.table_uri)]
+    for name in all_tables():
+        if name == POSITIONS.table:
+            continue
+        uri = settings.lake_table_uri(name)
+        try:
+            tables.append(
+                (name, DeltaTable(uri, storage_options=settings.storage_options or None), uri)
             )
-        )
-    except TableNotFoundError:
-        pass
+        except TableNotFoundError:
+            continue
     wanted = retention_interval(history)
     for name, each, uri in tables:
         configuration = each.metadata().configuration

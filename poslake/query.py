@@ -18,9 +18,9 @@ import polars as pl
 from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
-from consumer.current import CURRENT_TABLE
 from poslake.command import CommandError, ExitCode
 from shared.errors import RepositoryError
+from shared.kinds import POSITIONS, all_tables, kind_of_table
 from shared.redaction import scrub
 from shared.repository import TableRepository
 from shared.settings import Settings
@@ -60,10 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     history.add_argument("--conid", type=int, required=True)
     model = what.add_parser(
         "table",
-        help="a table of the options data model (latest row per key, or --history) or "
-        "positions_current",
+        help="a table of the options data model (latest row per key, or --history), or a "
+        "pipeline table (history or current) of any entry kind, as stored",
     )
-    model.add_argument("name", choices=[*sorted(ALL_TABLES), CURRENT_TABLE])
+    model.add_argument("name", choices=[*sorted(ALL_TABLES), *all_tables()])
     model.add_argument("--history", action="store_true", help="every row, not the latest")
     model.add_argument("--strategy", help="only this strategy_id")
     for sub in (current, history, model):
@@ -222,11 +222,16 @@ def _write(frame: pl.DataFrame, fmt: str, output: Path | None) -> None:
 
 
 def query_model_table(args: argparse.Namespace, settings: Settings) -> pl.DataFrame:
-    """The options data model's tables through their repositories; positions_current."""
-    if args.name == CURRENT_TABLE:
-        table = open_table(settings, args.version, args.at, uri=settings.current_table_uri)
+    """The options data model's tables through their repositories; the pipeline's tables
+    (every kind's, shared/kinds.py) as stored, sorted by their key."""
+    kind = kind_of_table(args.name)
+    if kind is not None:
+        uri = settings.lake_table_uri(args.name)
+        table = open_table(settings, args.version, args.at, uri=uri)
         frame = _filtered(table, args.symbol, args.account)
-        return frame.select(SHOWN).sort(KEY).collect()
+        if kind is POSITIONS:
+            return frame.select(SHOWN).sort([*KEY, "timestamp"]).collect()
+        return frame.drop("stream_id").sort(list(kind.key_columns)).collect()
     repository = TableRepository(
         settings.lake_uri, ALL_TABLES[args.name], settings.storage_options or None
     )

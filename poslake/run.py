@@ -35,6 +35,7 @@ from poslake import status as status_mod
 from poslake.command import LAKE_ERRORS, CommandError, lake_failure, redis_failure
 from poslake.live_view import LiveView
 from shared.errors import ExitCode
+from shared.kinds import POSITIONS
 from shared.logs import configure_logging
 from shared.redaction import scrub
 from shared.redis_conn import sync_client
@@ -340,13 +341,14 @@ def print_summary(
 ) -> None:
     """Where the tables are and how to query them; ``redis_shown`` is the redacted URL
     of a configured Redis (``None`` for the private one, gone with the run)."""
-    table = final.table
-    rows = table.rows if table else 0
     lake = scrub(lake_uri)
+    held = "; ".join(
+        f"{name} {table.rows} rows at version {table.version}" if table else f"{name} not created"
+        for name, table in (final.tables or {POSITIONS.table: final.table}).items()
+    )
     lines = [
-        f"\nposlake run: {final.length} updates in stream {final.stream}; table "
-        f"{lake}/position_updates holds {rows} rows at version "
-        f"{table.version if table else '-'}; dead letters: {final.dead_letters}"
+        f"\nposlake run: {final.length} entries in stream {final.stream}; in {lake}: "
+        f"{held}; dead letters: {final.dead_letters}"
         f"{'' if drained else '; NOT fully drained'}."
     ]
     state = data_dir / "simulator-final-state.json"

@@ -14,6 +14,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from poslake.command import ExitCode, redis_client
 from poslake.replay import count_between
+from shared.kinds import POSITIONS, all_tables
 from shared.redaction import scrub
 from shared.redis_errors import refusal
 from shared.settings import Settings
@@ -39,6 +40,7 @@ class GroupStatus:
 
 @dataclass
 class TableStatus:
+    name: str
     uri: str
     version: int
     rows: int
@@ -54,8 +56,10 @@ class Status:
     last_id: str | None
     groups: list[GroupStatus]
     dead_letters: int
-    table: TableStatus | None
+    table: TableStatus | None  # position_updates
     maintenance_lease: str = ""  # who holds it and for how long, or why it cannot be read
+    # Every kind's tables (shared/kinds.py), None for those not created yet.
+    tables: dict[str, TableStatus | None] = field(default_factory=dict)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,17 +130,18 @@ def lease_status(client: Any, settings: Settings) -> str:
     return f"held by {_text(holder)}, expires in {max(ttl_ms, 0) / 1000:.0f}s"
 
 
-def table_status(settings: Settings) -> TableStatus | None:
+def table_status(settings: Settings, name: str = POSITIONS.table) -> TableStatus | None:
+    uri = settings.lake_table_uri(name)
     try:
-        table = DeltaTable(settings.table_uri, storage_options=settings.storage_options or None)
+        table = DeltaTable(uri, storage_options=settings.storage_options or None)
     except TableNotFoundError:
         return None
     actions = table.get_add_actions(flatten=True)
     rows = sum(n or 0 for n in actions.column("num_records").to_pylist())
     last = table.history(1)[0]
     when = datetime.fromtimestamp(int(last["timestamp"]) / 1000, UTC).isoformat()
-    uri = scrub(settings.table_uri)  # a lake URI may carry credentials
-    return TableStatus(uri, table.version(), rows, actions.num_rows, when)
+    shown = scrub(uri)  # a lake URI may carry credentials
+    return TableStatus(name, shown, table.version(), rows, actions.num_rows, when)
 
 
 def collect(settings: Settings) -> Status:
@@ -145,8 +150,9 @@ def collect(settings: Settings) -> Status:
         groups = group_status(client, settings)
         dead = int(client.xlen(settings.dlq_stream))
         lease = lease_status(client, settings)
-    table = table_status(settings)
-    return Status(settings.stream, length, first, last, groups, dead, table, lease)
+    tables = {name: table_status(settings, name) for name in all_tables()}
+    table = tables[POSITIONS.table]
+    return Status(settings.stream, length, first, last, groups, dead, table, lease, tables)
 
 
 def render(status: Status) -> str:
@@ -173,8 +179,11 @@ def render(status: Status) -> str:
         lines.append(f"maintenance lease: {status.maintenance_lease}")
     if status.table is None:
         lines.append("table: not created yet")
-    else:
-        table = status.table
+    for name, table in status.tables.items():
+        if table is None:
+            if name != POSITIONS.table:
+                lines.append(f"table {name}: not created yet")
+            continue
         lines.append(
             f"table {table.uri}: version {table.version}, {table.rows} rows, "
             f"{table.active_files} active files, last commit {table.last_commit}"

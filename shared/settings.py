@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from shared import redaction
+from shared import lake_names, redaction
 from shared.errors import ConfigError
 from shared.redis_conn import RedisTarget, redacted_url
 
@@ -277,15 +277,19 @@ class Settings(BaseSettings):
         """The producer's overflow file for this stream."""
         return Path(self.producer_spool_dir) / f"{self.stream}.spool"
 
+    def lake_table_uri(self, table: str) -> str:
+        """Where the lake table named ``table`` (shared/lake_names.py) lives."""
+        return f"{self.lake_uri.rstrip('/')}/{table}"
+
     @property
     def table_uri(self) -> str:
         """Where the ``position_updates`` table lives."""
-        return f"{self.lake_uri.rstrip('/')}/position_updates"
+        return self.lake_table_uri(lake_names.POSITION_UPDATES)
 
     @property
     def current_table_uri(self) -> str:
         """Where the ``positions_current`` table lives."""
-        return f"{self.lake_uri.rstrip('/')}/positions_current"
+        return self.lake_table_uri(lake_names.POSITIONS_CURRENT)
 
 
 _HOSTNAME = re.compile(

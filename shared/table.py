@@ -17,10 +17,11 @@ import pyarrow.json as pj
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
+from shared import lake_names
 from shared.model import PositionUpdate
 from shared.settings import DEFAULT_HISTORY_RETENTION_HOURS, TOMBSTONE_MARGIN_HOURS
 
-TABLE_NAME = "position_updates"
+TABLE_NAME = lake_names.POSITION_UPDATES
 PARTITION_COLUMNS = ["symbol"]
 KEY_COLUMNS = ("account", "conid", "timestamp")
 UTC_MICROS = pa.timestamp("us", tz="UTC")
@@ -99,18 +100,23 @@ def open_or_create_table(
     storage_options: dict[str, str] | None = None,
     checkpoint_interval: int = 100,
     history_retention_hours: float = DEFAULT_HISTORY_RETENTION_HOURS,
+    *,
+    schema: pa.Schema = POSITION_UPDATES_SCHEMA,
+    partition_by: Sequence[str] = PARTITION_COLUMNS,
+    name: str = TABLE_NAME,
 ) -> DeltaTable:
-    """Open the table, creating it with the explicit schema on first use."""
+    """Open a table, creating it with its explicit schema on first use (by default
+    ``position_updates``; shared/kinds.py gives every kind's schema and partitions)."""
     try:
         return DeltaTable(uri, storage_options=storage_options)
     except TableNotFoundError:
         pass
     return DeltaTable.create(
         uri,
-        POSITION_UPDATES_SCHEMA,
+        schema,
         mode="ignore",  # another consumer may create it at the same moment
-        partition_by=PARTITION_COLUMNS,
-        name=TABLE_NAME,
+        partition_by=list(partition_by),
+        name=name,
         configuration=table_configuration(checkpoint_interval, history_retention_hours),
         storage_options=storage_options,
     )

@@ -331,7 +331,7 @@ def test_live_view_renders_the_flow() -> None:
         "9-0",
         [GroupStatus("lake", "9-0", 1200, 3, 5, [ConsumerStatus("c1", 5, 1500, 2)])],
         4,
-        TableStatus("lake/position_updates", 7, 1195, 12, "now"),
+        TableStatus("position_updates", "lake/position_updates", 7, 1195, 12, "now"),
     )
     console = Console(record=True, width=100)
     console.print(render(status, 250.0, 240.0))

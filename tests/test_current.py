@@ -11,7 +11,7 @@ import msgspec
 import pyarrow as pa
 import redis
 
-from consumer.current import CurrentPositions, newest_per_contract
+from consumer.current import CurrentWriter, newest_per_contract
 from shared.model import PositionUpdate
 from shared.settings import Settings
 from shared.table import updates_to_arrow
@@ -150,7 +150,7 @@ def test_a_ticker_change_moves_the_contract_to_its_new_symbol(tmp_path: Path) ->
     """Same conid, new underlying symbol (a ticker change): one row, under the new symbol,
     and a late update under the old symbol does not bring the old one back."""
     settings = Settings(lake_uri=str(tmp_path / "lake"), consumer_name="c1")
-    current = CurrentPositions(settings)
+    current = CurrentWriter(settings)
     before = make_updates(40, seed=13)
     current.merge(updates_to_arrow(before, [f"{i + 1}-0".encode() for i in range(40)]))
     renamed = _later(before[0], 3_600, symbol="NEWTICK")

@@ -35,7 +35,7 @@ def test_run_then_query_matches_the_simulators_final_book(tmp_path: Path) -> Non
     table = pl.read_delta(str(data / "lake" / "position_updates"))
     assert table.select(["account", "conid", "timestamp"]).is_unique().all()
     assert table["symbol"].n_unique() >= 5 and table["account"].n_unique() == 3
-    stream_length = int(result.stdout.split("poslake run: ")[1].split(" updates")[0])
+    stream_length = int(result.stdout.split("poslake run: ")[1].split(" entries")[0])
     assert table.height == stream_length
 
     query = subprocess.run(
@@ -123,5 +123,5 @@ def test_ctrl_c_stops_everything_in_order(tmp_path: Path) -> None:
             process.kill()
     assert process.returncode == 0, err[-3000:]
     assert "NOT fully drained" not in out
-    stream_length = int(out.split("poslake run: ")[1].split(" updates")[0])
+    stream_length = int(out.split("poslake run: ")[1].split(" entries")[0])
     assert pl.read_delta(str(lake)).height == stream_length > 0

@@ -14,7 +14,7 @@ import pytest
 import redis
 from deltalake import DeltaTable
 
-from consumer.current import CurrentPositions
+from consumer.current import CurrentWriter
 from consumer.dedup import BatchKeys, CommittedKeyIndex
 from consumer.maintenance import TableMaintainer, partitions_to_compact
 from consumer.sink import DeltaSink
@@ -175,7 +175,7 @@ def _filled_lake(lake: Path, history: float = 24.0) -> tuple[Settings, list[Posi
     """Both tables after 20 commits and a compaction: retired files in both."""
     settings = _settings(lake, compact_min_small_files=5, history_retention_hours=history)
     sink = DeltaSink(settings)
-    current = CurrentPositions(settings)
+    current = CurrentWriter(settings)
     updates = make_updates(2_000, seed=38)
     # Partition folders whose names need encoding (delta-rs writes "symbol=BRK%20B").
     updates = [
@@ -280,7 +280,7 @@ def test_maintainer_vacuums_on_the_clock_under_the_lease(lake: Path, redis_url: 
 def test_tables_keep_tombstones_and_logs_for_the_history_and_a_margin(lake: Path) -> None:
     settings = _settings(lake, history_retention_hours=10)
     DeltaSink(settings)
-    CurrentPositions(settings)
+    CurrentWriter(settings)
     for uri in (settings.table_uri, settings.current_table_uri):
         configuration = DeltaTable(uri).metadata().configuration
         expected = f"interval {(10 + TOMBSTONE_MARGIN_HOURS) * 3600} seconds"

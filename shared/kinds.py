@@ -1,0 +1,117 @@
+"""The entry kinds: all the core knows about one kind of observation, declared once.
+
+An :class:`EntryKind` names its model (a msgspec struct), its tag on the wire,
+its Delta table (Arrow schema, row builder, partition columns), its dedup key
+and its optional "current" table with the merge rule. The consumer's core is
+generic over kinds and driven by :data:`KINDS`: decoding (shared/wire.py), the
+batch in hand (consumer/batch.py), the dedup index (consumer/dedup.py), the
+history commit (consumer/sink.py), the current merge (consumer/current.py),
+maintenance, ``status``, ``query`` and the benchmarks iterate it. A new kind is
+one declaration here plus its producer side.
+
+One stream carries every kind, each entry tagged by its ``kind`` field (absent:
+``position``): see README.md, "Wire format", for why one stream and not one each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import pyarrow as pa
+
+from shared import lake_names
+from shared.model import LABEL_FIELDS, PositionUpdate
+from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
+
+RowBuilder = Callable[[Sequence[Any], Sequence[bytes]], pa.Table]
+"""Rows of a kind's table from decoded models and their stream entry IDs, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentTable:
+    """A table holding the newest row per ``match`` columns of a kind's rows.
+
+    A row is updated only by one whose ``newer_by`` value is larger, and inserted
+    when its ``match`` is new: idempotent and order-proof, so replays are no-ops.
+    """
+
+    name: str
+    match: tuple[str, ...]
+    newer_by: str = "timestamp"
+
+
+@dataclass(frozen=True, slots=True)
+class EntryKind:
+    """One kind of stream entry and the table it lands in."""
+
+    tag: str  # the entry's ``kind`` field
+    model: type[msgspec.Struct]
+    table: str  # the history table (shared/lake_names.py)
+    schema: pa.Schema
+    to_rows: RowBuilder
+    partition_by: tuple[str, ...]
+    # The dedup key: ``group`` columns (strings or integers) and a UTC timestamp column.
+    # One row per key lands; a key already in the table is a duplicate.
+    group: tuple[str, ...]
+    time_column: str
+    label_fields: tuple[str, ...]  # text checked for control characters at decode
+    current: CurrentTable | None = None
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        return (*self.group, self.time_column)
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """The lake tables this kind writes: history, then current if any."""
+        return (self.table,) if self.current is None else (self.table, self.current.name)
+
+    def empty_rows(self) -> pa.Table:
+        return self.schema.empty_table()
+
+
+POSITIONS = EntryKind(
+    tag="position",
+    model=PositionUpdate,
+    table=lake_names.POSITION_UPDATES,
+    schema=POSITION_UPDATES_SCHEMA,
+    to_rows=updates_to_arrow,
+    partition_by=("symbol",),
+    group=("account", "conid"),
+    time_column="timestamp",
+    label_fields=LABEL_FIELDS,
+    current=CurrentTable(lake_names.POSITIONS_CURRENT, match=("account", "conid")),
+)
+
+KINDS: tuple[EntryKind, ...] = (POSITIONS,)
+"""Every kind, in the order the consumer commits them."""
+
+DEFAULT_KIND = POSITIONS
+"""The kind of an entry without a ``kind`` field (every version 1 producer's)."""
+
+_BY_TAG = {kind.tag: kind for kind in KINDS}
+_BY_MODEL = {kind.model: kind for kind in KINDS}
+_BY_TABLE = {table: kind for kind in KINDS for table in kind.tables}
+
+
+def kind_of_tag(tag: str) -> EntryKind | None:
+    """The kind tagged ``tag`` on the wire, if any."""
+    return _BY_TAG.get(tag)
+
+
+def kind_of(model: msgspec.Struct) -> EntryKind:
+    """The kind of a decoded model."""
+    return _BY_MODEL[type(model)]
+
+
+def kind_of_table(table: str) -> EntryKind | None:
+    """The kind writing the lake table named ``table`` (history or current)."""
+    return _BY_TABLE.get(table)
+
+
+def all_tables() -> list[str]:
+    """Every lake table of every kind: each history, then its current table."""
+    return [table for kind in KINDS for table in kind.tables]

@@ -1,0 +1,9 @@
+"""Names that live in the lake: every table's folder under ``POSLAKE_LAKE_URI``.
+
+Declared here once; the entry kinds (shared/kinds.py) and the settings' URIs use them.
+"""
+
+from __future__ import annotations
+
+POSITION_UPDATES = "position_updates"
+POSITIONS_CURRENT = "positions_current"
