@@ -7,6 +7,7 @@ COPY shared ./shared
 COPY consumer ./consumer
 COPY producer ./producer
 COPY poslake ./poslake
+COPY gateway_sim ./gateway_sim
 RUN pip install . && useradd --create-home --uid 10001 poslake && mkdir /lake /spool && chown poslake /lake /spool
 USER poslake
 # The consumer name defaults to the container's hostname: stable across restarts

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     with work_dir("latency") as folder, private_redis(folder / "redis") as server:
         record = folder / "record.jsonl"
         sim = subprocess.Popen(
-            [sys.executable, "-m", "producer.simulator", "--port", "0", "--accounts", "DU100001",
+            [sys.executable, "-m", "gateway_sim", "--port", "0", "--accounts", "DU100001",
              "--positions", str(args.positions), "--rate", str(args.rate), "--record", str(record)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip

@@ -52,7 +52,7 @@ def start_simulator(folder: Path, positions: int) -> tuple[subprocess.Popen[str]
     stats = folder / f"stats-{positions}-{time.monotonic_ns()}.json"
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "producer.simulator", "--port", "0",
+            sys.executable, "-m", "gateway_sim", "--port", "0",
             "--accounts", "DU100001", "--positions", str(positions), "--rate", "0",
             "--stats", str(stats),
         ],

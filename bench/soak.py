@@ -42,8 +42,8 @@ from deltalake import DeltaTable
 
 from bench.common import consumer_env, log, private_redis, rss_kb, start_module, work_dir
 from consumer.current import CurrentWriter
-from producer import tws_protocol as tws
-from producer.sim_portfolio import SyntheticPortfolio
+from gateway_sim import protocol as tws
+from gateway_sim.portfolio import SyntheticPortfolio
 from shared.redis_server import free_port
 from shared.settings import Settings, load_settings
 from shared.table import POSITION_UPDATES_SCHEMA
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     with work_dir("soak", keep=args.keep) as folder, private_redis(folder / "redis") as server:
         stats_path = folder / "simulator-stats.json"
         sim = subprocess.Popen(
-            [sys.executable, "-m", "producer.simulator", "--port", "0", "--accounts", ACCOUNTS,
+            [sys.executable, "-m", "gateway_sim", "--port", "0", "--accounts", ACCOUNTS,
              "--positions", str(args.positions), "--rate", str(args.rate),
              "--stats", str(stats_path)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

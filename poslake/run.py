@@ -168,7 +168,7 @@ def _start_ib(
             ) from None
         return None, settings.ib_host, settings.ib_port
     module = [
-        "producer.simulator",
+        "gateway_sim",
         "--port",
         "0",
         "--accounts",

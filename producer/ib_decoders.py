@@ -21,8 +21,9 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ib_async.util import UNSET_DOUBLE
+
 from producer.ib_mapping import ContractInfo, MappingError, map_contract
-from producer.tws_protocol import UNSET_DOUBLE
 
 decoder_log = logging.getLogger("ib_async.Decoder")
 log = logging.getLogger(__name__)

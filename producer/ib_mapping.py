@@ -20,8 +20,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import msgspec
+from ib_async.util import UNSET_DOUBLE
 
-from producer.tws_protocol import UNSET_DOUBLE
 from shared.model import DERIVATIVE_SEC_TYPES, PositionUpdate
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

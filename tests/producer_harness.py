@@ -20,12 +20,12 @@ from typing import Any
 
 import redis
 
+from gateway_sim.session import SentUpdate
+from gateway_sim.simulator import GatewaySimulator, SimulatorConfig
 from producer.cli import build_outbox
 from producer.ib_mapping import UpdateClock
 from producer.ib_source import IbSource
 from producer.outbox import Outbox
-from producer.sim_session import SentUpdate
-from producer.simulator import GatewaySimulator, SimulatorConfig
 from shared.model import PositionUpdate
 from shared.settings import Settings, load_settings
 from shared.wire import decode_entry

@@ -110,7 +110,7 @@ def _poslake_services(data: dict[str, Any]) -> dict[str, Any]:
     return {
         name: service
         for name, service in data["services"].items()
-        if service.get("build") is not None and service["command"][2] != "producer.simulator"
+        if service.get("build") is not None and service["command"][2] != "gateway_sim"
     }
 
 

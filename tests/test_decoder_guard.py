@@ -6,7 +6,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-import producer.tws_protocol as tws
+import gateway_sim.protocol as tws
 from tests.producer_harness import (
     DecoderErrors,
     producer_settings,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-from producer.simulator import SimulatorConfig, SimulatorThread
+from gateway_sim.simulator import SimulatorConfig, SimulatorThread
 from tests.helpers import (
     REPO_ROOT,
     assert_table_exact,

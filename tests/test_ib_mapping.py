@@ -11,6 +11,7 @@ from datetime import date
 import msgspec
 import pytest
 
+from gateway_sim.protocol import UNSET_DOUBLE
 from producer.ib_mapping import (
     MappingError,
     UpdateClock,
@@ -19,7 +20,6 @@ from producer.ib_mapping import (
     number,
     price_from_value,
 )
-from producer.tws_protocol import UNSET_DOUBLE
 from shared.model import PositionUpdate
 from shared.wire import decode_entry, encode_update
 from tests.helpers import REPO_ROOT

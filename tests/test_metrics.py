@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from producer.simulator import SimulatorConfig, SimulatorThread
+from gateway_sim.simulator import SimulatorConfig, SimulatorThread
 from shared.redis_server import free_port
 from tests.helpers import REPO_ROOT, consumer_env, kill, start_consumer, table_rows, wait_until
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from producer import tws_protocol as tws
-from producer.simulator import GatewaySimulator
+from gateway_sim import protocol as tws
+from gateway_sim.simulator import GatewaySimulator
 from tests.producer_harness import (
     producer_settings,
     read_stream,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.simulator import SimulatorConfig, SimulatorThread
+from gateway_sim.simulator import SimulatorConfig, SimulatorThread
 from tests.helpers import REPO_ROOT, wait_until
 from tests.producer_harness import (
     assert_matches_record,

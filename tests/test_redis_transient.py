@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import redis
 
+from gateway_sim.simulator import SimulatorConfig, SimulatorThread
 from producer.outbox import Outbox
-from producer.simulator import SimulatorConfig, SimulatorThread
 from shared.redis_server import RedisServer, free_port, server_version
 from shared.wire import encode_payload
 from tests.conftest import RedisTarget

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from producer.simulator import SimulatorConfig, SimulatorThread
+from gateway_sim.simulator import SimulatorConfig, SimulatorThread
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -27,7 +27,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from producer.simulator import SimulatorConfig, SimulatorThread
+from gateway_sim.simulator import SimulatorConfig, SimulatorThread
 from shared.redis_server import RedisServer, find_redis_server, free_port
 from tests.helpers import make_updates, publish
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from ib_async import IB
 
-from producer.simulator import SimulatorConfig, SimulatorThread
+from gateway_sim.simulator import SimulatorConfig, SimulatorThread
 from tests.helpers import REPO_ROOT
 from tests.producer_harness import (
     producer_settings,
@@ -75,7 +75,7 @@ def test_random_drops_are_seeded_and_counted(redis_url: str, stream: str, tmp_pa
 def test_runs_on_its_own_and_writes_its_final_state(tmp_path: Path) -> None:
     state = tmp_path / "state.json"
     process = subprocess.Popen(
-        [sys.executable, "-m", "producer.simulator", "--port", "0", "--positions", "7",
+        [sys.executable, "-m", "gateway_sim", "--port", "0", "--positions", "7",
          "--accounts", "DU9", "--final-state", str(state)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
@@ -90,7 +90,7 @@ def test_runs_on_its_own_and_writes_its_final_state(tmp_path: Path) -> None:
 
 def test_bad_simulator_arguments_are_refused() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "producer.simulator", "--port", "0", "--positions", "999999",
+        [sys.executable, "-m", "gateway_sim", "--port", "0", "--positions", "999999",
          "--accounts", "DU1"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from producer import tws_protocol as tws
-from producer.sim_portfolio import Holding, Instrument
+from gateway_sim import protocol as tws
+from gateway_sim.portfolio import Holding, Instrument
 
 if TYPE_CHECKING:
-    from producer.simulator import GatewaySimulator
+    from gateway_sim.simulator import GatewaySimulator
 
 log = logging.getLogger(__name__)
 

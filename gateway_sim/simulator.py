@@ -1,6 +1,6 @@
 """A TWS-protocol gateway simulator: the real ib_async client connects to it over TCP.
 
-It serves a :class:`~producer.sim_portfolio.SyntheticPortfolio` (size, update
+It serves a :class:`~gateway_sim.portfolio.SyntheticPortfolio` (size, update
 rate and seed are settings), pushes updates at a steady rate to every
 subscribed connection, and records every position-bearing message it sends
 (:attr:`GatewaySimulator.record`) so tests can compare the lake with it.
@@ -9,7 +9,7 @@ Fault controls: drop connections after a time or at random, refuse a client ID
 (error 326), leave a startup request unanswered, send the link codes
 1100/1101/1102.
 
-Runs on its own (``python -m producer.simulator --port 4002 --positions 200
+Runs on its own (``python -m gateway_sim --port 4002 --positions 200
 --rate 50``), inside a test's event loop, or in a thread (:class:`SimulatorThread`).
 """
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from producer import tws_protocol as tws
-from producer.sim_portfolio import EventKind, Holding, PortfolioEvent, SyntheticPortfolio
-from producer.sim_session import ClientSession, SentUpdate, prerender
+from gateway_sim import protocol as tws
+from gateway_sim.portfolio import EventKind, Holding, PortfolioEvent, SyntheticPortfolio
+from gateway_sim.session import ClientSession, SentUpdate, prerender
 from shared.logs import configure_logging
 from shared.stopping import release_held_stops
 
@@ -358,7 +358,7 @@ async def serve(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m producer.simulator",
+        prog="python -m gateway_sim",
         description="A TWS API gateway simulator with a synthetic, seeded portfolio.",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from enum import Enum
 
-from producer import tws_protocol as tws
+from gateway_sim import protocol as tws
 
 UNDERLYINGS = (
     ("AAPL", 190.0, "NASDAQ"),

@@ -1,0 +1,3 @@
+from gateway_sim.simulator import main
+
+raise SystemExit(main())
