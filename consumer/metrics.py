@@ -12,6 +12,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from consumer.runner import Consumer
+from consumer.sink import DeltaSink
 from shared.metrics import LabelledCounter, StatsCollector
 from shared.redis_conn import sync_client
 from shared.redis_errors import kind_of, refusal
@@ -90,7 +91,7 @@ class ConsumerMetrics:
         values["seconds_since_progress"] = time.monotonic() - self.consumer.heartbeat
         values["redis_ok"] = 1.0 if self.consumer.redis_health.ok else 0.0
         # Every kind's dedup index together (dict copy: the main thread fills it once).
-        sinks = list(dict(self.consumer.sinks).values())
+        sinks = [s for s in dict(self.consumer.sinks).values() if isinstance(s, DeltaSink)]
         values["dedup_index_keys"] = sum(len(sink.index) for sink in sinks)
         values["dedup_index_contracts"] = sum(sink.index.contracts for sink in sinks)
         maintainer = self.consumer.maintainer

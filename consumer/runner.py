@@ -46,6 +46,7 @@ from consumer.maintenance import TableMaintainer
 from consumer.redis_calls import SIGNAL_CHECK_S, RedisCalls, backoff, pause
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
+from consumer.upsert import UpsertWriter
 from shared.errors import (
     CommitConflict,
     CommitFailed,
@@ -115,7 +116,7 @@ class Consumer:
         self._stats_lock = threading.Lock()
         self._batches_in_hand = 0  # numbers batches for the crash points
         # Opened in run(): per kind its history writer and, if it has one, current writer.
-        self.sinks: dict[EntryKind, DeltaSink] = {}
+        self.sinks: dict[EntryKind, DeltaSink | UpsertWriter] = {}
         self.currents: dict[EntryKind, CurrentWriter] = {}
         # For metrics and health (consumer/metrics.py): batch observer, loop heartbeat.
         self.on_batch: Callable[[int, float], None] | None = None
@@ -483,7 +484,7 @@ class Consumer:
         failures = 0
         while not self._stopping:
             try:
-                sinks = {kind: DeltaSink(self.settings, kind) for kind in KINDS}
+                sinks = {kind: history_writer(self.settings, kind) for kind in KINDS}
                 currents = {
                     kind: CurrentWriter(self.settings, kind)
                     for kind in KINDS
@@ -515,6 +516,11 @@ class Consumer:
             log.warning("fault injection: SIGKILL", extra={"point": point, "count": count})
             logging.shutdown()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def history_writer(settings: Settings, kind: EntryKind) -> DeltaSink | UpsertWriter:
+    """The writer of a kind's history table: appended with dedup, or upserted by its rule."""
+    return DeltaSink(settings, kind) if kind.upsert is None else UpsertWriter(settings, kind)
 
 
 def _wait(future: Future[T]) -> T:

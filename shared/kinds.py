@@ -23,6 +23,14 @@ import msgspec
 import pyarrow as pa
 
 from shared import lake_names
+from shared.executions import (
+    COMMISSION_COLUMNS,
+    DETAIL_COLUMNS,
+    EXECUTION_LABEL_FIELDS,
+    EXECUTIONS_SCHEMA,
+    ExecutionEntry,
+    executions_to_arrow,
+)
 from shared.model import LABEL_FIELDS, PositionUpdate
 from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
 
@@ -44,8 +52,46 @@ class CurrentTable:
 
 
 @dataclass(frozen=True, slots=True)
+class UpsertRule:
+    """One row per ``key``, made of two parts that change separately (executions: the
+    details and the commission, shared/executions.py).
+
+    A part is replaced only by one with a higher revision. The ``attached`` part is
+    kept only while its revision is not below the ``main`` part's: newer main
+    columns clear an older attached part. Applied in any order, any number of times,
+    the same entries give the same row.
+    """
+
+    key: str
+    main: tuple[str, ...]  # its first column is the part's ID, the second its revision
+    attached: tuple[str, ...]  # likewise
+
+    @property
+    def main_id(self) -> str:
+        return self.main[0]
+
+    @property
+    def main_revision(self) -> str:
+        return self.main[1]
+
+    @property
+    def attached_id(self) -> str:
+        return self.attached[0]
+
+    @property
+    def attached_revision(self) -> str:
+        return self.attached[1]
+
+
+@dataclass(frozen=True, slots=True)
 class EntryKind:
-    """One kind of stream entry and the table it lands in."""
+    """One kind of stream entry and the table it lands in.
+
+    A kind lands in one of two ways. Appended (``upsert`` None): its history table
+    gets one row per dedup key, a key already there is a duplicate, and its current
+    table, if any, is merged after. Upserted: its table holds one row per
+    ``upsert.key``, MERGEd in place by the rule (consumer/upsert.py).
+    """
 
     tag: str  # the entry's ``kind`` field
     model: type[msgspec.Struct]
@@ -53,12 +99,14 @@ class EntryKind:
     schema: pa.Schema
     to_rows: RowBuilder
     partition_by: tuple[str, ...]
-    # The dedup key: ``group`` columns (strings or integers) and a UTC timestamp column.
-    # One row per key lands; a key already in the table is a duplicate.
-    group: tuple[str, ...]
-    time_column: str
     label_fields: tuple[str, ...]  # text checked for control characters at decode
+    # The dedup key of appended kinds: ``group`` columns (strings or integers) and a
+    # UTC timestamp column. One row per key lands; a key already in the table is a
+    # duplicate.
+    group: tuple[str, ...] = ()
+    time_column: str = "timestamp"
     current: CurrentTable | None = None
+    upsert: UpsertRule | None = None
 
     @property
     def key_columns(self) -> tuple[str, ...]:
@@ -86,7 +134,18 @@ POSITIONS = EntryKind(
     current=CurrentTable(lake_names.POSITIONS_CURRENT, match=("account", "conid")),
 )
 
-KINDS: tuple[EntryKind, ...] = (POSITIONS,)
+EXECUTIONS = EntryKind(
+    tag="execution",
+    model=ExecutionEntry,
+    table=lake_names.EXECUTIONS,
+    schema=EXECUTIONS_SCHEMA,
+    to_rows=executions_to_arrow,
+    partition_by=("symbol",),
+    label_fields=EXECUTION_LABEL_FIELDS,
+    upsert=UpsertRule(key="exec_base", main=DETAIL_COLUMNS, attached=COMMISSION_COLUMNS),
+)
+
+KINDS: tuple[EntryKind, ...] = (POSITIONS, EXECUTIONS)
 """Every kind, in the order the consumer commits them."""
 
 DEFAULT_KIND = POSITIONS

@@ -7,3 +7,4 @@ from __future__ import annotations
 
 POSITION_UPDATES = "position_updates"
 POSITIONS_CURRENT = "positions_current"
+EXECUTIONS = "executions"

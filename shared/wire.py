@@ -67,7 +67,9 @@ def _may_hold_control(payload: bytes) -> bool:
 def control_field(update: msgspec.Struct) -> str | None:
     """The first text field of ``update`` holding a control character, if any."""
     for name in kind_of(update).label_fields:
-        value = getattr(update, name)
+        value: Any = update
+        for part in name.split("."):  # "execution.account": a nested struct's field
+            value = getattr(value, part) if value is not None else None
         if value is not None and _CONTROL.search(value):
             return name
     return None

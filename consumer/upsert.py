@@ -1,0 +1,164 @@
+"""Landing an upserted kind (executions): one Delta MERGE per batch, by the kind's rule.
+
+The kind's row builder has already folded the batch to one row per key by its
+:class:`~shared.kinds.UpsertRule`; the MERGE applies the same rule against the
+table, in SQL:
+
+- a row whose key is new is inserted (a commission before its execution makes a
+  row with only the commission; the execution fills it in later);
+- the main part (the execution's details) is replaced only by a higher revision;
+- the attached part (the commission) only by a higher revision that is not below
+  the row's main revision; newer main columns clear an older attached part.
+
+Replays change nothing (no new table version when no row changes), so there is
+no dedup index: the MERGE is the dedup. Every commit carries the group's app
+transaction (as appends do, consumer/sink.py), so two consumers' MERGEs into the
+table are serialised: the loser re-reads and merges again, and a key is never
+inserted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import CommitProperties, Transaction
+from deltalake.exceptions import DeltaError
+
+from consumer.sink import NO_CHECKPOINT, CommitOutcome, commit_error
+from shared.errors import CommitFailed, RowsRejected
+from shared.kinds import EntryKind, UpsertRule
+from shared.settings import Settings
+from shared.table import open_or_create_table
+
+log = logging.getLogger(__name__)
+
+
+def _q(name: str) -> str:
+    return f'"{name}"'
+
+
+def merge_clauses(rule: UpsertRule) -> tuple[str, str, dict[str, str]]:
+    """The MERGE's match predicate, its when-matched predicate and its column updates."""
+    main_id, main_rev = _q(rule.main_id), _q(rule.main_revision)
+    att_id, att_rev = _q(rule.attached_id), _q(rule.attached_revision)
+    main_newer = (
+        f"(s.{main_id} IS NOT NULL AND (t.{main_id} IS NULL OR s.{main_rev} > t.{main_rev}))"
+    )
+    attached_kept = (
+        f"(s.{att_id} IS NOT NULL AND s.{att_rev} > coalesce(t.{att_rev}, -1)"
+        f" AND (s.{att_rev} >= coalesce(t.{main_rev}, -1) OR {main_newer}))"
+    )
+    updates: dict[str, str] = {}
+    for name in rule.main:
+        updates[_q(name)] = f"CASE WHEN {main_newer} THEN s.{_q(name)} ELSE t.{_q(name)} END"
+    for name in rule.attached:
+        updates[_q(name)] = (
+            f"CASE WHEN {attached_kept} THEN s.{_q(name)}"
+            f" WHEN {main_newer} AND coalesce(t.{att_rev}, -1) < s.{main_rev} THEN NULL"
+            f" ELSE t.{_q(name)} END"
+        )
+    match = f"t.{_q(rule.key)} = s.{_q(rule.key)}"
+    return match, f"{main_newer} OR {attached_kept}", updates
+
+
+def _row_id(rows: pa.Table, position: int, rule: UpsertRule) -> str:
+    """The stream entry a row came from: its main part's, else its attached part's."""
+    main, attached = rule.main[-1], rule.attached[-1]  # the parts' stream_id columns
+    ids = pc.coalesce(rows.column(main), rows.column(attached))
+    value = ids[position].as_py()
+    return str(value) if value is not None else ""
+
+
+class UpsertWriter:
+    """The consumer's writer to an upserted kind's table."""
+
+    def __init__(self, settings: Settings, kind: EntryKind) -> None:
+        if kind.upsert is None:
+            raise ValueError(f"kind {kind.tag!r} is not upserted")
+        self._settings = settings
+        self.kind = kind
+        self.rule = kind.upsert
+        self.table = open_or_create_table(
+            settings.lake_table_uri(kind.table),
+            settings.storage_options or None,
+            settings.checkpoint_interval,
+            settings.history_retention_hours,
+            schema=kind.schema,
+            partition_by=kind.partition_by,
+            name=kind.table,
+        )
+        self.app_id = f"poslake:{settings.stream}:{settings.group}"
+        self._match, self._when, self._updates = merge_clauses(self.rule)
+        self.commits = 0
+
+    def commit_rows(self, rows: pa.Table) -> CommitOutcome:
+        """MERGE the batch's rows (one per key); raises as :meth:`DeltaSink.commit_rows`."""
+        started = time.perf_counter()
+        if rows.num_rows == 0:
+            return CommitOutcome(0, 0, self.table.version(), 0.0)
+        try:
+            self.table.update_incremental()
+        except (DeltaError, OSError) as exc:
+            raise CommitFailed(f"cannot read table state: {exc}") from exc
+        txn_version = max(self.table.transaction_version(self.app_id) or 0, 0) + 1
+        properties = CommitProperties(
+            app_transactions=[Transaction(self.app_id, txn_version)],
+            custom_metadata={
+                "poslake.commit_id": uuid.uuid4().hex,
+                "poslake.consumer": self._settings.consumer_name,
+                "poslake.first_entry": _row_id(rows, 0, self.rule),
+                "poslake.last_entry": _row_id(rows, -1, self.rule),
+            },
+        )
+        try:
+            metrics = (
+                self.table.merge(
+                    rows,
+                    self._match,
+                    source_alias="s",
+                    target_alias="t",
+                    commit_properties=properties,
+                    post_commithook_properties=NO_CHECKPOINT,
+                )
+                .when_matched_update(self._updates, predicate=self._when)
+                .when_not_matched_insert_all()
+                .execute()
+            )
+        except (DeltaError, OSError) as exc:
+            raise commit_error(exc, self.kind.table) from exc
+        changed = int(metrics.get("num_target_rows_inserted", 0)) + int(
+            metrics.get("num_target_rows_updated", 0)
+        )
+        if changed:
+            self.commits += 1
+        elapsed = time.perf_counter() - started
+        log.debug(
+            "upserted",
+            extra={"table": self.kind.table, "rows": rows.num_rows, "changed": changed},
+        )
+        return CommitOutcome(changed, rows.num_rows - changed, self.table.version(), elapsed)
+
+    def commit_isolating(self, rows: pa.Table) -> tuple[CommitOutcome, list[tuple[str, str]]]:
+        """:meth:`commit_rows`, in halves when rows are rejected (as
+        :meth:`DeltaSink.commit_isolating`); merging in pieces gives the same table."""
+        try:
+            return self.commit_rows(rows), []
+        except RowsRejected as exc:
+            if rows.num_rows <= 1:
+                row_id = _row_id(rows, 0, self.rule) if rows.num_rows else ""
+                log.warning("row rejected by the table", extra={"entry_id": row_id})
+                return CommitOutcome(0, 0, self.table.version(), 0.0), [(row_id, exc.reason)]
+        half = rows.num_rows // 2
+        first, rejected_first = self.commit_isolating(rows.slice(0, half))
+        second, rejected_second = self.commit_isolating(rows.slice(half))
+        combined = CommitOutcome(
+            first.rows_written + second.rows_written,
+            first.duplicates + second.duplicates,
+            second.table_version,
+            first.seconds + second.seconds,
+        )
+        return combined, rejected_first + rejected_second
