@@ -31,6 +31,7 @@ from typing import Any
 from ib_async import IB
 
 from producer import ib_decoders
+from producer.executions import ExecutionFeed
 from producer.ib_mapping import (
     ContractInfo,
     MappingError,
@@ -99,6 +100,7 @@ class IbSource:
             settings.ib_pnl_cancel_grace_s,
             settings.ib_pnl_max_subscriptions,
         )
+        self.executions = ExecutionFeed(outbox, clock, settings.ib_timezone)
         self._refused: asyncio.Future[None] | None = None
         self._disconnected = asyncio.Event()
         self._resubscribe = asyncio.Event()
@@ -113,6 +115,7 @@ class IbSource:
         ib.errorEvent += self._on_error
         ib.disconnectedEvent += self._on_disconnected
         ib.client.conn.hasData += self._on_socket_data
+        self.executions.install(ib)
         if self.settings.ib_fast_decode:
             self._demux = ib_decoders.install(ib, self)
         else:
@@ -464,6 +467,8 @@ class IbSource:
         # IB forgot every PnL-single: they go out again within the budget.
         self.subscriptions.resubscribe()
         await asyncio.wait_for(self.ib.reqPositionsAsync(), timeout)
+        # Fills made while the link was down: the day's executions again (repeats skipped).
+        await asyncio.wait_for(self.ib.reqExecutionsAsync(), timeout)
 
     def _forget_connection(self) -> None:
         # ib_async wipes its subscriptions on disconnect; so do we.

@@ -40,9 +40,11 @@ from itertools import islice
 from pathlib import Path
 from typing import NoReturn
 
+import msgspec
+
 from producer.resp import RespConnection, RespError, pack_command
 from shared.errors import RedisRefused
-from shared.model import PositionUpdate
+from shared.kinds import DEFAULT_KIND, kind_of
 from shared.publisher import TrimPolicy
 from shared.redis_conn import RedisTarget
 from shared.redis_errors import error_code, refusal, reply_kind
@@ -51,7 +53,9 @@ from shared.wire import CURRENT_VERSION, encode_payload
 
 log = logging.getLogger(__name__)
 
-Entry = tuple[int, bytes]  # (timestamp in µs, payload)
+Entry = tuple[int, bytes]
+"""(timestamp in µs, payload): a position's JSON, or for another kind its tag, a space
+and its JSON (JSON starts with ``{``; a spool line stays ``<stamp> <payload>``)."""
 _DUPLICATE_ID = "equal or smaller than the target stream top item"
 # The start-up probe's XADD with ID 0-0 is refused after the ACL and OOM checks and
 # before anything is written: this reply means the right to XADD is there.
@@ -83,6 +87,14 @@ def _payload_of(reply: object) -> bytes | None:
         if name == b"payload":
             return bytes(value)
     return None
+
+
+def split_payload(payload: bytes) -> tuple[bytes | None, bytes]:
+    """An entry's kind tag (None for positions) and its JSON payload."""
+    if payload.startswith(b"{"):
+        return None, payload
+    tag, _, json = payload.partition(b" ")
+    return tag, json
 
 
 def id_to_us(entry: bytes) -> int:
@@ -245,8 +257,13 @@ class Outbox:
 
     # --- producer side (called from IB event handlers; never blocks) --------
 
-    def put(self, stamp_us: int, update: PositionUpdate) -> None:
-        entry = (stamp_us, encode_payload(update))
+    def put(self, stamp_us: int, update: msgspec.Struct) -> None:
+        """Queue one observation of any kind (shared/kinds.py)."""
+        kind = kind_of(update)
+        payload = encode_payload(update)
+        if kind is not DEFAULT_KIND:
+            payload = kind.tag.encode() + b" " + payload
+        entry = (stamp_us, payload)
         if not self._spooling and len(self._memory) < self._memory_limit:
             self._memory.append(entry)
         else:
@@ -420,7 +437,7 @@ class Outbox:
             if isinstance(reply, RespError):
                 self._raise_reply(reply, "XRANGE")
             stored = _payload_of(reply)
-            if stored == payload:
+            if stored == split_payload(payload)[1]:
                 self.stats.recognised_duplicates += 1
             else:
                 missing.append((stamp, payload))
@@ -456,10 +473,17 @@ class Outbox:
     def _xadd(self, stamp_us: int, payload: bytes, explicit: bool) -> bytes:
         trim = self._trim
         entry = entry_id(stamp_us) if explicit else b"*"
-        if trim.min_age_s is not None and trim.maxlen is None:
-            cutoff_ms = max(0, stamp_us // 1000 - int(trim.min_age_s * 1000))
-            return pack_command(b"XADD", self._stream, b"MINID", b"~", b"%d-0" % cutoff_ms,
-                                entry, b"v", CURRENT_VERSION, b"payload", payload)  # fmt: skip
+        tag, json = split_payload(payload)
+        kind_fields = (b"kind", tag) if tag is not None else ()
+        if tag is not None or (trim.min_age_s is not None and trim.maxlen is None):
+            head: tuple[bytes, ...] = (b"XADD", self._stream)
+            if trim.maxlen is not None:
+                head += (b"MAXLEN", b"~", str(trim.maxlen).encode())
+            elif trim.min_age_s is not None:
+                cutoff_ms = max(0, stamp_us // 1000 - int(trim.min_age_s * 1000))
+                head += (b"MINID", b"~", b"%d-0" % cutoff_ms)
+            return pack_command(*head, entry, b"v", CURRENT_VERSION, *kind_fields,
+                                b"payload", json)  # fmt: skip
         # The common case, hot in a burst: a constant head and tail around two values.
         return b"%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n" % (
             self._xadd_head,

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
@@ -142,6 +143,10 @@ class Settings(BaseSettings):
     ib_idle_probe_s: Seconds = 60.0
     # Decode portfolio/position/PnL messages straight into updates (see producer/ib_source.py).
     ib_fast_decode: bool = True
+    # The zone TWS/Gateway is set to: it reads execution times IB sends without a zone
+    # (an IANA name such as America/New_York; times in IB's UTC form or with a zone
+    # need nothing). Never the machine's zone (producer/ib_time.py).
+    ib_timezone: Annotated[str, Field(min_length=1, max_length=64)] = "UTC"
     # PnL-single subscriptions of the positions-only accounts: requests (subscribe or
     # cancel) per second, under ib_async's throttle of 45/s that every request shares;
     # how long a closed position keeps its subscription in case it reopens; how many
@@ -228,6 +233,15 @@ class Settings(BaseSettings):
         except ValueError:
             if not _HOSTNAME.fullmatch(value):
                 raise ValueError("must be an IP address or a host name") from None
+        return value
+
+    @field_validator("ib_timezone")
+    @classmethod
+    def _ib_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("must be an IANA time zone name, e.g. America/New_York") from None
         return value
 
     @field_validator("ib_accounts", mode="before")
