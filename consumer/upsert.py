@@ -1,8 +1,8 @@
 """Landing an upserted kind (executions): one Delta MERGE per batch, by the kind's rule.
 
-The kind's row builder has already folded the batch to one row per key by its
-:class:`~shared.kinds.UpsertRule`; the MERGE applies the same rule against the
-table, in SQL:
+The batch's rows (one per entry) are first folded to one row per key by the
+kind's :class:`~shared.kinds.UpsertRule` (:func:`fold`); the MERGE applies the
+same rule against the table, in SQL:
 
 - a row whose key is new is inserted (a commission before its execution makes a
   row with only the commission; the execution fills it in later);
@@ -65,6 +65,40 @@ def merge_clauses(rule: UpsertRule) -> tuple[str, str, dict[str, str]]:
     return match, f"{main_newer} OR {attached_kept}", updates
 
 
+def fold(rows: pa.Table, rule: UpsertRule) -> pa.Table:
+    """One row per key from rows in stream order (a batch's pages may each hold a part
+    of the same key), by the same rule as the MERGE: the source of a MERGE must not
+    hold a key twice, or the key would be inserted twice."""
+    if rows.num_rows <= 1:
+        return rows
+    keys = rows.column(rule.key)
+    if pc.count_distinct(keys).as_py() == rows.num_rows:
+        return rows  # the common case: nothing to fold
+    main_rev, att_rev = rule.main_revision, rule.attached_revision
+    folded: dict[object, dict[str, object]] = {}
+    for row in rows.to_pylist():
+        held = folded.get(row[rule.key])
+        if held is None:
+            folded[row[rule.key]] = row
+            continue
+        if row[rule.main_id] is not None and (
+            held[rule.main_id] is None or row[main_rev] > held[main_rev]
+        ):
+            for name in rule.main:
+                held[name] = row[name]
+            if held[att_rev] is not None and held[att_rev] < row[main_rev]:
+                for name in rule.attached:
+                    held[name] = None
+        if (
+            row[rule.attached_id] is not None
+            and (held[att_rev] is None or row[att_rev] > held[att_rev])
+            and (held[main_rev] is None or row[att_rev] >= held[main_rev])
+        ):
+            for name in rule.attached:
+                held[name] = row[name]
+    return pa.Table.from_pylist(list(folded.values()), rows.schema)
+
+
 def _row_id(rows: pa.Table, position: int, rule: UpsertRule) -> str:
     """The stream entry a row came from: its main part's, else its attached part's."""
     main, attached = rule.main[-1], rule.attached[-1]  # the parts' stream_id columns
@@ -100,6 +134,8 @@ class UpsertWriter:
         started = time.perf_counter()
         if rows.num_rows == 0:
             return CommitOutcome(0, 0, self.table.version(), 0.0)
+        entries = rows.num_rows
+        rows = fold(rows, self.rule)
         try:
             self.table.update_incremental()
         except (DeltaError, OSError) as exc:
@@ -140,7 +176,7 @@ class UpsertWriter:
             "upserted",
             extra={"table": self.kind.table, "rows": rows.num_rows, "changed": changed},
         )
-        return CommitOutcome(changed, rows.num_rows - changed, self.table.version(), elapsed)
+        return CommitOutcome(changed, entries - changed, self.table.version(), elapsed)
 
     def commit_isolating(self, rows: pa.Table) -> tuple[CommitOutcome, list[tuple[str, str]]]:
         """:meth:`commit_rows`, in halves when rows are rejected (as

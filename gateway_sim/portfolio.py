@@ -130,6 +130,8 @@ class EventKind(Enum):
 class PortfolioEvent:
     kind: EventKind
     holding: Holding
+    change: float = 0.0  # the position's change (its fills' signed shares add up to it)
+    realized: float = 0.0  # the P&L this change realized
 
 
 @dataclass
@@ -226,17 +228,23 @@ class SyntheticPortfolio:
         below_target = len(self.holdings) < self.target_positions
         roll = rng.random()
         if not self.holdings or (below_target and roll < 0.08):
-            return PortfolioEvent(EventKind.OPEN, self._open_random())
+            opened = self._open_random()
+            return PortfolioEvent(EventKind.OPEN, opened, opened.position)
         holding = self._random_holding()
         if roll < 0.80:
             self._walk(holding.instrument.symbol)
             holding.market_price = self.price_of(holding.instrument)
             return PortfolioEvent(EventKind.PRICE, holding)
+        before, realized = holding.position, holding.realized_pnl
         if roll < 0.95 or len(self.holdings) <= 1:
             self._change(holding)
-            return PortfolioEvent(EventKind.CHANGE, holding)
-        self._close(holding)
-        return PortfolioEvent(EventKind.CLOSE, holding)
+            kind = EventKind.CHANGE
+        else:
+            self._close(holding)
+            kind = EventKind.CLOSE
+        return PortfolioEvent(
+            kind, holding, holding.position - before, round(holding.realized_pnl - realized, 2)
+        )
 
     def _walk(self, symbol: str) -> None:
         self.spot[symbol] = round(self.spot[symbol] * math.exp(self._rng.gauss(0.0, 0.002)), 4)
@@ -316,6 +324,7 @@ class SyntheticPortfolio:
         """One chosen event: open (at the current price), change or close a holding."""
         key = (account, conid)
         holding = self.holdings.get(key)
+        before = holding.position if holding is not None else 0.0
         if holding is None:
             if position == 0:
                 raise ValueError(f"{key} is not held")
@@ -333,7 +342,7 @@ class SyntheticPortfolio:
             holding.position = position
             kind = EventKind.CHANGE
         holding.touch()
-        return PortfolioEvent(kind, holding)
+        return PortfolioEvent(kind, holding, holding.position - before)
 
     def holdings_of(self, account: str) -> list[Holding]:
         return [h for h in self.holdings.values() if h.account == account]

@@ -166,6 +166,43 @@ def exec_details_end(req_id: int) -> bytes:
     return message(55, 1, req_id)
 
 
+def exec_details(
+    req_id: int,
+    order_id: int,
+    contract: bytes,
+    exec_id: str,
+    time: str,
+    account: str,
+    exchange: str,
+    side: str,
+    shares: float,
+    price: float,
+    perm_id: int,
+    client_id: int,
+    cum_qty: float,
+    avg_price: float,
+    order_ref: str,
+) -> bytes:
+    """execDetails (11) at server version 178: no version field, 32 fields; live fills
+    have req_id -1. ``contract`` is :func:`contract_fields`' eleven fields."""
+    head = b"11\x00%d\x00%d\x00" % (req_id, order_id)
+    tail = b"".join(
+        render(f).encode() + b"\0"
+        for f in (exec_id, time, account, exchange, side, shares, price, perm_id, client_id,
+                  0, cum_qty, avg_price, order_ref, "", "", "", 0, 0)
+    )  # fmt: skip
+    return frame(head + contract + tail)
+
+
+def commission_report(
+    exec_id: str, commission: float, currency: str, realized_pnl: float | None
+) -> bytes:
+    """commissionReport (59): realized P&L and yield as IB's unset double when unknown."""
+    unset = "1.7976931348623157E308"  # as IB writes it (render() would send '')
+    realized = unset if realized_pnl is None else realized_pnl
+    return message(59, 1, exec_id, commission, currency, realized, unset, "")
+
+
 def account_summary_end(req_id: int) -> bytes:
     return message(64, 1, req_id)
 

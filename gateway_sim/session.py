@@ -275,8 +275,12 @@ class ClientSession:
         self.queue(tws.account_update_multi_end(req_id))
 
     def _req_executions(self, fields: list[str]) -> None:
-        if not self.sim.take_unanswered("executions"):
-            self.queue(tws.exec_details_end(int(fields[2])))
+        if self.sim.take_unanswered("executions"):
+            return
+        req_id = int(fields[2])
+        for data in self.sim.executions_reply(req_id):
+            self.queue(data)
+        self.queue(tws.exec_details_end(req_id))
 
     def _req_current_time(self, fields: list[str]) -> None:
         if not self.sim.take_unanswered("current_time"):

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway_sim import protocol as tws
+from gateway_sim.fills import EXEC_TIME_FORMATS, Blotter, FillFaults, SimFill
 from gateway_sim.portfolio import EventKind, Holding, PortfolioEvent, SyntheticPortfolio
 from gateway_sim.session import ClientSession, SentUpdate, prerender
 from shared.logs import configure_logging
@@ -78,6 +79,9 @@ class SimulatorConfig:
     drop_probability_per_s: float = 0.0  # chance per second of dropping every connection
     refused_client_ids: set[int] = field(default_factory=set)
     unanswered: Counter[str] = field(default_factory=Counter)  # request -> connections left
+    fills: bool = True  # every position change is made by fills (gateway_sim/fills.py)
+    fill_faults: FillFaults = field(default_factory=FillFaults)
+    exec_time_format: str = "utc"  # how execution times are written (gateway_sim/fills.py)
 
     def __post_init__(self) -> None:
         unknown = set(self.unanswered) - STARTUP_REQUESTS
@@ -85,6 +89,8 @@ class SimulatorConfig:
             raise ValueError(f"unknown startup requests {sorted(unknown)}")
         if self.rate < 0 or self.positions < 0:
             raise ValueError("rate and positions must not be negative")
+        if self.exec_time_format not in EXEC_TIME_FORMATS:
+            raise ValueError(f"exec_time_format must be one of {EXEC_TIME_FORMATS}")
 
 
 class GatewaySimulator:
@@ -94,6 +100,7 @@ class GatewaySimulator:
         self.config = config
         self.accounts = list(config.accounts)
         self.portfolio = SyntheticPortfolio(self.accounts, config.positions, seed=config.seed)
+        self.blotter = Blotter(config.seed, config.fill_faults)
         self.record: list[SentUpdate] = []
         self.sent_count: Counter[str] = Counter()
         self.first_sent_ns: dict[str, int] = {}
@@ -226,15 +233,60 @@ class GatewaySimulator:
             self.emit(self.portfolio.step() for _ in range(due))
 
     def emit(self, events: Iterable[PortfolioEvent]) -> None:
-        """Send each event to the connections subscribed to it, in order."""
+        """Send each event to the connections subscribed to it, in order; a position's
+        change goes out as its fills first."""
         sessions = [s for s in self.sessions if s.ready]
         for event in events:
             self.events += 1
             holding = event.holding
+            if event.change and self.config.fills:
+                for made in self.blotter.fill(holding, event.change, event.realized):
+                    self._send_fill(made, sessions)
             for session in sessions:
                 self._send_event(session, event.kind, holding)
         for session in sessions:
             session.flush()
+
+    # --- fills ----------------------------------------------------------------
+
+    def _send_fill(self, made: SimFill, sessions: list[ClientSession]) -> None:
+        """A live fill (req_id -1) to every connection, as to a master client; its
+        commission after a delay, before it, or never, by the fault settings."""
+        blotter, fmt = self.blotter, self.config.exec_time_format
+        first = made.commission is not None and blotter.wants("commission_first")
+        for session in sessions:
+            if first:
+                session.queue(made.commission_report())
+            session.queue(made.exec_details(-1, fmt))
+        if made.commission is not None and not first:
+            self._later(blotter.delay_s(), self._send_commission, made)
+        if blotter.wants("correction"):
+            self._later(2 * blotter.delay_s(), self._send_correction, made)
+
+    def _send_commission(self, made: SimFill) -> None:
+        for session in [s for s in self.sessions if s.ready]:
+            session.queue(made.commission_report())
+            session.flush()
+
+    def _send_correction(self, original: SimFill) -> None:
+        corrected = self.blotter.correct(original)
+        for session in [s for s in self.sessions if s.ready]:
+            session.queue(corrected.exec_details(-1, self.config.exec_time_format))
+            session.queue(corrected.commission_report())
+            session.flush()
+
+    @staticmethod
+    def _later(delay_s: float, action: Any, *args: object) -> None:
+        asyncio.get_running_loop().call_later(delay_s, action, *args)
+
+    def executions_reply(self, req_id: int) -> list[bytes]:
+        """reqExecutions' answer: the day's fills, each with its report if it has one."""
+        messages = []
+        for made in self.blotter.fills:
+            messages.append(made.exec_details(req_id, self.config.exec_time_format))
+            if made.commission is not None:
+                messages.append(made.commission_report())
+        return messages
 
     @staticmethod
     def _send_event(session: ClientSession, kind: EventKind, holding: Holding) -> None:

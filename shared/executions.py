@@ -14,8 +14,9 @@ keyed by the execution ID without its correction suffix (:func:`split_exec_id`):
 - of two reports for the same revision the first stays.
 
 Each rule is idempotent and the order of arrival does not matter, so the
-consumer's MERGE (consumer/upsert.py) lands every entry exactly once however
-often it is replayed, and a batch may be merged whole or in pieces.
+consumer's fold of a batch and its MERGE (consumer/upsert.py) land every entry
+exactly once however often it is replayed, and a batch may be merged whole or in
+pieces.
 """
 
 from __future__ import annotations
@@ -259,30 +260,17 @@ def _commission_row(entry: ExecutionEntry, revision: int, stream_id: str) -> dic
 
 
 def executions_to_arrow(entries: Sequence[ExecutionEntry], stream_ids: Sequence[bytes]) -> pa.Table:
-    """One row per execution (per ``exec_base``) from a batch's entries in stream order,
-    the rules of this module applied among them; the MERGE applies them again
-    against the table."""
-    rows: dict[str, dict[str, object]] = {}
+    """One row per entry, in stream order: the details' columns null for a commission
+    alone, the commission's null for details alone. The consumer folds them to one row
+    per execution by the rules above (consumer/upsert.py) and MERGEs that."""
+    rows: list[dict[str, object]] = []
     for entry, raw_id in zip(entries, stream_ids, strict=True):
         base, revision = split_exec_id(entry.exec_id)
         stream_id = raw_id.decode()
-        row = rows.get(base)
-        if row is None:
-            row = rows[base] = {"exec_base": base}
-        held_revision = row.get("revision")
-        if entry.execution is not None and (
-            held_revision is None or revision > held_revision  # type: ignore[operator]
-        ):
+        row: dict[str, object] = {"exec_base": base}
+        if entry.execution is not None:
             row.update(_details_row(entry, revision, stream_id))
-            held_revision = revision
-            held = row.get("commission_revision")
-            if held is not None and held < revision:  # type: ignore[operator]
-                for name in COMMISSION_COLUMNS:
-                    row[name] = None
         if entry.commission is not None:
-            held = row.get("commission_revision")
-            if (held is None or revision > held) and (  # type: ignore[operator]
-                held_revision is None or revision >= held_revision  # type: ignore[operator]
-            ):
-                row.update(_commission_row(entry, revision, stream_id))
-    return pa.Table.from_pylist(list(rows.values()), EXECUTIONS_SCHEMA)
+            row.update(_commission_row(entry, revision, stream_id))
+        rows.append(row)
+    return pa.Table.from_pylist(rows, EXECUTIONS_SCHEMA)

@@ -122,7 +122,7 @@ def read_stream(redis_url: str, stream: str) -> list[PositionUpdate]:
     client = redis.Redis.from_url(redis_url)
     try:
         entries: Any = client.xrange(stream)
-        return [decode_entry(fields) for _, fields in entries]
+        return [decode_entry(fields) for _, fields in entries if b"kind" not in fields]
     finally:
         client.close()
 

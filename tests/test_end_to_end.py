@@ -55,13 +55,13 @@ def test_simulator_to_table(redis_url: str, stream: str, lake: Path, tmp_path: P
         wait_until(lambda: thread.simulator.events >= 600, timeout=60)
         thread.run("pause")
         sent = expected_kinds(thread.snapshot(), ACCOUNTS[0], set(ACCOUNTS[1:]))
-        wait_until(lambda: client.xlen(stream) >= len(sent), timeout=30)
+        wait_until(lambda: len(read_stream(redis_url, stream)) >= len(sent), timeout=30)
         producer.send_signal(signal.SIGTERM)
         assert producer.wait(timeout=30) == 0
         wait_until(
             lambda: (
                 group_pending(redis_url, stream) == 0
-                and len(table_rows(lake)) == client.xlen(stream)
+                and len(table_rows(lake)) == len(read_stream(redis_url, stream))
             ),
             timeout=60,
         )
