@@ -38,6 +38,8 @@ class Incoming:
     START_API = 71
     REQ_ACCOUNT_UPDATES_MULTI = 76
     CANCEL_ACCOUNT_UPDATES_MULTI = 77
+    REQ_PNL = 92
+    CANCEL_PNL = 93
     REQ_PNL_SINGLE = 94
     CANCEL_PNL_SINGLE = 95
     REQ_COMPLETED_ORDERS = 99
@@ -164,6 +166,11 @@ def account_update_multi_end(req_id: int) -> bytes:
 
 def exec_details_end(req_id: int) -> bytes:
     return message(55, 1, req_id)
+
+
+def pnl(req_id: int, daily: float, unrealized: float, realized: float) -> bytes:
+    """An account's P&L (94), for reqPnL: no version field."""
+    return message(94, req_id, daily, unrealized, realized)
 
 
 def exec_details(

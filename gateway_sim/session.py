@@ -46,7 +46,6 @@ class SentUpdate:
 
 
 FLUSH_BYTES = 64 * 1024
-ACCOUNT_VALUES = (("NetLiquidation", "1000000.00"), ("AvailableFunds", "750000.00"))
 
 
 class ClientSession:
@@ -67,6 +66,8 @@ class ClientSession:
         self.portfolio_account: str | None = None
         self.positions_subscribed = False
         self.pnl_by_key: dict[tuple[str, int], int] = {}
+        self.account_multi: dict[int, str] = {}  # accountUpdateMulti subscriptions
+        self.account_pnl: dict[int, str] = {}  # reqPnL subscriptions
         self.pnl_by_req: dict[int, tuple[str, int]] = {}
         self._out = bytearray()
 
@@ -259,8 +260,7 @@ class ClientSession:
         self.portfolio_account = account
         if self.sim.take_unanswered("account_updates"):
             return
-        for key, value in ACCOUNT_VALUES:
-            self.queue(tws.account_value(key, value, "USD", account))
+        self.send_account_values(account)
         for holding in self.sim.portfolio.holdings_of(account):
             self.send_portfolio(holding)
         self.queue(tws.account_time(datetime.now(UTC)))
@@ -270,9 +270,48 @@ class ClientSession:
         req_id, account = int(fields[2]), fields[3]
         if self.sim.take_unanswered("account_updates_multi"):
             return
-        for key, value in ACCOUNT_VALUES:
-            self.queue(tws.account_update_multi(req_id, account, key, value, "USD"))
+        accounts = self.sim.accounts if account in ("", "All") else [account]
+        for name in accounts:
+            self.account_multi[req_id] = name
+            self.send_account_multi(req_id, name)
         self.queue(tws.account_update_multi_end(req_id))
+
+    def _cancel_account_updates_multi(self, fields: list[str]) -> None:
+        self.account_multi.pop(int(fields[2]), None)
+
+    def _req_pnl(self, fields: list[str]) -> None:
+        req_id, account = int(fields[1]), fields[2]
+        self.account_pnl[req_id] = account
+        self.send_account_pnl(req_id, account)
+
+    def _cancel_pnl(self, fields: list[str]) -> None:
+        self.account_pnl.pop(int(fields[1]), None)
+
+    # --- account figures (gateway_sim/accounts.py) -------------------------------
+
+    def send_account_values(self, account: str) -> None:
+        holdings = self.sim.portfolio.holdings_of(account)
+        for key, value, currency in self.sim.book.values(account, holdings):
+            self.queue(tws.account_value(key, value, currency, account))
+
+    def send_account_multi(self, req_id: int, account: str) -> None:
+        holdings = self.sim.portfolio.holdings_of(account)
+        for key, value, currency in self.sim.book.values(account, holdings):
+            self.queue(tws.account_update_multi(req_id, account, key, value, currency))
+
+    def send_account_pnl(self, req_id: int, account: str) -> None:
+        holdings = self.sim.portfolio.holdings_of(account)
+        self.queue(tws.pnl(req_id, *self.sim.book.pnl(account, holdings)))
+
+    def send_account_figures(self) -> None:
+        """Every account figure this connection is subscribed to, now (IB resends them
+        about every 3 minutes)."""
+        if self.portfolio_account:
+            self.send_account_values(self.portfolio_account)
+        for req_id, account in self.account_multi.items():
+            self.send_account_multi(req_id, account)
+        for req_id, account in self.account_pnl.items():
+            self.send_account_pnl(req_id, account)
 
     def _req_executions(self, fields: list[str]) -> None:
         if self.sim.take_unanswered("executions"):
@@ -358,5 +397,8 @@ _HANDLERS = {
     tws.Incoming.REQ_IDS: ClientSession._req_ids,
     tws.Incoming.REQ_ACCOUNT_SUMMARY: ClientSession._req_account_summary,
     tws.Incoming.REQ_PNL_SINGLE: ClientSession._req_pnl_single,
+    tws.Incoming.REQ_PNL: ClientSession._req_pnl,
+    tws.Incoming.CANCEL_PNL: ClientSession._cancel_pnl,
+    tws.Incoming.CANCEL_ACCOUNT_UPDATES_MULTI: ClientSession._cancel_account_updates_multi,
     tws.Incoming.CANCEL_PNL_SINGLE: ClientSession._cancel_pnl_single,
 }

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway_sim import protocol as tws
+from gateway_sim.accounts import AccountBook
 from gateway_sim.fills import EXEC_TIME_FORMATS, Blotter, FillFaults, SimFill
 from gateway_sim.portfolio import EventKind, Holding, PortfolioEvent, SyntheticPortfolio
 from gateway_sim.session import ClientSession, SentUpdate, prerender
@@ -82,6 +83,7 @@ class SimulatorConfig:
     fills: bool = True  # every position change is made by fills (gateway_sim/fills.py)
     fill_faults: FillFaults = field(default_factory=FillFaults)
     exec_time_format: str = "utc"  # how execution times are written (gateway_sim/fills.py)
+    account_values_every_s: float = 5.0  # IB resends every ~3 min; faster here
 
     def __post_init__(self) -> None:
         unknown = set(self.unanswered) - STARTUP_REQUESTS
@@ -101,6 +103,7 @@ class GatewaySimulator:
         self.accounts = list(config.accounts)
         self.portfolio = SyntheticPortfolio(self.accounts, config.positions, seed=config.seed)
         self.blotter = Blotter(config.seed, config.fill_faults)
+        self.book = AccountBook(self.accounts)
         self.record: list[SentUpdate] = []
         self.sent_count: Counter[str] = Counter()
         self.first_sent_ns: dict[str, int] = {}
@@ -214,6 +217,7 @@ class GatewaySimulator:
         start = time.monotonic()
         emitted = 0
         next_drop_roll = start + 1.0
+        next_values = start + self.config.account_values_every_s
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
@@ -221,6 +225,9 @@ class GatewaySimulator:
                 for session in [s for s in self.sessions if s.ready]:
                     if now - session.connected_at >= self.config.drop_after_s:
                         session.abort()
+            if now >= next_values and not self.paused:
+                next_values = now + self.config.account_values_every_s
+                self.send_account_figures()
             if now >= next_drop_roll:
                 next_drop_roll += 1.0
                 if self._rng.random() < self.config.drop_probability_per_s:
@@ -241,7 +248,9 @@ class GatewaySimulator:
             holding = event.holding
             if event.change and self.config.fills:
                 for made in self.blotter.fill(holding, event.change, event.realized):
+                    self.book.book(made)
                     self._send_fill(made, sessions)
+            self.book.realized[holding.account] += event.realized
             for session in sessions:
                 self._send_event(session, event.kind, holding)
         for session in sessions:
@@ -270,6 +279,7 @@ class GatewaySimulator:
 
     def _send_correction(self, original: SimFill) -> None:
         corrected = self.blotter.correct(original)
+        self.book.correct(original, corrected)
         for session in [s for s in self.sessions if s.ready]:
             session.queue(corrected.exec_details(-1, self.config.exec_time_format))
             session.queue(corrected.commission_report())
@@ -278,6 +288,24 @@ class GatewaySimulator:
     @staticmethod
     def _later(delay_s: float, action: Any, *args: object) -> None:
         asyncio.get_running_loop().call_later(delay_s, action, *args)
+
+    def send_account_figures(self) -> None:
+        """Every subscribed account value and P&L to every connection, now."""
+        for session in [s for s in self.sessions if s.ready]:
+            session.send_account_figures()
+            session.flush()
+
+    def account_figures(self) -> dict[str, dict[tuple[str, str], str]]:
+        """Every account's values now, by (key, currency): what IB would send."""
+        return {
+            account: {
+                (key, currency): value
+                for key, value, currency in self.book.values(
+                    account, self.portfolio.holdings_of(account)
+                )
+            }
+            for account in self.accounts
+        }
 
     def executions_reply(self, req_id: int) -> list[bytes]:
         """reqExecutions' answer: the day's fills, each with its report if it has one."""

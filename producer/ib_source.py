@@ -31,6 +31,7 @@ from typing import Any
 from ib_async import IB
 
 from producer import ib_decoders
+from producer.account_values import AccountValueFeed
 from producer.executions import ExecutionFeed
 from producer.ib_mapping import (
     ContractInfo,
@@ -101,6 +102,7 @@ class IbSource:
             settings.ib_pnl_max_subscriptions,
         )
         self.executions = ExecutionFeed(outbox, clock, settings.ib_timezone)
+        self.account_values = AccountValueFeed(outbox, clock)
         self._refused: asyncio.Future[None] | None = None
         self._disconnected = asyncio.Event()
         self._resubscribe = asyncio.Event()
@@ -116,6 +118,7 @@ class IbSource:
         ib.disconnectedEvent += self._on_disconnected
         ib.client.conn.hasData += self._on_socket_data
         self.executions.install(ib)
+        self.account_values.install(ib)
         if self.settings.ib_fast_decode:
             self._demux = ib_decoders.install(ib, self)
         else:
@@ -400,6 +403,7 @@ class IbSource:
                 self.ib.reqAccountUpdatesAsync(self.portfolio_account),
                 settings.ib_connect_timeout_s,
             )
+        self.account_values.subscribe_pnl(self.ib, self._accounts())
 
     async def _serve(self, stop: asyncio.Event) -> None:
         """Wait for stop or a disconnect; probe liveness when IB is quiet; resubscribe on 1101."""
@@ -467,13 +471,20 @@ class IbSource:
         # IB forgot every PnL-single: they go out again within the budget.
         self.subscriptions.resubscribe()
         await asyncio.wait_for(self.ib.reqPositionsAsync(), timeout)
+        self.account_values.subscribe_pnl(self.ib, self._accounts(), again=True)
         # Fills made while the link was down: the day's executions again (repeats skipped).
         await asyncio.wait_for(self.ib.reqExecutionsAsync(), timeout)
+
+    def _accounts(self) -> list[str]:
+        """The accounts followed: the portfolio account, then the positions-only ones."""
+        first = [self.portfolio_account] if self.portfolio_account else []
+        return first + sorted(self.position_accounts)
 
     def _forget_connection(self) -> None:
         # ib_async wipes its subscriptions on disconnect; so do we.
         if self.ib.isConnected():
             self.ib.disconnect()
         self.subscriptions.reset()
+        self.account_values.forget()
         self.pnl.clear()
         self.held.clear()

@@ -23,6 +23,12 @@ import msgspec
 import pyarrow as pa
 
 from shared import lake_names
+from shared.account_values import (
+    ACCOUNT_VALUE_LABEL_FIELDS,
+    ACCOUNT_VALUES_SCHEMA,
+    AccountValue,
+    account_values_to_arrow,
+)
 from shared.executions import (
     COMMISSION_COLUMNS,
     DETAIL_COLUMNS,
@@ -145,7 +151,20 @@ EXECUTIONS = EntryKind(
     upsert=UpsertRule(key="exec_base", main=DETAIL_COLUMNS, attached=COMMISSION_COLUMNS),
 )
 
-KINDS: tuple[EntryKind, ...] = (POSITIONS, EXECUTIONS)
+ACCOUNT_VALUES = EntryKind(
+    tag="account_value",
+    model=AccountValue,
+    table=lake_names.ACCOUNT_VALUES,
+    schema=ACCOUNT_VALUES_SCHEMA,
+    to_rows=account_values_to_arrow,
+    partition_by=("account",),
+    label_fields=ACCOUNT_VALUE_LABEL_FIELDS,
+    group=("account", "key", "currency"),
+    time_column="timestamp",
+    current=CurrentTable(lake_names.ACCOUNT_VALUES_CURRENT, match=("account", "key", "currency")),
+)
+
+KINDS: tuple[EntryKind, ...] = (POSITIONS, EXECUTIONS, ACCOUNT_VALUES)
 """Every kind, in the order the consumer commits them."""
 
 DEFAULT_KIND = POSITIONS

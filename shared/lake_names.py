@@ -8,3 +8,5 @@ from __future__ import annotations
 POSITION_UPDATES = "position_updates"
 POSITIONS_CURRENT = "positions_current"
 EXECUTIONS = "executions"
+ACCOUNT_VALUES = "account_values"
+ACCOUNT_VALUES_CURRENT = "account_values_current"
