@@ -20,7 +20,8 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from poslake.command import CommandError, ExitCode
 from shared.errors import RepositoryError
-from shared.kinds import POSITIONS, all_tables, kind_of_table
+from shared.kinds import ACCOUNT_VALUES, EXECUTIONS, POSITIONS, all_tables, kind_of_table
+from shared.lake_names import ACCOUNT_VALUES_CURRENT
 from shared.redaction import scrub
 from shared.repository import TableRepository
 from shared.settings import Settings
@@ -63,10 +64,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a table of the options data model (latest row per key, or --history), or a "
         "pipeline table (history or current) of any entry kind, as stored",
     )
+    fills = what.add_parser(
+        "executions",
+        help="fills with their commissions, one row per execution (corrections applied)",
+    )
+    fills.add_argument("--since", help="executions at or after this time (ISO 8601, UTC if naive)")
+    fills.add_argument("--until", help="executions before this time")
+    values = what.add_parser(
+        "account-values", help="every account's values and P&L now, or at a time (--as-of)"
+    )
+    values.add_argument(
+        "--as-of",
+        help="values as they stood at this time: the newest of each observed by then",
+    )
     model.add_argument("name", choices=[*sorted(ALL_TABLES), *all_tables()])
     model.add_argument("--history", action="store_true", help="every row, not the latest")
     model.add_argument("--strategy", help="only this strategy_id")
-    for sub in (current, history, model):
+    for sub in (current, history, model, fills, values):
         sub.add_argument("--symbol", action="append", default=[], help="repeatable")
         sub.add_argument("--account", action="append", default=[], help="repeatable")
         when = sub.add_mutually_exclusive_group()
@@ -139,6 +153,8 @@ _AS_OF_HINT = "; for positions at that time use `query positions --as-of`"
 
 def _filtered(table: DeltaTable, symbols: list[str], accounts: list[str]) -> pl.LazyFrame:
     frame = pl.scan_delta(table)
+    if symbols and "symbol" not in {f.name for f in table.schema().fields}:
+        raise CommandError("this table has no symbol: use --account", ExitCode.BAD_INPUT)
     if symbols:
         frame = frame.filter(pl.col("symbol").is_in(symbols))
     if accounts:
@@ -174,6 +190,55 @@ def contract_history(
 ) -> pl.DataFrame:
     frame = _filtered(table, symbols or [], accounts or []).filter(pl.col("conid") == conid)
     return frame.select(SHOWN).sort(["account", "timestamp"]).collect()
+
+
+EXECUTION_SHOWN = [
+    "time", "account", "symbol", "conid", "sec_type", "right", "strike", "expiry", "side",
+    "shares", "price", "commission", "commission_currency", "realized_pnl", "exec_id",
+    "order_id", "perm_id", "order_ref", "exchange",
+]  # fmt: skip
+ACCOUNT_VALUE_SHOWN = ["account", "key", "currency", "value", "numeric", "timestamp"]
+ACCOUNT_VALUE_KEY = ["account", "key", "currency"]
+
+
+def executions(
+    table: DeltaTable,
+    *,
+    symbols: list[str] | None = None,
+    accounts: list[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> pl.DataFrame:
+    """Executions by time; rows whose details have not arrived yet (a commission that
+    came first) are left out."""
+    frame = _filtered(table, symbols or [], accounts or []).filter(pl.col("exec_id").is_not_null())
+    if since is not None:
+        frame = frame.filter(pl.col("time") >= since)
+    if until is not None:
+        frame = frame.filter(pl.col("time") < until)
+    return frame.select(EXECUTION_SHOWN).sort(["time", "exec_id"]).collect()
+
+
+def account_values(
+    settings: Settings,
+    *,
+    accounts: list[str] | None = None,
+    as_of: datetime | None = None,
+    version: int | None = None,
+    at: str | None = None,
+) -> pl.DataFrame:
+    """Every account's values: the current table, or the newest of each value in the
+    history observed by ``as_of``."""
+    name = ACCOUNT_VALUES.table if as_of is not None else ACCOUNT_VALUES_CURRENT
+    table = open_table(settings, version, at, uri=settings.lake_table_uri(name))
+    frame = pl.scan_delta(table)
+    if accounts:
+        frame = frame.filter(pl.col("account").is_in(accounts))
+    if as_of is not None:
+        frame = frame.filter(pl.col("timestamp") <= as_of)
+        newest = pl.col("timestamp").max().over(ACCOUNT_VALUE_KEY)
+        frame = frame.filter(pl.col("timestamp") == newest)
+    return frame.select(ACCOUNT_VALUE_SHOWN).sort(ACCOUNT_VALUE_KEY).collect()
 
 
 def check_output(output: Path | None) -> None:
@@ -258,6 +323,28 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError("--format parquet needs --output FILE", ExitCode.BAD_INPUT)
     if args.what == "table":
         write(query_model_table(args, settings), args.format, args.output)
+        return ExitCode.OK
+    if args.what == "account-values":
+        if args.symbol:
+            raise CommandError("account values have no symbol: use --account", ExitCode.BAD_INPUT)
+        as_of = parse_time(args.as_of) if args.as_of is not None else None
+        frame = account_values(
+            settings, accounts=args.account, as_of=as_of, version=args.version, at=args.at
+        )
+        write(frame, args.format, args.output)
+        return ExitCode.OK
+    if args.what == "executions":
+        table = open_table(
+            settings, args.version, args.at, uri=settings.lake_table_uri(EXECUTIONS.table)
+        )
+        frame = executions(
+            table,
+            symbols=args.symbol,
+            accounts=args.account,
+            since=parse_time(args.since) if args.since else None,
+            until=parse_time(args.until) if args.until else None,
+        )
+        write(frame, args.format, args.output)
         return ExitCode.OK
     table = open_table(settings, args.version, args.at)
     if args.what == "positions":

@@ -116,6 +116,9 @@ class EntryKind:
 
     @property
     def key_columns(self) -> tuple[str, ...]:
+        """What identifies a row: the upsert key, or the dedup key."""
+        if self.upsert is not None:
+            return (self.upsert.key,)
         return (*self.group, self.time_column)
 
     @property

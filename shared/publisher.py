@@ -15,12 +15,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import msgspec
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared.errors import StreamUnavailable
-from shared.model import PositionUpdate
 from shared.redis_errors import is_transient, refusal
 from shared.wire import encode_many
 
@@ -86,14 +86,14 @@ class StreamPublisher:
         self._chunk = chunk
         self._retry = retry or RetryPolicy()
 
-    def publish(self, updates: Sequence[PositionUpdate]) -> list[bytes]:
+    def publish(self, updates: Sequence[msgspec.Struct]) -> list[bytes]:
         """XADD every update in order; returns the entry IDs."""
         ids: list[bytes] = []
         for start in range(0, len(updates), self._chunk):
             ids.extend(self._publish_chunk(updates[start : start + self._chunk]))
         return ids
 
-    def _publish_chunk(self, updates: Sequence[PositionUpdate]) -> list[bytes]:
+    def _publish_chunk(self, updates: Sequence[msgspec.Struct]) -> list[bytes]:
         entries = encode_many(updates)
         for attempt in range(self._retry.attempts):
             try:
@@ -126,14 +126,14 @@ class AsyncStreamPublisher:
         self._chunk = chunk
         self._retry = retry or RetryPolicy()
 
-    async def publish(self, updates: Sequence[PositionUpdate]) -> list[bytes]:
+    async def publish(self, updates: Sequence[msgspec.Struct]) -> list[bytes]:
         """XADD every update in order; returns the entry IDs."""
         ids: list[bytes] = []
         for start in range(0, len(updates), self._chunk):
             ids.extend(await self._publish_chunk(updates[start : start + self._chunk]))
         return ids
 
-    async def _publish_chunk(self, updates: Sequence[PositionUpdate]) -> list[bytes]:
+    async def _publish_chunk(self, updates: Sequence[msgspec.Struct]) -> list[bytes]:
         entries = encode_many(updates)
         for attempt in range(self._retry.attempts):
             try:
