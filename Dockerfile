@@ -4,6 +4,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared ./shared
+COPY infra ./infra
+COPY options_model ./options_model
 COPY consumer ./consumer
 COPY producer ./producer
 COPY poslake ./poslake

@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 
+from infra.redis_server import RedisServer, find_redis_server
 from shared.model import OptionRight, PositionUpdate
-from shared.redis_server import RedisServer, find_redis_server
 from shared.settings import Settings
 from shared.table import POSITION_UPDATES_SCHEMA, UTC_MICROS, open_or_create_table
 
@@ -422,7 +422,7 @@ class LogLine:
 
 
 def parse_log(text: str) -> list[LogLine]:
-    """Lines of the text log format of :mod:`shared.logs` (others are skipped)."""
+    """Lines of the text log format of :mod:`infra.logs` (others are skipped)."""
     lines: list[LogLine] = []
     for raw in text.splitlines():
         match = _LOG_LINE.match(raw)

@@ -38,7 +38,7 @@ from bench.common import (
     verdict,
     work_dir,
 )
-from shared.publisher import StreamPublisher
+from infra.publisher import StreamPublisher
 
 STREAM = "positions"
 GOAL_RATIO = 0.35

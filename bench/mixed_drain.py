@@ -36,9 +36,9 @@ from bench.common import (
     work_dir,
 )
 from bench.drain import ConsumerRun, run_consumer
+from infra.publisher import StreamPublisher
 from shared.account_values import AccountValue
 from shared.executions import CommissionDetails, ExecutionDetails, ExecutionEntry
-from shared.publisher import StreamPublisher
 
 GOAL_RATIO = 0.90
 ACCOUNTS = ("DU100001", "DU100002", "DU100003")

@@ -30,8 +30,8 @@ from typing import Any
 import redis
 
 from bench.common import log, private_redis, ratio, verdict, work_dir
+from infra.redis_conn import RedisTarget
 from producer.resp import RespConnection, pack_command
-from shared.redis_conn import RedisTarget
 from shared.settings import Settings
 from shared.wire import decode_entry
 

@@ -44,7 +44,7 @@ from bench.common import consumer_env, log, private_redis, rss_kb, start_module,
 from consumer.current import CurrentWriter
 from gateway_sim import protocol as tws
 from gateway_sim.portfolio import SyntheticPortfolio
-from shared.redis_server import free_port
+from infra.redis_server import free_port
 from shared.settings import Settings, load_settings
 from shared.table import POSITION_UPDATES_SCHEMA
 

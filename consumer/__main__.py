@@ -1,7 +1,7 @@
 """``python -m consumer``: run one consumer process."""
 
 # Before the heavy imports: a SIGTERM during them must stop the consumer cleanly.
-from shared.stopping import install_early
+from infra.stopping import install_early
 
 install_early()
 

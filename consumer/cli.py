@@ -10,9 +10,9 @@ import sys
 
 from consumer.metrics import ConsumerMetrics
 from consumer.runner import Consumer
+from infra.logs import configure_logging
+from infra.metrics import MetricsServer
 from shared.errors import ConfigError, ExitCode
-from shared.logs import configure_logging
-from shared.metrics import MetricsServer
 from shared.settings import load_settings_or_report
 
 

@@ -33,8 +33,8 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from consumer.vacuum import vacuum_table
+from infra.redis_errors import refusal
 from shared.kinds import KINDS, all_tables
-from shared.redis_errors import refusal
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The consumer's Prometheus metrics and health check (served by shared.metrics)."""
+"""The consumer's Prometheus metrics and health check (served by infra.metrics)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from redis.retry import Retry
 
 from consumer.runner import Consumer
 from consumer.sink import DeltaSink
-from shared.metrics import LabelledCounter, StatsCollector
-from shared.redis_conn import sync_client
-from shared.redis_errors import kind_of, refusal
+from infra.metrics import LabelledCounter, StatsCollector
+from infra.redis_conn import sync_client
+from infra.redis_errors import kind_of, refusal
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Every Redis call of the consumer (reads, claims, settling, the drained check,
 creating the group) goes through :meth:`RedisCalls.run`:
 
 - transient failures (connection loss, OOM, LOADING, BUSY, READONLY...; see
-  shared/redis_errors.py) and, once started, a password that stopped working
+  infra/redis_errors.py) and, once started, a password that stopped working
   are retried with backoff; meanwhile :attr:`RedisCalls.health` says what fails
   (``/healthz`` 503, ``poslake_consumer_redis_ok`` 0);
 - a vanished group (NOGROUP) is made again and the call repeated;
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -27,9 +26,10 @@ from typing import TypeVar
 import redis
 
 from consumer.group import ConsumerGroup
+from infra.backoff import backoff_s
+from infra.redis_errors import is_auth_failure, kind_of, refusal
+from infra.redis_health import RedisHealth
 from shared.errors import StreamUnavailable
-from shared.redis_errors import is_auth_failure, kind_of, refusal
-from shared.redis_health import RedisHealth
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,7 @@ _REGROUP_ATTEMPTS = 3
 
 def backoff(settings: Settings, failures: int) -> float:
     """Exponential backoff with jitter, from ``POSLAKE_RETRY_INITIAL_S`` to ``_MAX_S``."""
-    base = min(settings.retry_max_s, settings.retry_initial_s * 2 ** (failures - 1))
-    return float(base * random.uniform(0.5, 1.0))
+    return backoff_s(failures - 1, settings.retry_initial_s, settings.retry_max_s)
 
 
 def pause(seconds: float, stopping: Callable[[], bool]) -> None:

@@ -47,6 +47,8 @@ from consumer.redis_calls import SIGNAL_CHECK_S, RedisCalls, backoff, pause
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
 from consumer.upsert import UpsertWriter
+from infra.redis_conn import sync_client
+from infra.stopping import take_early
 from shared.errors import (
     CommitConflict,
     CommitFailed,
@@ -55,9 +57,7 @@ from shared.errors import (
     StreamUnavailable,
 )
 from shared.kinds import KINDS, EntryKind
-from shared.redis_conn import sync_client
 from shared.settings import Settings
-from shared.stopping import take_early
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import redis
 
-from shared.redis_conn import check_transactions
+from infra.redis_conn import check_transactions
 from shared.wire import EntryFields
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Settler:
         self.dlq_stream = f"{stream}:dlq"
 
     def check_transactions(self) -> None:
-        """Raise if Redis refuses MULTI or EXEC (see shared/redis_conn.py)."""
+        """Raise if Redis refuses MULTI or EXEC (see infra/redis_conn.py)."""
         check_transactions(self._client)
 
     def settle(self, entry_ids: Sequence[bytes], dead: Sequence[DeadLetter]) -> None:

@@ -36,8 +36,8 @@ from gateway_sim.accounts import AccountBook
 from gateway_sim.fills import EXEC_TIME_FORMATS, Blotter, FillFaults, SimFill
 from gateway_sim.portfolio import EventKind, Holding, PortfolioEvent, SyntheticPortfolio
 from gateway_sim.session import ClientSession, SentUpdate, prerender
-from shared.logs import configure_logging
-from shared.stopping import release_held_stops
+from infra.logs import configure_logging
+from infra.stopping import release_held_stops
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ import sys
 from collections.abc import Callable
 
 from consumer import cli as consumer_cli
+from infra.redaction import scrub
 from poslake import dlq, maintain, query, replay, status
 from poslake import run as pipeline
 from poslake.command import LAKE_ERRORS, CommandError, ExitCode, lake_failure
 from producer import cli as producer_cli
-from shared.redaction import scrub
 from shared.settings import Settings, load_settings_or_report
 
 OperatorCommand = Callable[[argparse.Namespace, Settings], int]

@@ -2,7 +2,7 @@
 translation of Redis and object-store failures into one line and that code.
 
 The exit codes are one table for every program: :class:`shared.errors.ExitCode`.
-Every message passes :func:`shared.redaction.scrub` before it is printed.
+Every message passes :func:`infra.redaction.scrub` before it is printed.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from polars.exceptions import PolarsError
 from redis.backoff import ConstantBackoff
 from redis.retry import Retry
 
+from infra.redaction import scrub
+from infra.redis_conn import sync_client
+from infra.redis_errors import kind_of, refusal, reply_code
 from shared.errors import ExitCode
-from shared.redaction import scrub
-from shared.redis_conn import sync_client
-from shared.redis_errors import kind_of, refusal, reply_code
 from shared.settings import Settings
 
 __all__ = [
@@ -127,7 +127,7 @@ def one_line(text: str) -> str:
 
 
 def redis_failure(exc: redis.RedisError, settings: Settings) -> CommandError:
-    """One line and the exit code for a Redis failure (see shared/redis_errors.py)."""
+    """One line and the exit code for a Redis failure (see infra/redis_errors.py)."""
     command, key = getattr(exc, "poslake_command", (None, None))
     where = settings.redis_url_redacted
     if isinstance(exc, redis.DataError):  # refused by redis-py before it was sent

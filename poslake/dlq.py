@@ -20,9 +20,9 @@ from typing import Any
 import redis
 
 from consumer.settle import DLQ_PREFIX, TRUNCATED_FIELD
+from infra.redaction import scrub
+from infra.redis_conn import check_transactions
 from poslake.command import CommandError, ExitCode, confirm, redis_client
-from shared.redaction import scrub
-from shared.redis_conn import check_transactions
 from shared.settings import Settings
 
 

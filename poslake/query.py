@@ -16,16 +16,16 @@ from pathlib import Path
 
 import polars as pl
 from deltalake import DeltaTable
-from deltalake.exceptions import DeltaError, TableNotFoundError
 
+from infra.redaction import scrub
+from infra.time_travel import RETENTION_HINT, open_table_at
+from options_model.repository import TableRepository
+from options_model.tables import ALL_TABLES
 from poslake.command import CommandError, ExitCode
-from shared.errors import RepositoryError
+from shared.errors import RepositoryError, TableMissing
 from shared.kinds import ACCOUNT_VALUES, EXECUTIONS, POSITIONS, all_tables, kind_of_table
 from shared.lake_names import ACCOUNT_VALUES_CURRENT
-from shared.redaction import scrub
-from shared.repository import TableRepository
 from shared.settings import Settings
-from shared.strategy_tables import ALL_TABLES
 
 KEY = ["account", "conid"]
 SHOWN = [
@@ -110,42 +110,18 @@ def open_table(
     version, or as of a time; a version or time it does not have is bad input."""
     uri = uri or settings.table_uri
     try:
-        table = DeltaTable(uri, storage_options=settings.storage_options or None)
-    except TableNotFoundError:
-        raise CommandError(
-            f"no table at {scrub(uri)} (set POSLAKE_LAKE_URI?)", ExitCode.NOT_FOUND
-        ) from None
-    if version is not None:
-        latest = table.version()
-        if not 0 <= version <= latest:
-            raise CommandError(
-                f"version {version} does not exist (latest is {latest})", ExitCode.BAD_INPUT
-            )
-        try:
-            table.load_as_version(version)
-        except (TableNotFoundError, DeltaError):
-            raise CommandError(
-                f"version {version} is older than the history kept for time travel "
-                f"(POSLAKE_HISTORY_RETENTION_HOURS){_AS_OF_HINT}",
-                ExitCode.BAD_INPUT,
-            ) from None
-    elif at is not None:
-        moment = parse_time(at)
-        # A time before the oldest kept commit loads that commit: compare with it.
-        table.load_as_version(moment)
-        loaded = table.history(limit=1)[0]
-        committed = datetime.fromtimestamp(int(loaded["timestamp"]) / 1000, UTC)
-        if moment < committed:
-            if int(loaded["version"]) == 0:
-                reason = f"is before the table existed (created {committed.isoformat()})"
-            else:
-                reason = (
-                    f"is older than the history kept for time travel (oldest version "
-                    f"{loaded['version']}, {committed.isoformat()}; "
-                    f"POSLAKE_HISTORY_RETENTION_HOURS){_AS_OF_HINT}"
-                )
-            raise CommandError(f"{moment.isoformat()} {reason}", ExitCode.BAD_INPUT)
-    return table
+        return open_table_at(
+            uri,
+            settings.storage_options or None,
+            version=version,
+            at=parse_time(at) if at is not None else None,
+            shown=scrub(uri),
+        )
+    except TableMissing as exc:
+        raise CommandError(f"{exc} (set POSLAKE_LAKE_URI?)", ExitCode.NOT_FOUND) from None
+    except RepositoryError as exc:
+        hint = _AS_OF_HINT if RETENTION_HINT in str(exc) else ""
+        raise CommandError(f"{exc}{hint}", ExitCode.BAD_INPUT) from None
 
 
 _AS_OF_HINT = "; for positions at that time use `query positions --as-of`"

@@ -9,7 +9,7 @@ commit, servers) and prints where the tables are and how to query them. A
 part that fails to start stops everything, named, with an exit code from the
 one table (shared.errors.ExitCode): 4 for an unreachable Redis or IB, 6 for a
 refused password, 1 otherwise. Nothing it prints shows the Redis password or
-a storage option (shared/redaction.py).
+a storage option (infra/redaction.py).
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ import redis
 from redis.backoff import ConstantBackoff
 from redis.retry import Retry
 
+from infra.logs import configure_logging
+from infra.redaction import scrub
+from infra.redis_conn import sync_client
+from infra.redis_server import RedisServer, find_redis_server
+from infra.stopping import spawn_holding_stops
 from poslake import status as status_mod
 from poslake.command import LAKE_ERRORS, CommandError, lake_failure, redis_failure
 from poslake.live_view import LiveView
 from shared.errors import ExitCode
 from shared.kinds import POSITIONS
-from shared.logs import configure_logging
-from shared.redaction import scrub
-from shared.redis_conn import sync_client
-from shared.redis_server import RedisServer, find_redis_server
 from shared.settings import Settings, load_settings_or_report
-from shared.stopping import spawn_holding_stops
 
 SIMULATED_ACCOUNTS = "DU100001,DU100002,DU100003"
 
@@ -126,7 +126,7 @@ def _spawn(
 ) -> Part:
     log = logs / f"{name}.log"
     with log.open("ab") as out:
-        # Stops held until the part's handler is in (shared/stopping.py).
+        # Stops held until the part's handler is in (infra/stopping.py).
         process = spawn_holding_stops(
             [sys.executable, "-m", *module],
             env=env,

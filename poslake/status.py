@@ -12,11 +12,11 @@ import redis
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
+from infra.redaction import scrub
+from infra.redis_errors import refusal
 from poslake.command import ExitCode, redis_client
 from poslake.replay import count_between
 from shared.kinds import POSITIONS, all_tables
-from shared.redaction import scrub
-from shared.redis_errors import refusal
 from shared.settings import Settings
 
 

@@ -1,7 +1,7 @@
 """``python -m producer``: run the IB -> Redis Stream producer."""
 
 # Before the heavy imports: a SIGTERM during them must stop the producer cleanly.
-from shared.stopping import install_early
+from infra.stopping import install_early
 
 install_early()
 

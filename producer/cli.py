@@ -9,16 +9,16 @@ import logging
 import signal
 import sys
 
+from infra.logs import configure_logging
+from infra.metrics import MetricsServer
+from infra.publisher import TrimPolicy
+from infra.stopping import take_early
 from producer.ib_mapping import UpdateClock
 from producer.ib_source import IbSource
 from producer.metrics import ProducerMetrics
 from producer.outbox import Outbox
 from shared.errors import ConfigError, ExitCode, RedisRefused
-from shared.logs import configure_logging
-from shared.metrics import MetricsServer
-from shared.publisher import TrimPolicy
 from shared.settings import Settings, load_settings_or_report
-from shared.stopping import take_early
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 
 from ib_async import IB
 
+from infra.backoff import backoff_s
 from producer import ib_decoders
 from producer.account_values import AccountValueFeed
 from producer.executions import ExecutionFeed
@@ -351,10 +351,8 @@ class IbSource:
         self.ib.disconnect()
 
     def _backoff(self, attempt: int) -> float:
-        base = min(
-            self.settings.ib_reconnect_max_s, self.settings.ib_reconnect_initial_s * 2**attempt
-        )
-        return float(base * (0.5 + random.random() / 2))  # jitter: clients don't stampede
+        s = self.settings
+        return backoff_s(attempt, s.ib_reconnect_initial_s, s.ib_reconnect_max_s)
 
     async def _connect(self) -> None:
         settings = self.settings

@@ -1,4 +1,4 @@
-"""The producer's Prometheus metrics and health check (served by shared.metrics)."""
+"""The producer's Prometheus metrics and health check (served by infra.metrics)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from dataclasses import asdict
 
 from prometheus_client import CollectorRegistry
 
+from infra.metrics import LabelledCounter, StatsCollector
 from producer.ib_source import IbSource
 from producer.outbox import Outbox
-from shared.metrics import LabelledCounter, StatsCollector
 
 COUNTERS = {
     "received": "position messages received from IB",

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,13 +41,14 @@ from typing import NoReturn
 
 import msgspec
 
+from infra.backoff import backoff_s
+from infra.publisher import TrimPolicy
+from infra.redis_conn import RedisTarget
+from infra.redis_errors import error_code, refusal, reply_kind
+from infra.redis_health import RedisHealth
 from producer.resp import RespConnection, RespError, pack_command
 from shared.errors import RedisRefused
 from shared.kinds import DEFAULT_KIND, kind_of
-from shared.publisher import TrimPolicy
-from shared.redis_conn import RedisTarget
-from shared.redis_errors import error_code, refusal, reply_kind
-from shared.redis_health import RedisHealth
 from shared.wire import CURRENT_VERSION, encode_payload
 
 log = logging.getLogger(__name__)
@@ -373,8 +373,7 @@ class Outbox:
                     log.exception("publishing failed unexpectedly")
                 self.health.failed("XADD", exc, _code(exc))
                 self._drop_connection()
-                delay = min(self._retry_max_s, self._retry_initial_s * 2**attempt)
-                delay *= 0.5 + random.random() / 2  # jitter
+                delay = backoff_s(attempt, self._retry_initial_s, self._retry_max_s)
                 attempt += 1
                 self.stats.retries += 1
                 log.warning(

@@ -6,7 +6,7 @@ burst. This connection writes pre-packed RESP commands in one write and
 parses the replies with hiredis in bulk (about 85,000 XADD/s on the same
 machine, bench/producer_burst.py). It speaks only what the producer needs:
 connect (TCP, TLS or a Unix socket, AUTH, SELECT: the URL means what it
-means to redis-py, shared/redis_conn.py), send a batch, read its replies.
+means to redis-py, infra/redis_conn.py), send a batch, read its replies.
 Error replies come back as :class:`RespError` values in the reply list, so one
 rejected XADD (e.g. an explicit ID already written) does not hide the others.
 A refused AUTH or SELECT (wrong password, missing right) or a TLS set-up that
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import hiredis
 
-from shared.redis_conn import TLS_VERDICT_WAIT_S, RedisTarget, tls_failure
-from shared.redis_errors import refusal, reply_kind
+from infra.redis_conn import TLS_VERDICT_WAIT_S, RedisTarget, tls_failure
+from infra.redis_errors import refusal, reply_kind
 
 READ_SIZE = 1 << 16
 
@@ -44,7 +44,7 @@ def pack_command(*args: bytes) -> bytes:
 
 async def _tls_verdict(writer: asyncio.StreamWriter) -> None:
     """Wait for the server's verdict on our certificate (TLS 1.3 session tickets or an
-    alert), as :func:`shared.redis_conn.await_tls_verdict` does for redis-py."""
+    alert), as :func:`infra.redis_conn.await_tls_verdict` does for redis-py."""
     tls: ssl.SSLObject | None = writer.get_extra_info("ssl_object")
     if tls is None or tls.version() != "TLSv1.3":
         return

@@ -1,7 +1,4 @@
-"""The contract between poslake's producer and consumer.
-
-Both sides import from here: the update model and its wire format
-(:mod:`shared.model`, :mod:`shared.wire`), the settings (:mod:`shared.settings`),
-the stream publisher (:mod:`shared.publisher`), the Delta table definition
-(:mod:`shared.table`) and the error hierarchy (:mod:`shared.errors`).
-"""
+"""The contract between producers and consumers, and nothing else: the models
+(``model``, ``executions``, ``account_values``), the wire format (``wire``), the
+entry kinds and their tables (``kinds``, ``table``, ``lake_names``), the
+settings and the errors. The plumbing both sides use lives in ``infra/``."""

@@ -19,8 +19,9 @@
     │                               (a path too long, a value the writer cannot hold): the
     │                               consumer bisects the batch, dead-letters the culprits
     └── RepositoryError             bad input to a table repository (a row that does not
-                                    fit, a version or time the table does not have, an
-                                    unknown strategy); nothing of that call is written
+        │                           fit, a version or time the table does not have, an
+        │                           unknown strategy); nothing of that call is written
+        └── TableMissing            the table asked for does not exist (yet)
 
 Retryable errors never lose data: the consumer keeps the batch in hand, does not
 acknowledge it, backs off and tries again. Poison (``PoisonEntry``, ``RowsRejected``)
@@ -109,4 +110,8 @@ class RowsRejected(PoslakeError):
 
 
 class RepositoryError(PoslakeError):
-    """Bad input to a repository call (shared/repository.py); the message says what."""
+    """Bad input to a repository call (options_model/repository.py); the message says what."""
+
+
+class TableMissing(RepositoryError):
+    """The table asked for does not exist (yet)."""

@@ -24,9 +24,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from shared import lake_names, redaction
+from infra import redaction
+from infra.redis_conn import RedisTarget, redacted_url
+from shared import lake_names
 from shared.errors import ConfigError
-from shared.redis_conn import RedisTarget, redacted_url
 
 DEFAULT_HISTORY_RETENTION_HOURS = 6.0
 # Tombstones and log files outlive the history by this much (shared/table.py), so that
@@ -385,7 +386,7 @@ def load_settings_or_report(program: str) -> Settings | None:
 
     Unknown ``POSLAKE_*`` variables get a warning on stderr with the nearest name.
     From here on the process masks its secrets in everything it prints and logs
-    (shared/redaction.py): those of the raw variables first, in case they are
+    (infra/redaction.py): those of the raw variables first, in case they are
     invalid, then those of the settings.
     """
     redaction.install(_raw_secrets(os.environ))

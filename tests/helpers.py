@@ -18,9 +18,9 @@ import redis
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
+from infra.publisher import StreamPublisher
+from infra.stopping import spawn_holding_stops
 from shared.model import PositionUpdate
-from shared.publisher import StreamPublisher
-from shared.stopping import spawn_holding_stops
 from shared.table import updates_to_arrow
 from shared.wire import decode_entry
 

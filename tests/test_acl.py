@@ -1,4 +1,4 @@
-"""Least-privilege ACLs: every role runs with exactly the rights of shared/acl.py, and
+"""Least-privilege ACLs: every role runs with exactly the rights of infra/acl.py, and
 with each one left out fails clearly (one line naming it, exit 6, no traceback, no
 crash), or, for a right only a rare path needs, that path is shown.
 
@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 import redis
 
-from shared.acl import ROLES, Role, operator_role, render_readme, role
+from infra.acl import ROLES, Role, operator_role, render_readme, role
+from infra.redis_conn import sync_client
+from infra.redis_errors import refusal
+from infra.redis_server import free_port
 from shared.errors import ExitCode
-from shared.redis_conn import sync_client
-from shared.redis_errors import refusal
-from shared.redis_server import free_port
 from shared.settings import Settings
 from tests.helpers import (
     REPO_ROOT,
@@ -88,7 +88,7 @@ def _rule(right: str, stream: str) -> str:
     return "~" + right[1:].format(**names)
 
 
-# --- the README is rendered from shared/acl.py ------------------------------------
+# --- the README is rendered from infra/acl.py ------------------------------------
 
 
 def test_readme_acl_lines_are_what_shared_acl_renders() -> None:
@@ -96,7 +96,7 @@ def test_readme_acl_lines_are_what_shared_acl_renders() -> None:
     found = re.search(r"<!-- acl:begin -->\n(.*?)\n<!-- acl:end -->", text, re.DOTALL)
     assert found, "README lacks the <!-- acl:begin --> ... <!-- acl:end --> block"
     assert found.group(1) == render_readme(Settings.model_construct()), (
-        "README's ACL block differs from shared/acl.py: paste render_readme()'s output"
+        "README's ACL block differs from infra/acl.py: paste render_readme()'s output"
     )
     for line in found.group(1).splitlines():
         if line.startswith("ACL SETUSER"):
@@ -104,7 +104,7 @@ def test_readme_acl_lines_are_what_shared_acl_renders() -> None:
 
 
 def test_printed_lines_are_accepted_by_redis(redis_url: str) -> None:
-    done = _run(["-m", "shared.acl"], consumer_env(redis_url, Path("/tmp"), "x", "orders"))
+    done = _run(["-m", "infra.acl"], consumer_env(redis_url, Path("/tmp"), "x", "orders"))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == len(ROLES)  # one producer line (explicit IDs) + the others + operator

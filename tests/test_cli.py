@@ -15,9 +15,9 @@ import redis
 from deltalake import DeltaTable, write_deltalake
 from rich.console import Console
 
+from options_model.repository import StrategyPositionRepository
 from poslake.live_view import render
 from poslake.status import ConsumerStatus, GroupStatus, Status, TableStatus
-from shared.repository import StrategyPositionRepository
 from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
 from tests.helpers import (
     assert_table_exact,

@@ -22,9 +22,9 @@ from urllib.parse import quote
 import pytest
 import redis
 
+from infra.redis_server import free_port
 from poslake.cli import EXIT_CODES, build_parser
 from shared.errors import ExitCode
-from shared.redis_server import free_port
 from tests.helpers import REPO_ROOT, consumer_env, make_updates, publish, run_consumer
 from tests.test_cli import poslake
 

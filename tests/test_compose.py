@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from shared.redis_conn import RedisTarget
+from infra.redis_conn import RedisTarget
 from shared.settings import ENV_PREFIX, Settings
 from tests.helpers import REPO_ROOT
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 from deltalake import DeltaTable
 
-from shared.redis_server import RedisServer
+from infra.redis_server import RedisServer
 from tests.conftest import RedisTarget
 from tests.helpers import (
     assert_table_exact,

@@ -8,10 +8,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PRODUCTION = ("shared", "consumer", "producer", "poslake")
+PRODUCTION = ("shared", "infra", "options_model", "consumer", "producer", "poslake")
+APPLICATIONS = ("consumer", "producer", "poslake", "gateway_sim", "tests", "bench")
 # What each production package must never import.
 FORBIDDEN = {
-    "shared": ("consumer", "producer", "poslake", "gateway_sim", "tests", "bench"),
+    # The contract: nothing but itself and the plumbing (settings register secrets).
+    "shared": (*APPLICATIONS, "options_model"),
+    "infra": (*APPLICATIONS, "options_model"),
+    "options_model": APPLICATIONS,
     "consumer": ("producer", "poslake", "gateway_sim", "tests", "bench"),
     "producer": ("consumer", "poslake", "gateway_sim", "tests", "bench"),
     "poslake": ("gateway_sim", "tests", "bench"),

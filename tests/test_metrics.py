@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from gateway_sim.simulator import SimulatorConfig, SimulatorThread
-from shared.redis_server import free_port
+from infra.redis_server import free_port
 from tests.helpers import REPO_ROOT, consumer_env, kill, start_consumer, table_rows, wait_until
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import redis
 
+from infra import redis_conn
+from infra.redis_server import RedisServer, find_redis_server
 from producer.outbox import Outbox
 from producer.resp import RespConnection, pack_command
-from shared import redis_conn
-from shared.redis_server import RedisServer, find_redis_server
 from shared.wire import decode_entry, encode_payload
 from tests.conftest import RedisTarget
 from tests.helpers import make_updates

@@ -1,4 +1,4 @@
-"""The scrubber (shared/redaction.py) and the log formatters that use it."""
+"""The scrubber (infra/redaction.py) and the log formatters that use it."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from urllib.parse import quote
 
 import pytest
 
-from shared import redaction
-from shared.logs import JsonFormatter, TextFormatter
-from shared.redaction import MASK, Redactor, is_public_option, secrets_of
+from infra import redaction
+from infra.logs import JsonFormatter, TextFormatter
+from infra.redaction import MASK, Redactor, is_public_option, secrets_of
 from shared.settings import load_settings
 from tests.helpers import REPO_ROOT
 
@@ -110,7 +110,7 @@ def test_both_log_formats_mask_message_fields_and_traceback(installed: None) -> 
 def test_uncaught_tracebacks_are_masked() -> None:
     """The exception hooks that an entry point installs with its settings."""
     code = (
-        "import threading; from shared import redaction\n"
+        "import threading; from infra import redaction\n"
         f"redaction.install([{SECRET_KEY!r}])\n"
         f"t = threading.Thread(target=lambda: 1 / 0 if False else (_ for _ in ()).throw("
         f"ValueError({SECRET_KEY!r})))\n"

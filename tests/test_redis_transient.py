@@ -24,8 +24,8 @@ import pytest
 import redis
 
 from gateway_sim.simulator import SimulatorConfig, SimulatorThread
+from infra.redis_server import RedisServer, free_port, server_version
 from producer.outbox import Outbox
-from shared.redis_server import RedisServer, free_port, server_version
 from shared.wire import encode_payload
 from tests.conftest import RedisTarget
 from tests.helpers import (

@@ -11,15 +11,15 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from shared.errors import RepositoryError
-from shared.repository import (
+from options_model.repository import (
     StrategyPositionRepository,
     TableRepository,
     greeks,
     legs,
     transactions,
 )
-from shared.strategy_tables import POSITIONS
+from options_model.tables import POSITIONS
+from shared.errors import RepositoryError
 
 T0 = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
 

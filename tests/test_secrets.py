@@ -28,7 +28,7 @@ import pytest
 import redis
 
 from gateway_sim.simulator import SimulatorConfig, SimulatorThread
-from shared.redis_server import RedisServer, find_redis_server, free_port
+from infra.redis_server import RedisServer, find_redis_server, free_port
 from tests.helpers import make_updates, publish
 
 # Every canary holds "canary" in some case; a search for it, case-insensitive,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from infra.redis_conn import RedisTarget, redacted_url
 from shared.errors import ConfigError
-from shared.redis_conn import RedisTarget, redacted_url
 from shared.settings import load_settings, unknown_variables
 from tests.helpers import REPO_ROOT, run_python
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from infra.redis_server import free_port
 from shared.errors import ExitCode
-from shared.redis_server import free_port
 from tests.conftest import RedisTarget
 from tests.helpers import (
     REPO_ROOT,

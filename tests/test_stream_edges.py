@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from infra.publisher import RetryPolicy, StreamPublisher, TrimPolicy
+from infra.redis_server import RedisServer
 from shared.model import PositionUpdate, UpdateKey
-from shared.publisher import RetryPolicy, StreamPublisher, TrimPolicy
-from shared.redis_server import RedisServer
 from tests.conftest import RedisTarget
 from tests.helpers import (
     assert_table_exact,

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
+from infra.publisher import StreamPublisher
+from infra.redis_conn import RedisTarget, sync_client
+from infra.redis_errors import refusal
+from infra.redis_server import RedisServer, ServerTls
 from producer.resp import RespConnection
 from shared.errors import ExitCode, RedisRefused
-from shared.publisher import StreamPublisher
-from shared.redis_conn import RedisTarget, sync_client
-from shared.redis_errors import refusal
-from shared.redis_server import RedisServer, ServerTls
 from tests.conftest import RedisTarget as ServerTarget
 from tests.conftest import start_tls_server, tls_binary
 from tests.helpers import (

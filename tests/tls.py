@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.redis_server import ServerTls
+from infra.redis_server import ServerTls
 
 _DAYS = "2"
 

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import redis
 
-from shared.redis_conn import sync_client
+from infra.redis_conn import sync_client
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """What a process knows about its Redis right now, for ``/healthz`` and the metrics.
 
-The consumer and the producer retry transient Redis failures (shared/redis_errors.py)
+The consumer and the producer retry transient Redis failures (infra/redis_errors.py)
 and, once running, a password that stopped working. While such a failure lasts the
 process stays up but is unhealthy: ``/healthz`` answers 503 with the reason, the
 gauge ``..._redis_ok`` is 0, and ``..._redis_errors_total{code=...}`` counts the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-from shared.redis_errors import error_code
+from infra.redis_errors import error_code
 
 _MAX_REASON_CHARS = 300
 

@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from infra.redaction import scrub
 from shared.errors import ConfigError
-from shared.redaction import scrub
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-from shared.errors import RepositoryError
-from shared.strategy_tables import GREEKS, LEGS, POSITIONS, TRANSACTIONS, TableSpec
+from infra.time_travel import open_table_at
+from options_model.tables import GREEKS, LEGS, POSITIONS, TRANSACTIONS, TableSpec
+from shared.errors import RepositoryError, TableMissing
 from shared.table import table_configuration
 
 Rows: TypeAlias = Sequence[Mapping[str, Any]] | pa.Table
@@ -52,29 +53,11 @@ class TableRepository:
 
     def _open(self, version: int | None = None, at: datetime | None = None) -> DeltaTable:
         try:
-            table = DeltaTable(self.uri, storage_options=self._storage)
-        except TableNotFoundError:
-            raise RepositoryError(
-                f"table {self.spec.name} does not exist yet ({self.uri})"
-            ) from None
-        if version is not None:
-            latest = table.version()
-            if not 0 <= version <= latest:
-                raise RepositoryError(
-                    f"{self.spec.name}: version {version} does not exist (latest is {latest})"
-                )
-            table.load_as_version(version)
-        elif at is not None:
-            moment = at if at.tzinfo else at.replace(tzinfo=UTC)
-            oldest = table.history()[-1]
-            created = datetime.fromtimestamp(int(oldest["timestamp"]) / 1000, UTC)
-            if moment < created:
-                raise RepositoryError(
-                    f"{self.spec.name}: {moment.isoformat()} is before the table existed "
-                    f"(created {created.isoformat()})"
-                )
-            table.load_as_version(moment)
-        return table
+            return open_table_at(self.uri, self._storage, version=version, at=at)
+        except TableMissing:
+            raise TableMissing(f"table {self.spec.name} does not exist yet ({self.uri})") from None
+        except RepositoryError as exc:
+            raise RepositoryError(f"{self.spec.name}: {exc}") from None
 
     def _create(self) -> DeltaTable:
         try:

@@ -7,7 +7,7 @@ tests run every role with exactly these rights, then with one right less. So the
 documentation, the tests and the code cannot drift apart: a new command in the
 code fails the tests until it is declared here.
 
-``python -m shared.acl`` prints the ``ACL SETUSER`` lines for this deployment's
+``python -m infra.acl`` prints the ``ACL SETUSER`` lines for this deployment's
 ``POSLAKE_STREAM`` and ``POSLAKE_GROUP``.
 
 Keys are templates over the settings: ``{stream}`` (``POSLAKE_STREAM``),

@@ -27,7 +27,7 @@ any other error reply           fatal       retrying the same command cannot hel
 
 Fatal failures become :class:`shared.errors.RedisRefused` with a message naming
 the cause, the command and key where known, and the setting to check; never the
-password (only :func:`shared.redis_conn.redacted_url` is ever shown).
+password (only :func:`infra.redis_conn.redacted_url` is ever shown).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Literal
 
 import redis.exceptions as rex
 
+from infra.redis_conn import tls_failure
 from shared.errors import RedisRefused
-from shared.redis_conn import tls_failure
 
 Kind = Literal["transient", "fatal"]
 

@@ -3,7 +3,7 @@
 Records carry structured fields through ``extra=``; the text format appends
 them as ``key=value`` and the JSON format emits them as keys. Both formatters
 pass everything they emit (message, fields, traceback) through
-:func:`shared.redaction.scrub`: the last line of defence against a library
+:func:`infra.redaction.scrub`: the last line of defence against a library
 error that quotes a password, a URL's credentials or a storage option.
 """
 
@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 
-from shared.redaction import scrub, scrub_value
+from infra.redaction import scrub, scrub_value
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 

@@ -1,7 +1,7 @@
 """Publishing updates to the stream: pipelined XADD with optional approximate trimming.
 
 Bursts (IB's snapshot at connect) go out in pipelines of ``chunk`` entries, one
-round trip each. A transient failure (shared/redis_errors.py) retries the
+round trip each. A transient failure (infra/redis_errors.py) retries the
 unfinished chunk with backoff; an XADD may then land twice, which the consumer's
 key dedup absorbs. A fatal one (no permission, wrong password) raises
 :class:`shared.errors.RedisRefused` at once.
@@ -20,8 +20,9 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from infra.backoff import backoff_s
+from infra.redis_errors import is_transient, refusal
 from shared.errors import StreamUnavailable
-from shared.redis_errors import is_transient, refusal
 from shared.wire import encode_many
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class RetryPolicy:
     max_s: float = 5.0
 
     def delay(self, attempt: int) -> float:
-        return float(min(self.max_s, self.initial_s * 2**attempt))
+        return backoff_s(attempt, self.initial_s, self.max_s, jitter=False)
 
 
 def _queue_xadds(

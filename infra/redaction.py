@@ -8,9 +8,9 @@ What is secret:
   region, timeouts...) and are what an operator needs to read in an error;
 - the credentials of any URL in any text (``scheme://user:password@host``).
 
-Redaction happens at the source (only :func:`shared.redis_conn.redacted_url`
+Redaction happens at the source (only :func:`infra.redis_conn.redacted_url`
 of a URL is ever formatted into a message), and once more where text leaves
-the process: the log formatters (shared/logs.py), the operator commands' error
+the process: the log formatters (infra/logs.py), the operator commands' error
 lines (poslake/cli.py), ``poslake run``'s output, and the exception hooks that
 print tracebacks (:func:`install`). That second pass is what catches errors
 from libraries that quote a URL or an option value (redis-py, delta-rs).
