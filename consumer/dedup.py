@@ -27,6 +27,7 @@ from array import array
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -284,19 +285,33 @@ class CommittedKeyIndex:
             handler = DeltaStorageHandler(table.table_uri, self._storage_options)
             self._filesystem = pafs.PyFileSystem(handler)
         fs = self._filesystem
-        paths: list[str] = []
+        adds: list[dict[str, Any]] = []
         for version in versions:
             with fs.open_input_stream(f"_delta_log/{version:020d}.json") as log_file:
                 text = log_file.read()
             for line in text.splitlines():
                 add = json.loads(line).get("add") if line.strip() else None
                 if add and add.get("dataChange", True):
-                    paths.append(unquote(add["path"]))
+                    adds.append(add)
         schema = _key_schema(self.kind)
-        if not paths:
+        if not adds:
             return schema.empty_table()
-        dataset = pds.dataset(paths, schema=schema, format="parquet", filesystem=fs)
-        return dataset.to_table(columns=schema.names)
+        paths = [unquote(add["path"]) for add in adds]
+        # A partition column is not in the files: its value is the add action's.
+        in_path = [name for name in schema.names if name in self.kind.partition_by]
+        if not in_path:
+            dataset = pds.dataset(paths, schema=schema, format="parquet", filesystem=fs)
+            return dataset.to_table(columns=schema.names)
+        stored = pa.schema([f for f in schema if f.name not in in_path])
+        pieces = []
+        for add, path in zip(adds, paths, strict=True):
+            piece = pds.dataset(path, schema=stored, format="parquet", filesystem=fs).to_table()
+            values = add.get("partitionValues") or {}
+            for name in in_path:
+                constant = pa.array([values.get(name)] * piece.num_rows, schema.field(name).type)
+                piece = piece.append_column(name, constant)
+            pieces.append(piece.select(schema.names))
+        return pa.concat_tables(pieces)
 
     def split_new(self, batch: BatchKeys, rows: pa.Table, table: DeltaTable) -> list[int]:
         """Indices of the rows whose keys the table lacks, first occurrence only."""

@@ -40,7 +40,7 @@ from poslake import status as status_mod
 from poslake.command import LAKE_ERRORS, CommandError, lake_failure, redis_failure
 from poslake.live_view import LiveView
 from shared.errors import ExitCode
-from shared.kinds import POSITIONS
+from shared.kinds import DEFAULT_KIND, POSITIONS
 from shared.settings import Settings, load_settings_or_report
 
 SIMULATED_ACCOUNTS = "DU100001,DU100002,DU100003"
@@ -227,6 +227,23 @@ def _poll_drained(client: Any, settings: Settings, timeout: float) -> bool:
     return False
 
 
+def _kind_counts(client: Any, stream: str) -> dict[str, int]:
+    """Entries per kind in the stream (a demo's stream: a few thousand entries)."""
+    counts: dict[str, int] = {}
+    start = "-"
+    try:
+        while True:
+            page = client.xrange(stream, min=start, count=10_000)
+            for _, fields in page:
+                tag = fields.get(b"kind", DEFAULT_KIND.tag.encode()).decode(errors="replace")
+                counts[tag] = counts.get(tag, 0) + 1
+            if len(page) < 10_000:
+                return counts
+            start = "(" + page[-1][0].decode()
+    except redis.RedisError:
+        return {}
+
+
 def _collect(settings: Settings) -> status_mod.Status:
     """A status snapshot; a failing Redis or store is a CommandError (one line, a code)."""
     try:
@@ -321,13 +338,19 @@ def run(args: argparse.Namespace) -> int:
             _stop(simulator)
         _stop(producer)
         drained = _wait_drained(client, settings, timeout=120)
+        kinds = _kind_counts(client, settings.stream)
         try:
             final = _collect(view_settings)
         except CommandError as exc:
             print(f"poslake run: {scrub(str(exc))}", file=sys.stderr)
             return exc.code
     print_summary(
-        final, lake_uri, None if private_redis else settings.redis_url_redacted, drained, data_dir
+        final,
+        lake_uri,
+        None if private_redis else settings.redis_url_redacted,
+        drained,
+        data_dir,
+        kinds,
     )
     return ExitCode.OK if drained else ExitCode.FAILED
 
@@ -338,6 +361,7 @@ def print_summary(
     redis_shown: str | None,
     drained: bool,
     data_dir: Path,
+    kinds: dict[str, int] | None = None,
 ) -> None:
     """Where the tables are and how to query them; ``redis_shown`` is the redacted URL
     of a configured Redis (``None`` for the private one, gone with the run)."""
@@ -346,8 +370,10 @@ def print_summary(
         f"{name} {table.rows} rows at version {table.version}" if table else f"{name} not created"
         for name, table in (final.tables or {POSITIONS.table: final.table}).items()
     )
+    per_kind = ", ".join(f"{n} {tag}" for tag, n in sorted((kinds or {}).items()))
     lines = [
-        f"\nposlake run: {final.length} entries in stream {final.stream}; in {lake}: "
+        f"\nposlake run: {final.length} entries in stream {final.stream}"
+        f"{f' ({per_kind})' if per_kind else ''}; in {lake}: "
         f"{held}; dead letters: {final.dead_letters}"
         f"{'' if drained else '; NOT fully drained'}."
     ]

@@ -15,7 +15,15 @@ import redis
 from gateway_sim.simulator import SimulatorConfig, SimulatorThread
 from shared.account_values import PNL_KEYS, AccountValue
 from shared.wire import encode_update
-from tests.helpers import REPO_ROOT, consumer_env, group_pending, kill, run_consumer, wait_until
+from tests.helpers import (
+    REPO_ROOT,
+    consumer_env,
+    group_pending,
+    kill,
+    run_consumer,
+    start_consumer,
+    wait_until,
+)
 
 ACCOUNTS = ["DU100001", "DU100002", "DU100003"]
 T0 = datetime(2026, 12, 2, 15, 0, tzinfo=UTC)
@@ -32,15 +40,20 @@ def test_values_land_once_and_current_keeps_the_newest(
     values = [
         AccountValue(account=a, key=k, currency="USD", value=f"{100 * i + j}.50",
                      timestamp=T0 + timedelta(seconds=i))
-        for i in range(20) for j, a in enumerate(ACCOUNTS) for k in ("NetLiquidation", "Cash")
+        for i in range(60) for j, a in enumerate(ACCOUNTS) for k in ("NetLiquidation", "Cash")
     ]  # fmt: skip
     values.append(AccountValue(account="DU100001", key="AccountType", currency="",
                                value="INDIVIDUAL", timestamp=T0))  # fmt: skip
     client = redis.Redis.from_url(redis_url)
     for value in values + values[:30]:  # a producer's retry: 30 written twice
         client.xadd(stream, encode_update(value))  # type: ignore[arg-type]
-    env = consumer_env(redis_url, lake, "c1", stream, batch_max_entries=17)
+    # Two consumers side by side: each reads the other's commits into its dedup index
+    # (``account`` is the partition column: it is in the key but not in the files).
+    env = consumer_env(redis_url, lake, "c1", stream, batch_max_entries=7)
+    other = start_consumer(consumer_env(redis_url, lake, "c2", stream, batch_max_entries=5),
+                           drain=True, log=tmp_path / "c2.log")  # fmt: skip
     assert run_consumer(env, log=tmp_path / "c.log") == 0
+    assert other.wait(timeout=60) == 0
     history = pl.read_delta(str(lake / "account_values"))
     assert history.height == len(values)
     assert history.filter(pl.col("key") == "AccountType")["numeric"].to_list() == [None]
