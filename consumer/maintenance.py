@@ -54,7 +54,9 @@ def partitions_to_compact(
     symbols = actions.column(f"partition.{column}").to_pylist()
     sizes = actions.column("size_bytes").to_pylist()
     small = Counter(s for s, size in zip(symbols, sizes, strict=True) if size < small_bytes)
-    return sorted(s for s, n in small.items() if n >= min_files)
+    # A null partition (executions whose commission came first) is rewritten by its
+    # MERGEs and left alone here: a partition filter cannot name it.
+    return sorted(s for s, n in small.items() if n >= min_files and s is not None)
 
 
 def compact_partitions(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,11 @@ class AccountValueStats:
 class AccountValueFeed:
     """Publishes ``account_value`` entries from ib_async's account events."""
 
-    def __init__(self, outbox: Any, clock: UpdateClock) -> None:
+    def __init__(
+        self, ib: Any, outbox: Any, clock: UpdateClock, accounts: Callable[[], list[str]]
+    ) -> None:
+        self.ib = ib
+        self.accounts = accounts
         self.outbox = outbox
         self.clock = clock
         self.stats = AccountValueStats()
@@ -45,6 +50,23 @@ class AccountValueFeed:
     def install(self, ib: Any) -> None:
         ib.accountValueEvent += self.on_account_value
         ib.pnlEvent += self.on_pnl
+
+    # --- the connection's life (producer/ib_connection.py) --------------------------
+
+    def on_connecting(self) -> None:
+        pass
+
+    async def on_connected(self) -> None:
+        self.subscribe_pnl(self.ib, self.accounts())
+
+    async def on_link_restored(self) -> None:
+        self.subscribe_pnl(self.ib, self.accounts(), again=True)
+
+    def on_disconnected(self) -> None:
+        self.forget()
+
+    async def serve(self) -> None:
+        pass
 
     def forget(self) -> None:
         """After a disconnect: publish the full set again."""

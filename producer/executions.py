@@ -22,6 +22,7 @@ repeats them, is left out and counted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -68,7 +69,15 @@ def _integer(text: str) -> int | None:
 class ExecutionFeed:
     """Turns execDetails and commissionReport messages into ``execution`` entries."""
 
-    def __init__(self, outbox: EntrySink, clock: UpdateClock, naive_zone: str = "UTC") -> None:
+    def __init__(
+        self,
+        outbox: EntrySink,
+        clock: UpdateClock,
+        naive_zone: str = "UTC",
+        request_timeout_s: float = 10.0,
+    ) -> None:
+        self._ib: Any = None
+        self.request_timeout_s = request_timeout_s
         self.outbox = outbox
         self.clock = clock
         self.zone = ZoneInfo(naive_zone)
@@ -77,7 +86,26 @@ class ExecutionFeed:
 
     def install(self, ib: Any) -> None:
         """Register the two decoders in ib_async's decoder table (messages 11 and 59)."""
+        self._ib = ib
         ib.client.decoder.handlers.update(self.decoders())
+
+    # --- the connection's life (producer/ib_connection.py) --------------------------
+
+    def on_connecting(self) -> None:
+        pass
+
+    async def on_connected(self) -> None:
+        pass  # ib_async's startup sends reqExecutions: the day's fills come in with it
+
+    async def on_link_restored(self) -> None:
+        # Fills made while the link was down: the day's executions again (repeats skipped).
+        await asyncio.wait_for(self._ib.reqExecutionsAsync(), self.request_timeout_s)
+
+    def on_disconnected(self) -> None:
+        pass  # the exec IDs published stay remembered: a reconnect's replies repeat them
+
+    async def serve(self) -> None:
+        pass
 
     def decoders(self) -> dict[int, Callable[[list[str]], None]]:
         return {EXEC_DETAILS: self.on_exec_details, COMMISSION_REPORT: self.on_commission_report}

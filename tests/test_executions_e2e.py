@@ -92,9 +92,12 @@ def test_every_fill_lands_once_with_its_commission(
         kinds["no commission"] += made.commission is None
     assert kinds["corrected"] > 0 and kinds["no commission"] > 0
     # Every position change was made by fills: they add up, contract by contract, to the
-    # change of the simulator's book. (Checked against the book, not positions_current:
-    # a position closed while the producer is disconnected is not zeroed there yet.)
-    held = {key: h.position for key, h in thread.simulator.portfolio.holdings.items()}
+    # change of position in the lake (positions closed while the producer was away
+    # included: it publishes their close after the reconnect) and in the simulator.
+    book = {key: h.position for key, h in thread.simulator.portfolio.holdings.items()}
+    current = pl.read_delta(str(lake / "positions_current"))
+    held = {(r["account"], r["conid"]): r["position"] for r in current.to_dicts()}
+    assert {k: v for k, v in held.items() if v} == book
     filled: dict[tuple[str, int], float] = defaultdict(float)
     for made in expected.values():
         filled[(made.account, made.instrument.conid)] += made.signed_shares
