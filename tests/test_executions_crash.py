@@ -5,11 +5,14 @@ row (executions against the rules' reference, positions against their updates)."
 from __future__ import annotations
 
 import signal
+from datetime import timedelta
 from pathlib import Path
 
+import polars as pl
 import pytest
 import redis
 
+from shared.account_values import AccountValue
 from shared.executions import ExecutionEntry
 from shared.model import PositionUpdate
 from shared.wire import encode_update
@@ -23,16 +26,37 @@ from tests.helpers import (
     start_consumer,
     wait_until,
 )
-from tests.test_executions import assert_executions_exact, scenario, table_executions
+from tests.test_executions import T0, assert_executions_exact, scenario, table_executions
+
+
+def _values(count: int) -> list[AccountValue]:
+    return [
+        AccountValue(
+            account=f"DU10{i % 3}", key=("NetLiquidation", "TotalCashValue")[i % 2],
+            currency="USD", value=f"{1000 + i}.5", timestamp=T0 + timedelta(seconds=i),
+        )
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def assert_account_values_exact(lake: Path, values: list[AccountValue]) -> None:
+    history = pl.read_delta(str(lake / "account_values"))
+    got = sorted(zip(history["account"], history["key"], history["value"], strict=True))
+    assert got == sorted((v.account, v.key, v.value) for v in values)
+    current = pl.read_delta(str(lake / "account_values_current"))
+    newest = {(v.account, v.key): v.value for v in values}  # in time order
+    assert dict(zip(zip(current["account"], current["key"], strict=True), current["value"],
+                    strict=True)) == newest  # fmt: skip
 
 
 def _publish_mixed(
     url: str, stream: str, seed: int
 ) -> tuple[list[PositionUpdate], list[ExecutionEntry]]:
-    """Positions with the executions scenario spread among them: a fill and its
-    commission fall in different batches."""
+    """Positions with the executions scenario and account values spread among them: a
+    fill and its commission fall in different batches."""
     updates = make_updates(900, seed=seed)
     entries = scenario()
+    values = _values(90)
     client = redis.Redis.from_url(url)
     try:
         pipe = client.pipeline(transaction=False)
@@ -41,6 +65,8 @@ def _publish_mixed(
             pipe.xadd(stream, encode_update(update))  # type: ignore[arg-type]
             if i % every == 0 and i // every < len(entries):
                 pipe.xadd(stream, encode_update(entries[i // every]))  # type: ignore[arg-type]
+            if i % 10 == 5:
+                pipe.xadd(stream, encode_update(values[i // 10]))  # type: ignore[arg-type]
         pipe.execute()
     finally:
         client.close()
@@ -64,6 +90,7 @@ def test_kill_at_each_point_then_everything_lands_once(
     assert run_consumer(healthy, log=tmp_path / "recover.log") == 0
     assert group_pending(redis_url, stream) == 0
     assert_executions_exact(lake, entries)
+    assert_account_values_exact(lake, _values(90))
     assert_table_exact(lake, updates)
     assert_current_exact(lake, updates)
 
@@ -98,4 +125,5 @@ def test_two_consumers_side_by_side_never_insert_an_execution_twice(
                 proc.kill()
     assert_executions_exact(lake, entries)  # one row per execution: no double insert
     assert len(table_executions(lake)) == len({e.key for e in entries})
+    assert_account_values_exact(lake, _values(90))
     assert_table_exact(lake, updates)
