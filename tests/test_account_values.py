@@ -52,8 +52,11 @@ def test_values_land_once_and_current_keeps_the_newest(
     env = consumer_env(redis_url, lake, "c1", stream, batch_max_entries=7)
     other = start_consumer(consumer_env(redis_url, lake, "c2", stream, batch_max_entries=5),
                            drain=True, log=tmp_path / "c2.log")  # fmt: skip
-    assert run_consumer(env, log=tmp_path / "c.log") == 0
-    assert other.wait(timeout=60) == 0
+    try:
+        assert run_consumer(env, log=tmp_path / "c.log") == 0
+        assert other.wait(timeout=60) == 0
+    finally:
+        kill(other)
     history = pl.read_delta(str(lake / "account_values"))
     assert history.height == len(values)
     assert history.filter(pl.col("key") == "AccountType")["numeric"].to_list() == [None]

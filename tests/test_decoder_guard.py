@@ -10,9 +10,9 @@ import gateway_sim.protocol as tws
 from tests.producer_harness import (
     DecoderErrors,
     producer_settings,
+    read_stream,
     running_producer,
     running_simulator,
-    stream_length,
     until,
 )
 
@@ -32,7 +32,7 @@ def test_decoder_guard_catches_a_malformed_message(
         async with running_simulator(accounts=[ACCOUNT], positions=5, rate=0) as sim:
             settings = producer_settings(redis_url, stream, sim.port, tmp_path / "spool")
             async with running_producer(settings) as producer:
-                await until(lambda: stream_length(redis_url, stream) == 5)
+                await until(lambda: len(read_stream(redis_url, stream)) == 5)
                 session = next(iter(sim.sessions))
                 session.queue(tws.message(7, 8, 265598, "AAPL", "STK"))  # 5 of 20 fields
                 session.flush()
@@ -44,5 +44,5 @@ def test_decoder_guard_catches_a_malformed_message(
     finally:
         logger.removeHandler(handler)
     assert "Error handling fields" in handler.records[0].getMessage()
-    assert stream_length(redis_url, stream) == 5
+    assert len(read_stream(redis_url, stream)) == 5
     handler.records.clear()
