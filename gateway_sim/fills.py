@@ -26,10 +26,16 @@ _NEW_YORK = ZoneInfo("America/New_York")
 
 @dataclass
 class FillFaults:
+    """How fills come (probabilities per fill, or per option open for combos)."""
+
     commission_first: float = 0.0  # the report goes out before the execution
     commission_missing: float = 0.0  # no report, ever
     correction: float = 0.0  # the execution is corrected a little later
     delay_s: tuple[float, float] = (0.02, 0.25)  # a report's delay after its execution
+    combo: float = 0.1  # an option opens as a two-leg combo (BAG) order: a vertical
+
+
+BAG_CONID = 28812380  # IB's contract ID of every combo (BAG) report
 
 
 @dataclass(slots=True)
@@ -91,35 +97,43 @@ class Blotter:
         self._rng = random.Random(self.seed + 7)
         self._perm_id = 1_000
 
-    def fill(self, holding: Holding, change: float, realized_pnl: float) -> list[SimFill]:
-        """The fills for a change of ``change`` shares of ``holding`` (one or two)."""
+    def fill(
+        self, holding: Holding, change: float, realized_pnl: float, perm_id: int | None = None
+    ) -> list[SimFill]:
+        """The fills for a change of ``change`` shares of ``holding`` (one or two); a
+        combo's legs share the combo's ``perm_id``."""
         rng = self._rng
         total = abs(change)
         parts = [total]
-        if total >= 2 and rng.random() < 0.3:
+        if total >= 2 and rng.random() < 0.3 and perm_id is None:
             first = float(rng.randint(1, int(total) - 1)) if total == int(total) else total / 2
             parts = [first, total - first]
-        self._perm_id += 1
+        if perm_id is None:
+            self._perm_id += 1
+        leg_base = 0 if perm_id is None else sum(
+            1 for f in self.fills if f.perm_id == perm_id
+        )  # fmt: skip
+        perm_id = perm_id or self._perm_id
         side = "BOT" if change > 0 else "SLD"
         made: list[SimFill] = []
         cum = 0.0
         now = datetime.now(UTC).replace(microsecond=0)
-        for leg, shares in enumerate(parts, start=1):
+        for leg, shares in enumerate(parts, start=1 + leg_base):
             cum += shares
             price = round(holding.market_price * (1 + rng.uniform(-0.002, 0.002)), 4)
             missing = rng.random() < self.faults.commission_missing
             commission = None if missing else round(0.65 * shares + rng.uniform(0, 0.3), 4)
             made.append(
                 SimFill(
-                    exec_id=f"0000sim1.{self._perm_id:08x}.{leg:02d}.01",
+                    exec_id=f"0000sim1.{perm_id:08x}.{leg:02d}.01",
                     account=holding.account,
                     instrument=holding.instrument,
                     side=side,
                     shares=shares,
                     price=max(price, 0.01),
                     time=now,
-                    order_id=self._perm_id,
-                    perm_id=self._perm_id,
+                    order_id=perm_id,
+                    perm_id=perm_id,
                     cum_qty=cum,
                     commission=commission,
                     realized_pnl=realized_pnl if leg == len(parts) and realized_pnl else None,
@@ -127,6 +141,33 @@ class Blotter:
             )
         self.fills.extend(made)
         return made
+
+    def combo_order(self) -> int:
+        """A new order ID for a combo, whose legs then pass it to :meth:`fill`."""
+        self._perm_id += 1
+        return self._perm_id
+
+    def combo_report(self, legs: list[SimFill], symbol: str) -> SimFill:
+        """The combo's own execution (a BAG contract), as IB sends besides its legs."""
+        first = legs[0]
+        bag = Instrument(BAG_CONID, symbol, "BAG", "", 0.0, "", 1, "SMART")
+        net = round(sum(f.price if f.side == "BOT" else -f.price for f in legs), 4)
+        report = SimFill(
+            exec_id=f"0000sim1.{first.perm_id:08x}.00.01",
+            account=first.account,
+            instrument=bag,
+            side="BOT" if net >= 0 else "SLD",
+            shares=first.shares,
+            price=abs(net) or 0.01,
+            time=first.time,
+            order_id=first.order_id,
+            perm_id=first.perm_id,
+            cum_qty=first.shares,
+            commission=None,
+            realized_pnl=None,
+        )
+        self.fills.append(report)
+        return report
 
     def correct(self, original: SimFill) -> SimFill:
         """A correction of ``original``: the next revision, another price, same shares."""
@@ -160,6 +201,8 @@ class Blotter:
         """The last revision of every execution, by exec_id base."""
         newest: dict[str, SimFill] = {}
         for fill in self.fills:
+            if fill.instrument.sec_type == "BAG":
+                continue  # the combo's own report: its legs are the executions
             base = fill.exec_id.rpartition(".")[0]
             newest[base] = fill  # corrections come after what they correct
         return newest

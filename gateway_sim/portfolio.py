@@ -55,7 +55,7 @@ class Instrument:
         return f"{self.symbol:<6}{self.expiry[2:]}{self.right}{round(self.strike * 1000):08d}"
 
     def wire_contract(self, exchange: str | None = None) -> bytes:
-        key = (self.conid, exchange)
+        key = (self.conid, self.symbol, exchange)  # every combo (BAG) shares one conid
         rendered = _WIRE_CONTRACTS.get(key)
         if rendered is None:
             rendered = _WIRE_CONTRACTS[key] = _wire_contract(self, exchange)
@@ -63,7 +63,7 @@ class Instrument:
 
 
 # Rendered once per contract: a simulator sends the same contracts over and over.
-_WIRE_CONTRACTS: dict[tuple[int, str | None], bytes] = {}
+_WIRE_CONTRACTS: dict[tuple[int, str, str | None], bytes] = {}
 
 
 def _wire_contract(instrument: Instrument, exchange: str | None) -> bytes:
@@ -346,6 +346,24 @@ class SyntheticPortfolio:
 
     def holdings_of(self, account: str) -> list[Holding]:
         return [h for h in self.holdings.values() if h.account == account]
+
+    def combo_partner(self, holding: Holding) -> Instrument | None:
+        """An option's neighbour for a vertical spread: same underlying, expiry and right,
+        the next strike, not held in the account yet."""
+        first = holding.instrument
+        if first.sec_type != "OPT":
+            return None
+        for conid in (first.conid + 2, first.conid - 2):  # rights alternate per strike
+            other = self._by_conid.get(conid)
+            if (
+                other is not None
+                and other.symbol == first.symbol
+                and other.expiry == first.expiry
+                and other.right == first.right
+                and (holding.account, conid) not in self.holdings
+            ):
+                return other
+        return None
 
     def instrument(self, conid: int) -> Instrument | None:
         return self._by_conid.get(conid)

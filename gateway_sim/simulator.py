@@ -5,9 +5,15 @@ rate and seed are settings), pushes updates at a steady rate to every
 subscribed connection, and records every position-bearing message it sends
 (:attr:`GatewaySimulator.record`) so tests can compare the lake with it.
 
+Every position change is made by fills (gateway_sim/fills.py: commissions after
+a delay, before the fill or never, corrections, two-leg combos with their BAG
+report; ``reqExecutions`` answered with the day's fills), and every account's
+values and P&L follow the book (gateway_sim/accounts.py), resent every
+``account_values_every_s``.
+
 Fault controls: drop connections after a time or at random, refuse a client ID
 (error 326), leave a startup request unanswered, send the link codes
-1100/1101/1102.
+1100/1101/1102, and the fill faults above.
 
 Runs on its own (``python -m gateway_sim --port 4002 --positions 200
 --rate 50``), inside a test's event loop, or in a thread (:class:`SimulatorThread`).
@@ -34,7 +40,13 @@ from typing import Any
 from gateway_sim import protocol as tws
 from gateway_sim.accounts import AccountBook
 from gateway_sim.fills import EXEC_TIME_FORMATS, Blotter, FillFaults, SimFill
-from gateway_sim.portfolio import EventKind, Holding, PortfolioEvent, SyntheticPortfolio
+from gateway_sim.portfolio import (
+    EventKind,
+    Holding,
+    Instrument,
+    PortfolioEvent,
+    SyntheticPortfolio,
+)
 from gateway_sim.session import ClientSession, SentUpdate, prerender
 from infra.logs import configure_logging
 from infra.stopping import release_held_stops
@@ -247,6 +259,14 @@ class GatewaySimulator:
             self.events += 1
             holding = event.holding
             if event.change and self.config.fills:
+                partner = (
+                    self.portfolio.combo_partner(holding)
+                    if event.kind is EventKind.OPEN and self.blotter.wants("combo")
+                    else None
+                )
+                if partner is not None:
+                    self._open_combo(event, partner, sessions)
+                    continue
                 for made in self.blotter.fill(holding, event.change, event.realized):
                     self.book.book(made)
                     self._send_fill(made, sessions)
@@ -257,6 +277,29 @@ class GatewaySimulator:
             session.flush()
 
     # --- fills ----------------------------------------------------------------
+
+    def _open_combo(
+        self, event: PortfolioEvent, partner: Instrument, sessions: list[ClientSession]
+    ) -> None:
+        """An option opened with a second leg as one combo order: the BAG's own report,
+        then each leg's fill, then each leg's position updates."""
+        holding = event.holding
+        second = self.portfolio.set_position(holding.account, partner.conid, -event.change)
+        order = self.blotter.combo_order()
+        legs = [
+            *self.blotter.fill(holding, event.change, 0.0, perm_id=order),
+            *self.blotter.fill(second.holding, second.change, 0.0, perm_id=order),
+        ]
+        report = self.blotter.combo_report(legs, holding.instrument.symbol)
+        for session in sessions:
+            session.queue(report.exec_details(-1, self.config.exec_time_format))
+        for made in legs:
+            self.book.book(made)
+            self._send_fill(made, sessions)
+        for leg_event in (event, second):
+            self.events += leg_event is second
+            for session in sessions:
+                self._send_event(session, leg_event.kind, leg_event.holding)
 
     def _send_fill(self, made: SimFill, sessions: list[ClientSession]) -> None:
         """A live fill (req_id -1) to every connection, as to a master client; its
@@ -470,6 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(STARTUP_REQUESTS),
         help="leave this startup request unanswered on the first connection",
     )
+    fills = parser.add_argument_group("fills (probabilities per fill; combos per option open)")
+    fills.add_argument("--commission-first", type=float, default=0.0)
+    fills.add_argument("--commission-missing", type=float, default=0.0)
+    fills.add_argument("--correction", type=float, default=0.0)
+    fills.add_argument("--combo", type=float, default=0.1)
+    fills.add_argument("--no-fills", action="store_true", help="change positions without fills")
+    fills.add_argument("--exec-time-format", choices=EXEC_TIME_FORMATS, default="utc")
     parser.add_argument("--record", type=Path, help="append every sent update here (JSON lines)")
     parser.add_argument("--final-state", type=Path, help="write the final book here at exit")
     parser.add_argument(
@@ -495,6 +545,14 @@ def main(argv: list[str] | None = None) -> int:
             drop_probability_per_s=args.drop_probability,
             refused_client_ids=set(args.refuse_client_id),
             unanswered=Counter(args.unanswered),
+            fills=not args.no_fills,
+            fill_faults=FillFaults(
+                commission_first=args.commission_first,
+                commission_missing=args.commission_missing,
+                correction=args.correction,
+                combo=args.combo,
+            ),
+            exec_time_format=args.exec_time_format,
         )
         return asyncio.run(serve(config, args.record, args.final_state, args.stats))
     except (ValueError, OSError) as exc:

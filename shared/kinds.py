@@ -89,7 +89,10 @@ class UpsertRule:
         return self.attached[1]
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: a kind is a singleton, compared and hashed by identity. It keys dicts on
+# the hot path (a lookup per entry), and a generated hash would hash every field,
+# the Arrow schema included, each time (it made the drain 2x slower).
+@dataclass(frozen=True, slots=True, eq=False)
 class EntryKind:
     """One kind of stream entry and the table it lands in.
 

@@ -29,7 +29,7 @@ ACCOUNTS = ["DU100001", "DU100002"]
 def test_every_fill_lands_once_with_its_commission(
     redis_url: str, stream: str, lake: Path, tmp_path: Path
 ) -> None:
-    faults = FillFaults(commission_first=0.15, commission_missing=0.1, correction=0.15)
+    faults = FillFaults(commission_first=0.15, commission_missing=0.1, correction=0.15, combo=0.5)
     config = SimulatorConfig(
         accounts=ACCOUNTS, positions=30, rate=60, seed=9, fill_faults=faults,
         exec_time_format="abbrev",
@@ -91,6 +91,15 @@ def test_every_fill_lands_once_with_its_commission(
         kinds["corrected"] += not made.exec_id.endswith(".01")
         kinds["no commission"] += made.commission is None
     assert kinds["corrected"] > 0 and kinds["no commission"] > 0
+    # Combos: the legs are booked (sharing the order's perm_id), the BAG report is not.
+    bags = [f for f in blotter.fills if f.instrument.sec_type == "BAG"]
+    assert bags, "the run made no combo"
+    assert "BAG" not in set(final["sec_type"].drop_nulls().to_list())
+    for bag in bags:
+        legs = final.filter(pl.col("perm_id") == bag.perm_id)
+        assert legs.height >= 2 and set(legs["conid"].to_list()) == {
+            f.instrument.conid for f in blotter.fills if f.perm_id == bag.perm_id and f is not bag
+        }
     # Every position change was made by fills: they add up, contract by contract, to the
     # change of position in the lake (positions closed while the producer was away
     # included: it publishes their close after the reconnect) and in the simulator.
