@@ -23,11 +23,10 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError
 
-from consumer.sink import NO_CHECKPOINT, commit_error
+from consumer.sink import NO_CHECKPOINT, commit_error, open_kind_table
 from shared.errors import RowsRejected
 from shared.kinds import POSITIONS, CurrentTable, EntryKind
 from shared.settings import Settings
-from shared.table import open_or_create_table
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +47,7 @@ def merge_predicate(current: CurrentTable) -> str:
 
 def open_or_create_current(settings: Settings, kind: EntryKind = POSITIONS) -> DeltaTable:
     current = _current_of(kind)
-    return open_or_create_table(
-        settings.lake_table_uri(current.name),
-        settings.storage_options or None,
-        settings.checkpoint_interval,
-        settings.history_retention_hours,
-        schema=kind.schema,
-        partition_by=kind.partition_by,
-        name=current.name,
-    )
+    return open_kind_table(settings, kind, current.name)
 
 
 def newest_per_contract(rows: pa.Table, kind: EntryKind = POSITIONS) -> pa.Table:

@@ -30,7 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from deltalake import CommitProperties, PostCommitHookProperties, Transaction, write_deltalake
+from deltalake import (
+    CommitProperties,
+    DeltaTable,
+    PostCommitHookProperties,
+    Transaction,
+    write_deltalake,
+)
 from deltalake.exceptions import CommitFailedError, DeltaError
 
 from consumer.dedup import CommittedKeyIndex
@@ -45,6 +51,21 @@ log = logging.getLogger(__name__)
 # checkpoint carries every tombstone of the history window, and writing it inline
 # would stall a batch for seconds. consumer/maintenance.py does it in the background.
 NO_CHECKPOINT = PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False)
+
+
+def open_kind_table(settings: Settings, kind: EntryKind, name: str | None = None) -> DeltaTable:
+    """A kind's table (its history unless ``name`` says another of its tables), created
+    with the kind's schema and partitions on first use."""
+    name = name or kind.table
+    return open_or_create_table(
+        settings.lake_table_uri(name),
+        settings.storage_options or None,
+        settings.checkpoint_interval,
+        settings.history_retention_hours,
+        schema=kind.schema,
+        partition_by=kind.partition_by,
+        name=name,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,15 +85,7 @@ class DeltaSink:
     def __init__(self, settings: Settings, kind: EntryKind = POSITIONS) -> None:
         self._settings = settings
         self.kind = kind
-        self.table = open_or_create_table(
-            settings.lake_table_uri(kind.table),
-            settings.storage_options or None,
-            settings.checkpoint_interval,
-            settings.history_retention_hours,
-            schema=kind.schema,
-            partition_by=kind.partition_by,
-            name=kind.table,
-        )
+        self.table = open_kind_table(settings, kind)
         # One app id per table, shared by the group: each table's log serialises its own.
         self.app_id = f"poslake:{settings.stream}:{settings.group}"
         self.index = CommittedKeyIndex(

@@ -28,11 +28,10 @@ import pyarrow.compute as pc
 from deltalake import CommitProperties, Transaction
 from deltalake.exceptions import DeltaError
 
-from consumer.sink import NO_CHECKPOINT, CommitOutcome, commit_error
+from consumer.sink import NO_CHECKPOINT, CommitOutcome, commit_error, open_kind_table
 from shared.errors import CommitFailed, RowsRejected
 from shared.kinds import EntryKind, UpsertRule
 from shared.settings import Settings
-from shared.table import open_or_create_table
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +115,7 @@ class UpsertWriter:
         self._settings = settings
         self.kind = kind
         self.rule = kind.upsert
-        self.table = open_or_create_table(
-            settings.lake_table_uri(kind.table),
-            settings.storage_options or None,
-            settings.checkpoint_interval,
-            settings.history_retention_hours,
-            schema=kind.schema,
-            partition_by=kind.partition_by,
-            name=kind.table,
-        )
+        self.table = open_kind_table(settings, kind)
         self.app_id = f"poslake:{settings.stream}:{settings.group}"
         self._match, self._when, self._updates = merge_clauses(self.rule)
         self.commits = 0

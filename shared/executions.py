@@ -28,12 +28,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 import pyarrow as pa
-from msgspec.structs import force_setattr
 
 from shared.model import (
-    _RIGHT_OF,
-    DERIVATIVE_SEC_TYPES,
-    SYMBOL_MAX_BYTES,
     ContractId,
     CurrencyCode,
     FiniteFloat,
@@ -42,6 +38,7 @@ from shared.model import (
     PositiveFloat,
     UtcTimestamp,
     _WireRight,
+    check_contract,
     timestamp_micros,
 )
 
@@ -92,17 +89,7 @@ class ExecutionDetails(msgspec.Struct, kw_only=True, frozen=True, gc=False, omit
     liquidation: IbInt | None = None
 
     def __post_init__(self) -> None:
-        if len(self.symbol.encode()) > SYMBOL_MAX_BYTES:
-            raise ValueError(f"symbol is longer than {SYMBOL_MAX_BYTES} bytes in UTF-8")
-        right = self.right
-        if right is not None and len(right) > 1:
-            force_setattr(self, "right", _RIGHT_OF[right])
-        if self.multiplier is None:
-            force_setattr(self, "multiplier", 1.0)
-        if self.sec_type in DERIVATIVE_SEC_TYPES and (
-            self.right is None or self.strike is None or self.expiry is None
-        ):
-            raise ValueError(f"{self.sec_type} execution needs right, strike and expiry")
+        check_contract(self, "execution", self.time)
 
 
 class CommissionDetails(msgspec.Struct, kw_only=True, frozen=True, gc=False, omit_defaults=True):

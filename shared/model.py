@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, date, datetime
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from msgspec.structs import force_setattr
@@ -74,31 +74,38 @@ class PositionUpdate(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     realized_pnl: FiniteFloat | None = None
 
     def __post_init__(self) -> None:
-        # msgspec turns a ValueError here into a ValidationError naming the struct.
-        symbol = self.symbol
-        if len(symbol) > SYMBOL_MAX_BYTES // 4 and len(symbol.encode()) > SYMBOL_MAX_BYTES:
-            raise ValueError(f"symbol is longer than {SYMBOL_MAX_BYTES} bytes in UTF-8")
-        moment = self.timestamp
-        if moment.year in (1, 9999) and moment.utcoffset():
-            try:
-                moment.astimezone(UTC)
-            except OverflowError:
-                # Arrow would store it, but no reader could turn it back into a datetime.
-                raise ValueError("timestamp is outside the years 1-9999 in UTC") from None
-        right = self.right
-        if right is not None and len(right) > 1:
-            force_setattr(self, "right", _RIGHT_OF[right])
-        if self.multiplier is None:
-            force_setattr(self, "multiplier", 1.0)
-        if self.sec_type in DERIVATIVE_SEC_TYPES and (
-            self.right is None or self.strike is None or self.expiry is None
-        ):
-            raise ValueError(f"{self.sec_type} update needs right, strike and expiry")
+        check_contract(self, "update", self.timestamp)
 
     @property
     def key(self) -> UpdateKey:
         """The deduplication key, with the timestamp in UTC microseconds."""
         return (self.account, self.conid, timestamp_micros(self.timestamp))
+
+
+def check_contract(observation: Any, what: str, moment: datetime) -> None:
+    """The checks and normal forms every struct naming a contract shares (positions,
+    executions), run by msgspec at decode (it turns the ValueError into a
+    ValidationError naming the struct): ``symbol`` within its bytes, the time within
+    the years 1-9999 in UTC, ``right`` as C/P, a null ``multiplier`` as 1, and an
+    option's right, strike and expiry present."""
+    symbol = observation.symbol
+    if len(symbol) > SYMBOL_MAX_BYTES // 4 and len(symbol.encode()) > SYMBOL_MAX_BYTES:
+        raise ValueError(f"symbol is longer than {SYMBOL_MAX_BYTES} bytes in UTF-8")
+    if moment.year in (1, 9999) and moment.utcoffset():
+        try:
+            moment.astimezone(UTC)
+        except OverflowError:
+            # Arrow would store it, but no reader could turn it back into a datetime.
+            raise ValueError("timestamp is outside the years 1-9999 in UTC") from None
+    right = observation.right
+    if right is not None and len(right) > 1:
+        force_setattr(observation, "right", _RIGHT_OF[right])
+    if observation.multiplier is None:
+        force_setattr(observation, "multiplier", 1.0)
+    if observation.sec_type in DERIVATIVE_SEC_TYPES and (
+        observation.right is None or observation.strike is None or observation.expiry is None
+    ):
+        raise ValueError(f"{observation.sec_type} {what} needs right, strike and expiry")
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
