@@ -98,6 +98,21 @@ def fold(rows: pa.Table, rule: UpsertRule) -> pa.Table:
     return pa.Table.from_pylist(list(folded.values()), rows.schema)
 
 
+def _key_range(rows: pa.Table, key: str) -> str:
+    """`` AND t.key BETWEEN <min> AND <max>`` of the batch's keys: the target files whose
+    statistics lie outside it are skipped (IB's execution IDs grow over a day), so a MERGE
+    reads the recent files, not the whole table. Exact: no key outside it can match."""
+    bounds = pc.min_max(rows.column(key)).as_py()
+    low, high = bounds["min"], bounds["max"]
+    if low is None:
+        return ""
+
+    def literal(text: str) -> str:
+        return "'" + text.replace("'", "''") + "'"
+
+    return f" AND t.{_q(key)} >= {literal(low)} AND t.{_q(key)} <= {literal(high)}"
+
+
 def _row_id(rows: pa.Table, position: int, rule: UpsertRule) -> str:
     """The stream entry a row came from: its main part's, else its attached part's."""
     main, attached = rule.main[-1], rule.attached[-1]  # the parts' stream_id columns
@@ -145,7 +160,7 @@ class UpsertWriter:
             metrics = (
                 self.table.merge(
                     rows,
-                    self._match,
+                    self._match + _key_range(rows, self.rule.key),
                     source_alias="s",
                     target_alias="t",
                     commit_properties=properties,
