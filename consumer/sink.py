@@ -78,6 +78,15 @@ class CommitOutcome:
     seconds: float
     cold_keys_checked: int = 0
 
+    def then(self, later: CommitOutcome) -> CommitOutcome:
+        """This outcome followed by ``later`` (a batch landed in pieces)."""
+        return CommitOutcome(
+            self.rows_written + later.rows_written,
+            self.duplicates + later.duplicates,
+            later.table_version,
+            self.seconds + later.seconds,
+        )
+
 
 class DeltaSink:
     """The consumer's one writer to a kind's history table, with its dedup index."""
@@ -200,13 +209,7 @@ class DeltaSink:
         half = rows.num_rows // 2
         first, rejected_first = self.commit_isolating(rows.slice(0, half))
         second, rejected_second = self.commit_isolating(rows.slice(half))
-        combined = CommitOutcome(
-            first.rows_written + second.rows_written,
-            first.duplicates + second.duplicates,
-            second.table_version,
-            first.seconds + second.seconds,
-        )
-        return combined, rejected_first + rejected_second
+        return first.then(second), rejected_first + rejected_second
 
 
 def _stream_id(rows: pa.Table, position: int) -> str:

@@ -197,10 +197,4 @@ class UpsertWriter:
         half = rows.num_rows // 2
         first, rejected_first = self.commit_isolating(rows.slice(0, half))
         second, rejected_second = self.commit_isolating(rows.slice(half))
-        combined = CommitOutcome(
-            first.rows_written + second.rows_written,
-            first.duplicates + second.duplicates,
-            second.table_version,
-            first.seconds + second.seconds,
-        )
-        return combined, rejected_first + rejected_second
+        return first.then(second), rejected_first + rejected_second
