@@ -15,7 +15,8 @@ the end, growth over the last 4 minutes, the least-squares slope after warm-up
 minutes for the producer and the consumer.
 
     python -m bench.soak [--duration 600] [--rate 2000] [--positions 200] [--warmup 60]
-                         [--consumer-env NAME=VALUE] [--no-baseline] [--keep] [--quick]
+                         [--consumer-env NAME=VALUE] [--no-fills] [--seed-current]
+                         [--no-baseline] [--keep] [--quick]
 
 At 2,000 events/s with 200 positions (``poslake run``'s default) a position lives
 about 2 s: far more opens and closes than PnL-single requests the budget allows.
@@ -212,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start positions_current with a row for every contract (its steady-state size)",
     )
+    parser.add_argument(
+        "--no-fills",
+        action="store_true",
+        help="the simulator changes positions without fills (position updates alone)",
+    )
     parser.add_argument("--quick", action="store_true", help="90 s run, 30 s warm-up")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs)")
     args = parser.parse_args(argv)
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         sim = subprocess.Popen(
             [sys.executable, "-m", "gateway_sim", "--port", "0", "--accounts", ACCOUNTS,
              "--positions", str(args.positions), "--rate", str(args.rate),
-             "--stats", str(stats_path)],
+             "--stats", str(stats_path), *(["--no-fills"] if args.no_fills else [])],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         assert sim.stdout is not None
@@ -306,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         load = loadavg.read().split()[:3]
     print(
         f"soak: {duration:.0f}s at {args.rate:.0f} events/s over {ACCOUNTS} "
-        f"({args.positions} positions), RSS every {args.interval:.0f}s, warm-up "
+        f"({args.positions} positions, fills {'off' if args.no_fills else 'on'}), "
+        f"RSS every {args.interval:.0f}s, warm-up "
         f"{warmup:.0f}s; load average at the end {' '.join(load)} on {os.cpu_count()} cores"
     )
     results = [report(s, warmup, goal=s.name in ("producer", "consumer")) for s in series]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from producer import ib_decoders
 from producer.ib_connection import SourceStats
@@ -38,6 +38,14 @@ from producer.pnl_subscriptions import PnlSubscriptions
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class HoldingsListener(Protocol):
+    """Told when an account starts or stops holding a contract (the Greeks subscriber)."""
+
+    def opened(self, contract: ContractInfo) -> None: ...
+
+    def closed(self, contract: ContractInfo) -> None: ...
 
 
 @dataclass(slots=True)
@@ -72,7 +80,10 @@ class PositionFeed:
         # Every open position as last published, kept across reconnects: one missing
         # from the snapshot after a reconnect was closed while the producer was away.
         self.book: dict[tuple[str, int], ContractInfo] = {}
-        self._seen: set[tuple[str, int]] = set()
+        # What the connect's snapshots mentioned: collected only until they are in (a set
+        # of every contract published since would grow with the churn).
+        self._seen: set[tuple[str, int]] | None = None
+        self.listener: HoldingsListener | None = None
         self.pnl: dict[tuple[str, int], PnlFigures] = {}
         self.subscriptions = PnlSubscriptions(
             ib,
@@ -189,10 +200,15 @@ class PositionFeed:
         self.outbox.put(stamp, update)
         self.stats.published += 1
         key = (account, contract.conid)
-        self._seen.add(key)
+        if self._seen is not None:
+            self._seen.add(key)
+        listener = self.listener
         if position == 0:
-            self.book.pop(key, None)
+            if self.book.pop(key, None) is not None and listener is not None:
+                listener.closed(contract)
         else:
+            if listener is not None and key not in self.book:
+                listener.opened(contract)
             self.book[key] = contract
 
     def _close_vanished(self) -> None:
@@ -200,7 +216,8 @@ class PositionFeed:
         that the snapshots did not mention was closed while the producer was away (IB
         sends no zero for it); publish its close."""
         followed = set(self.accounts())
-        vanished = [k for k in self.book if k not in self._seen and k[0] in followed]
+        seen, self._seen = self._seen or set(), None
+        vanished = [k for k in self.book if k not in seen and k[0] in followed]
         for account, conid in vanished:
             self._publish(account, self.book[(account, conid)], 0.0)
         if vanished:
