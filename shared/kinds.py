@@ -37,6 +37,7 @@ from shared.executions import (
     ExecutionEntry,
     executions_to_arrow,
 )
+from shared.greeks import GREEKS_LABEL_FIELDS, OPTION_GREEKS_SCHEMA, OptionGreeks, greeks_to_arrow
 from shared.model import LABEL_FIELDS, PositionUpdate
 from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
 
@@ -170,7 +171,20 @@ ACCOUNT_VALUES = EntryKind(
     current=CurrentTable(lake_names.ACCOUNT_VALUES_CURRENT, match=("account", "key", "currency")),
 )
 
-KINDS: tuple[EntryKind, ...] = (POSITIONS, EXECUTIONS, ACCOUNT_VALUES)
+OPTION_GREEKS = EntryKind(
+    tag="option_greeks",
+    model=OptionGreeks,
+    table=lake_names.OPTION_GREEKS,
+    schema=OPTION_GREEKS_SCHEMA,
+    to_rows=greeks_to_arrow,
+    partition_by=("symbol",),
+    label_fields=GREEKS_LABEL_FIELDS,
+    group=("conid", "source"),
+    time_column="timestamp",
+    current=CurrentTable(lake_names.OPTION_GREEKS_CURRENT, match=("conid", "source")),
+)
+
+KINDS: tuple[EntryKind, ...] = (POSITIONS, EXECUTIONS, ACCOUNT_VALUES, OPTION_GREEKS)
 """Every kind, in the order the consumer commits them."""
 
 DEFAULT_KIND = POSITIONS

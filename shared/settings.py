@@ -155,6 +155,28 @@ class Settings(BaseSettings):
     ib_pnl_requests_per_s: Annotated[int, Field(ge=1, le=40)] = 20
     ib_pnl_cancel_grace_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
     ib_pnl_max_subscriptions: Annotated[int, Field(ge=1)] = 10_000
+    # Option Greeks (producer/greeks.py): a market-data line per option position within
+    # `ib_greeks_lines` (IB allows 100 by default; other sessions of the login use lines
+    # too); past it, snapshots in rotation give every option a fresh sample at least every
+    # `ib_greeks_rotation_s`. Requests (subscribe, cancel, snapshot) per second share
+    # ib_async's 45/s with the PnL-single ones. A row per contract and tick at least every
+    # `ib_greeks_sample_s` while IB sends, sooner when a value moved by more than
+    # `ib_greeks_tolerance` (relative), never more often than `ib_greeks_min_interval_s`.
+    # Market data type asked for first, and where live data is not permitted the one to
+    # fall back to (3 delayed, 4 delayed frozen: the last delayed values after the close;
+    # 0: none). After a refusal (no subscription, competing session...) a contract is
+    # asked again after `ib_greeks_retry_s`.
+    ib_greeks: bool = True
+    ib_greeks_lines: Annotated[int, Field(ge=1, le=10_000)] = 90
+    ib_greeks_requests_per_s: Annotated[int, Field(ge=1, le=40)] = 20
+    ib_greeks_rotation_s: Annotated[float, Field(ge=5, le=3600)] = 60.0
+    ib_greeks_sample_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    ib_greeks_min_interval_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
+    ib_greeks_tolerance: Annotated[float, Field(ge=0, le=10)] = 0.01
+    ib_greeks_snapshot_timeout_s: Annotated[float, Field(gt=0, le=120)] = 12.0
+    ib_greeks_retry_s: Seconds = 60.0
+    ib_greeks_data_type: Literal[1, 2, 3, 4] = 1
+    ib_greeks_fallback_data_type: Literal[0, 3, 4] = 4
 
     # Producer: buffering while Redis is away.
     producer_buffer_max: Annotated[int, Field(ge=1)] = 100_000
@@ -259,6 +281,11 @@ class Settings(BaseSettings):
         if self.ib_reconnect_max_s < self.ib_reconnect_initial_s:
             raise ValueError(
                 "POSLAKE_IB_RECONNECT_MAX_S must be at least POSLAKE_IB_RECONNECT_INITIAL_S"
+            )
+        if self.ib_greeks and self.ib_greeks_requests_per_s + self.ib_pnl_requests_per_s > 44:
+            raise ValueError(
+                "POSLAKE_IB_GREEKS_REQUESTS_PER_S plus POSLAKE_IB_PNL_REQUESTS_PER_S must stay "
+                "under ib_async's throttle of 45 requests/s"
             )
         if self.compact_target_file_bytes < self.compact_small_file_bytes:
             raise ValueError(

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import redis
@@ -20,6 +20,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from infra.publisher import StreamPublisher
 from infra.stopping import spawn_holding_stops
+from shared.greeks import OptionGreeks
 from shared.model import PositionUpdate
 from shared.table import updates_to_arrow
 from shared.wire import decode_entry
@@ -75,6 +76,45 @@ def make_updates(
             )
         )
     return updates
+
+
+def make_greeks(
+    count: int, *, seed: int = 11, conids: int = 40, start: datetime = BASE_TIME
+) -> list[OptionGreeks]:
+    """``count`` option computations over ``conids`` options of :data:`SYMBOLS`, unique
+    keys, increasing timestamps, every source tick, live and delayed, some values null."""
+    rng = random.Random(seed)
+    greeks: list[OptionGreeks] = []
+    for i in range(count):
+        slot = rng.randrange(conids)
+        symbol = SYMBOLS[slot % len(SYMBOLS)]
+        right: Literal["C", "P"] = "C" if slot % 2 else "P"
+        delta = round(rng.uniform(0.01, 0.99), 6) * (1 if right == "C" else -1)
+        delayed = slot % 5 == 0
+        greeks.append(
+            OptionGreeks(
+                conid=700_000 + slot,
+                symbol=symbol,
+                sec_type="OPT",
+                currency="USD",
+                right=right,
+                strike=float(100 + 5 * slot),
+                expiry=date(2027, 1, 15),
+                multiplier=100.0,
+                tick_type=rng.choice((10, 11, 12, 13)) + (70 if delayed else 0),  # type: ignore[arg-type]
+                data_type=4 if delayed else 1,
+                timestamp=start + timedelta(microseconds=997 * i + 1),
+                implied_vol=None if i % 17 == 3 else round(rng.uniform(0.1, 0.8), 6),
+                delta=delta,
+                gamma=round(rng.uniform(0.0001, 0.05), 6),
+                vega=None if i % 13 == 5 else round(rng.uniform(0.01, 0.5), 6),
+                theta=None if i % 13 == 5 else round(-rng.uniform(0.01, 0.3), 6),
+                opt_price=round(rng.uniform(0.5, 30), 4),
+                pv_dividend=0.0,
+                und_price=round(rng.uniform(90, 300), 4),
+            )
+        )
+    return greeks
 
 
 def publish(url: str, stream: str, updates: Sequence[PositionUpdate]) -> list[bytes]:
