@@ -175,8 +175,8 @@ class Settings(BaseSettings):
     ib_greeks_tolerance: Annotated[float, Field(ge=0, le=10)] = 0.01
     ib_greeks_snapshot_timeout_s: Annotated[float, Field(gt=0, le=120)] = 12.0
     ib_greeks_retry_s: Seconds = 60.0
-    ib_greeks_data_type: Literal[1, 2, 3, 4] = 1
-    ib_greeks_fallback_data_type: Literal[0, 3, 4] = 4
+    ib_greeks_data_type: Annotated[int, Field(ge=1, le=4)] = 1
+    ib_greeks_fallback_data_type: Annotated[int, Field(ge=0, le=4)] = 4
 
     # Producer: buffering while Redis is away.
     producer_buffer_max: Annotated[int, Field(ge=1)] = 100_000
@@ -287,6 +287,8 @@ class Settings(BaseSettings):
                 "POSLAKE_IB_GREEKS_REQUESTS_PER_S plus POSLAKE_IB_PNL_REQUESTS_PER_S must stay "
                 "under ib_async's throttle of 45 requests/s"
             )
+        if self.ib_greeks_fallback_data_type not in (0, 3, 4):
+            raise ValueError("POSLAKE_IB_GREEKS_FALLBACK_DATA_TYPE must be 0 (none), 3 or 4")
         if self.compact_target_file_bytes < self.compact_small_file_bytes:
             raise ValueError(
                 "POSLAKE_COMPACT_TARGET_FILE_BYTES must be at least "

@@ -72,6 +72,11 @@ def test_date_is_the_utc_date_of_the_timestamp() -> None:
         ("POSLAKE_HISTORY_RETENTION_HOURS", "0"),
         ("POSLAKE_MAX_ENTRY_BYTES", "100"),
         ("POSLAKE_BATCH_MAX_BYTES", "1kb"),
+        ("POSLAKE_IB_GREEKS_LINES", "0"),
+        ("POSLAKE_IB_GREEKS_DATA_TYPE", "5"),
+        ("POSLAKE_IB_GREEKS_FALLBACK_DATA_TYPE", "2"),
+        ("POSLAKE_IB_GREEKS_REQUESTS_PER_S", "30"),  # with the PnL-single's 20: over 45/s
+        ("POSLAKE_IB_GREEKS_ROTATION_S", "1"),
     ],
 )
 def test_bad_setting_is_named(variable: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
