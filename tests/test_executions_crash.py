@@ -1,6 +1,7 @@
-"""Executions under SIGKILL and with several consumers: a mixed stream of positions and
-executions, the consumer killed at each crash point, then every table checked row by
-row (executions against the rules' reference, positions against their updates)."""
+"""Every kind under SIGKILL and with several consumers: a mixed stream of positions,
+executions, account values and option Greeks, the consumer killed at each crash point,
+then every table checked row by row (executions against the rules' reference, the
+others against what was published)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,16 @@ from tests.helpers import (
     assert_table_exact,
     consumer_env,
     group_pending,
+    make_greeks,
     make_updates,
     run_consumer,
     start_consumer,
     wait_until,
 )
 from tests.test_executions import T0, assert_executions_exact, scenario, table_executions
+from tests.test_greeks import assert_greeks_exact
+
+GREEKS = make_greeks(270, seed=5)
 
 
 def _values(count: int) -> list[AccountValue]:
@@ -52,11 +57,12 @@ def assert_account_values_exact(lake: Path, values: list[AccountValue]) -> None:
 def _publish_mixed(
     url: str, stream: str, seed: int
 ) -> tuple[list[PositionUpdate], list[ExecutionEntry]]:
-    """Positions with the executions scenario and account values spread among them: a
-    fill and its commission fall in different batches."""
+    """Positions with the executions scenario, account values and option Greeks spread
+    among them: a fill and its commission fall in different batches."""
     updates = make_updates(900, seed=seed)
     entries = scenario()
     values = _values(90)
+    greeks = iter(GREEKS)
     client = redis.Redis.from_url(url)
     try:
         pipe = client.pipeline(transaction=False)
@@ -67,6 +73,8 @@ def _publish_mixed(
                 pipe.xadd(stream, encode_update(entries[i // every]))  # type: ignore[arg-type]
             if i % 10 == 5:
                 pipe.xadd(stream, encode_update(values[i // 10]))  # type: ignore[arg-type]
+            if i % 10 in (2, 6, 8):  # three per ten positions: all 270 of them
+                pipe.xadd(stream, encode_update(next(greeks)))  # type: ignore[arg-type]
         pipe.execute()
     finally:
         client.close()
@@ -91,6 +99,7 @@ def test_kill_at_each_point_then_everything_lands_once(
     assert group_pending(redis_url, stream) == 0
     assert_executions_exact(lake, entries)
     assert_account_values_exact(lake, _values(90))
+    assert_greeks_exact(lake, GREEKS)
     assert_table_exact(lake, updates)
     assert_current_exact(lake, updates)
 
@@ -126,4 +135,5 @@ def test_two_consumers_side_by_side_never_insert_an_execution_twice(
     assert_executions_exact(lake, entries)  # one row per execution: no double insert
     assert len(table_executions(lake)) == len({e.key for e in entries})
     assert_account_values_exact(lake, _values(90))
+    assert_greeks_exact(lake, GREEKS)
     assert_table_exact(lake, updates)
