@@ -19,6 +19,7 @@ from deltalake import DeltaTable
 
 from infra.redaction import scrub
 from infra.time_travel import RETENTION_HINT, open_table_at
+from options_model.exposures import exposures
 from options_model.repository import TableRepository
 from options_model.tables import ALL_TABLES
 from poslake.command import CommandError, ExitCode
@@ -77,15 +78,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--as-of",
         help="values as they stood at this time: the newest of each observed by then",
     )
+    exposure = what.add_parser(
+        "exposures",
+        help="per account and underlying: position-weighted dollar delta, gamma, vega and "
+        "theta from the positions and their option Greeks, now or at a time (--at)",
+    )
+    exposure.add_argument(
+        "--at",
+        "--as-of",
+        dest="as_of",
+        help="exposures as they stood at this time (ISO 8601, UTC if naive): the newest "
+        "positions and Greeks observed by then, from the history tables",
+    )
     model.add_argument("name", choices=[*sorted(ALL_TABLES), *all_tables()])
     model.add_argument("--history", action="store_true", help="every row, not the latest")
     model.add_argument("--strategy", help="only this strategy_id")
-    for sub in (current, history, model, fills, values):
+    for sub in (current, history, model, fills, values, exposure):
         sub.add_argument("--symbol", action="append", default=[], help="repeatable")
         sub.add_argument("--account", action="append", default=[], help="repeatable")
-        when = sub.add_mutually_exclusive_group()
-        when.add_argument("--version", type=int, help="read the table as of this version")
-        when.add_argument("--at", help="read the table as of this time (ISO 8601, UTC if naive)")
+        if sub is not exposure:  # its --at is the observation time, across tables
+            when = sub.add_mutually_exclusive_group()
+            when.add_argument("--version", type=int, help="read the table as of this version")
+            when.add_argument(
+                "--at", help="read the table as of this time (ISO 8601, UTC if naive)"
+            )
         sub.add_argument("--format", choices=["table", "csv", "parquet"], default="table")
         sub.add_argument("--output", type=Path, help="write here instead of stdout")
 
@@ -217,6 +233,23 @@ def account_values(
     return frame.select(ACCOUNT_VALUE_SHOWN).sort(ACCOUNT_VALUE_KEY).collect()
 
 
+def query_exposures(args: argparse.Namespace, settings: Settings) -> pl.DataFrame:
+    at = parse_time(args.as_of) if args.as_of is not None else None
+    try:
+        return exposures(
+            settings.lake_uri,
+            settings.storage_options or None,
+            at=at,
+            accounts=args.account,
+            symbols=args.symbol,
+        )
+    except TableMissing:
+        raise CommandError(
+            f"no positions yet under {scrub(settings.lake_uri)} (set POSLAKE_LAKE_URI?)",
+            ExitCode.NOT_FOUND,
+        ) from None
+
+
 def check_output(output: Path | None) -> None:
     """Fail before the query, not after it, when ``--output`` cannot be written."""
     if output is None:
@@ -299,6 +332,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError("--format parquet needs --output FILE", ExitCode.BAD_INPUT)
     if args.what == "table":
         write(query_model_table(args, settings), args.format, args.output)
+        return ExitCode.OK
+    if args.what == "exposures":
+        write(query_exposures(args, settings), args.format, args.output)
         return ExitCode.OK
     if args.what == "account-values":
         if args.symbol:
