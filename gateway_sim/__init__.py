@@ -6,5 +6,6 @@ run`` starts it as a separate program).
 - ``protocol``: the TWS wire format's framing and message layouts.
 - ``portfolio``: the synthetic book: accounts, instruments, a random walk of prices.
 - ``session``: one connected client: handshake, requests, subscriptions.
+- ``market_data``: market-data lines, ticks and Black-Scholes Greeks, with IB's faults.
 - ``simulator``: the server, its fault controls and its command line.
 """

@@ -21,17 +21,22 @@ _LENGTH = struct.Struct(">I")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 UNSET_DOUBLE = 1.7976931348623157e308  # IB's "no value" for doubles
+# The same as IB writes it in a field: render() sends UNSET_DOUBLE as '', which the
+# messages that need all their numbers (commissionReport, tickOptionComputation) refuse.
+UNSET_DOUBLE_TEXT = "1.7976931348623157E308"
 
 
 class Incoming:
     """Message IDs the client sends that the simulator answers."""
 
     REQ_MKT_DATA = 1
+    CANCEL_MKT_DATA = 2
     REQ_OPEN_ORDERS = 5
     REQ_ACCOUNT_UPDATES = 6
     REQ_EXECUTIONS = 7
     REQ_IDS = 8
     REQ_CURRENT_TIME = 49
+    REQ_MARKET_DATA_TYPE = 59
     REQ_ACCOUNT_SUMMARY = 62
     REQ_POSITIONS = 61
     CANCEL_POSITIONS = 64
@@ -205,9 +210,47 @@ def commission_report(
     exec_id: str, commission: float, currency: str, realized_pnl: float | None
 ) -> bytes:
     """commissionReport (59): realized P&L and yield as IB's unset double when unknown."""
-    unset = "1.7976931348623157E308"  # as IB writes it (render() would send '')
+    unset = UNSET_DOUBLE_TEXT
     realized = unset if realized_pnl is None else realized_pnl
     return message(59, 1, exec_id, commission, currency, realized, unset, "")
+
+
+# --- market data (gateway_sim/market_data.py) -----------------------------------
+
+
+def tick_price(req_id: int, tick_type: int, price: float, size: int) -> bytes:
+    """tickPrice (1): 7 fields, attribute mask 0; ib_async ignores an empty price."""
+    return message(1, 6, req_id, tick_type, price, size, 0)
+
+
+def tick_option_computation(
+    req_id: int,
+    tick_type: int,
+    implied_vol: float,
+    delta: float,
+    opt_price: float,
+    pv_dividend: float | str,
+    gamma: float,
+    vega: float,
+    theta: float,
+    und_price: float | str,
+) -> bytes:
+    """tickOptionComputation (21): no version field, exactly 12 fields, tick attribute 0.
+    Every number must be non-empty: pass :data:`UNSET_DOUBLE_TEXT` for IB's unset."""
+    return message(21, req_id, tick_type, 0, implied_vol, delta, opt_price, pv_dividend,
+                   gamma, vega, theta, und_price)  # fmt: skip
+
+
+def market_data_type(req_id: int, data_type: int) -> bytes:
+    return message(58, 1, req_id, data_type)
+
+
+def tick_req_params(req_id: int, min_tick: float, bbo_exchange: str, permissions: int) -> bytes:
+    return message(81, req_id, min_tick, bbo_exchange, permissions)  # no version field
+
+
+def tick_snapshot_end(req_id: int) -> bytes:
+    return message(57, 1, req_id)
 
 
 def account_summary_end(req_id: int) -> bytes:

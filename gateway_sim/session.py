@@ -4,7 +4,10 @@ A session answers what ib_async asks at connect (positions, open and completed
 orders, account updates for one account at a time, account updates per
 account, executions) and keeps the subscriptions it was given: the account
 whose portfolio it streams, position updates, and PnL-single per contract.
-What it writes is appended to the simulator's record as it is sent.
+It also holds its market data type and market-data lines; its thin handlers for
+reqMktData, cancelMktData and reqMarketDataType leave the rest to
+gateway_sim/market_data.py. What it writes is appended to the simulator's
+record as it is sent.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from gateway_sim import protocol as tws
+from gateway_sim.market_data import LIVE, Line
 from gateway_sim.portfolio import Holding, Instrument
 
 if TYPE_CHECKING:
@@ -69,6 +73,8 @@ class ClientSession:
         self.account_multi: dict[int, str] = {}  # accountUpdateMulti subscriptions
         self.account_pnl: dict[int, str] = {}  # reqPnL subscriptions
         self.pnl_by_req: dict[int, tuple[str, int]] = {}
+        self.md_type = LIVE  # reqMarketDataType, per connection
+        self.md_lines: dict[int, Line] = {}  # market-data lines by reqId
         self._out = bytearray()
 
     # --- output ---------------------------------------------------------------
@@ -345,12 +351,25 @@ class ClientSession:
         if key is not None:
             self.pnl_by_key.pop(key, None)
 
+    # --- market data (gateway_sim/market_data.py) -------------------------------
+
+    def _req_mkt_data(self, fields: list[str]) -> None:
+        self.sim.market_data.request(self, fields)
+
+    def _cancel_mkt_data(self, fields: list[str]) -> None:
+        self.sim.market_data.cancel(self, int(fields[2]))
+
+    def _req_market_data_type(self, fields: list[str]) -> None:
+        self.sim.market_data.set_type(self, int(fields[2]))
+
     def forget_subscriptions(self) -> None:
-        """What IB's 1101 (restored, data lost) means: every subscription must be redone."""
+        """What IB's 1101 (restored, data lost) means: every subscription must be redone,
+        market-data lines included."""
         self.portfolio_account = None
         self.positions_subscribed = False
         self.pnl_by_key.clear()
         self.pnl_by_req.clear()
+        self.sim.market_data.forget(self)
 
 
 def serialize(holding: Holding) -> tuple[bytes, bytes]:
@@ -401,4 +420,7 @@ _HANDLERS = {
     tws.Incoming.CANCEL_PNL: ClientSession._cancel_pnl,
     tws.Incoming.CANCEL_ACCOUNT_UPDATES_MULTI: ClientSession._cancel_account_updates_multi,
     tws.Incoming.CANCEL_PNL_SINGLE: ClientSession._cancel_pnl_single,
+    tws.Incoming.REQ_MKT_DATA: ClientSession._req_mkt_data,
+    tws.Incoming.CANCEL_MKT_DATA: ClientSession._cancel_mkt_data,
+    tws.Incoming.REQ_MARKET_DATA_TYPE: ClientSession._req_market_data_type,
 }

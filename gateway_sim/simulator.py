@@ -11,9 +11,14 @@ report; ``reqExecutions`` answered with the day's fills), and every account's
 values and P&L follow the book (gateway_sim/accounts.py), resent every
 ``account_values_every_s``.
 
+Market data (gateway_sim/market_data.py): reqMktData lines streaming or
+snapshotting bid/ask and Black-Scholes option computations (Greeks).
+
 Fault controls: drop connections after a time or at random, refuse a client ID
 (error 326), leave a startup request unanswered, send the link codes
-1100/1101/1102, and the fill faults above.
+1100/1101/1102, the fill faults above, and market data's: the line limit (101),
+unsubscribed options (354), a delayed-only login (354/10167), a competing live
+session (10197, also switched at run time) and not-computed Greeks.
 
 Runs on its own (``python -m gateway_sim --port 4002 --positions 200
 --rate 50``), inside a test's event loop, or in a thread (:class:`SimulatorThread`).
@@ -37,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway_sim import market_data as md
 from gateway_sim import protocol as tws
 from gateway_sim.accounts import AccountBook
 from gateway_sim.fills import EXEC_TIME_FORMATS, Blotter, FillFaults, SimFill
@@ -96,6 +102,14 @@ class SimulatorConfig:
     fill_faults: FillFaults = field(default_factory=FillFaults)
     exec_time_format: str = "utc"  # how execution times are written (gateway_sim/fills.py)
     account_values_every_s: float = 5.0  # IB resends every ~3 min; faster here
+    # Market data (gateway_sim/market_data.py).
+    md_lines: int = md.DEFAULT_LINES  # per connection; error 101 past them
+    md_interval_s: float = md.DEFAULT_INTERVAL_S  # between rounds of a streaming line
+    md_snapshot_delay_s: float = md.DEFAULT_SNAPSHOT_DELAY_S  # a snapshot holds its line
+    md_not_computed: float = md.DEFAULT_NOT_COMPUTED  # chance per computation
+    md_unsubscribed_every: int = 0  # options with conid % K == 0 get 354; 0: none
+    md_delayed_only: bool = False  # no live permission: 354, or 10167 and delayed data
+    md_competing: bool = False  # a competing live session: 10197 for live data
 
     def __post_init__(self) -> None:
         unknown = set(self.unanswered) - STARTUP_REQUESTS
@@ -105,6 +119,7 @@ class SimulatorConfig:
             raise ValueError("rate and positions must not be negative")
         if self.exec_time_format not in EXEC_TIME_FORMATS:
             raise ValueError(f"exec_time_format must be one of {EXEC_TIME_FORMATS}")
+        md.check_config(self)
 
 
 class GatewaySimulator:
@@ -132,6 +147,7 @@ class GatewaySimulator:
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._rng = random.Random(config.seed + 1)
+        self.market_data = md.MarketData(self)
         self.port = config.port
 
     async def start(self) -> int:
@@ -140,6 +156,7 @@ class GatewaySimulator:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = asyncio.create_task(self._tick_forever())
+        self.market_data.start()
         log.info("gateway simulator listening", extra={"port": self.port})
         return self.port
 
@@ -148,6 +165,7 @@ class GatewaySimulator:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        await self.market_data.stop()
         # Close gracefully: what was sent before the stop reaches the clients.
         for session in list(self.sessions):
             session.close()
@@ -162,6 +180,7 @@ class GatewaySimulator:
 
     def forget(self, session: ClientSession) -> None:
         self.sessions.discard(session)
+        self.market_data.forget(session)
 
     def note_request(self, msg_id: int, fields: list[str]) -> None:
         self.received_count[msg_id] += 1
@@ -202,6 +221,16 @@ class GatewaySimulator:
             session.abort()
         log.info("dropped connections", extra={"count": len(dropped)})
         return len(dropped)
+
+    def set_competing_session(self, on: bool) -> None:
+        """Start or end a competing live session: live lines get 10197 and are dropped."""
+        self.market_data.set_competing(on)
+
+    def lines_now(self) -> int:
+        return self.market_data.lines_now()
+
+    def streaming_conids(self) -> set[int]:
+        return self.market_data.streaming_conids()
 
     def pause(self) -> None:
         """Stop generating events (connections stay up)."""
@@ -369,12 +398,13 @@ class GatewaySimulator:
         if req_id is not None:
             session.send_pnl_single(req_id, holding)
 
-    def sent_stats(self) -> dict[str, dict[str, int]]:
+    def sent_stats(self) -> dict[str, dict[str, Any]]:
         """Per message kind: how many were sent, and when the first and last were; per
-        request message ID, how many were received."""
+        request message ID, how many were received; market data's lines and counts."""
         return {"count": dict(self.sent_count), "first_ns": self.first_sent_ns,
                 "last_ns": self.last_sent_ns,
-                "received": {str(k): v for k, v in self.received_count.items()}}  # fmt: skip
+                "received": {str(k): v for k, v in self.received_count.items()},
+                "market_data": self.market_data.stats()}  # fmt: skip
 
     def final_state(self) -> list[dict[str, object]]:
         """The book now: one row per open holding."""
@@ -520,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     fills.add_argument("--combo", type=float, default=0.1)
     fills.add_argument("--no-fills", action="store_true", help="change positions without fills")
     fills.add_argument("--exec-time-format", choices=EXEC_TIME_FORMATS, default="utc")
+    md.add_arguments(parser)
     parser.add_argument("--record", type=Path, help="append every sent update here (JSON lines)")
     parser.add_argument("--final-state", type=Path, help="write the final book here at exit")
     parser.add_argument(
@@ -553,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                 combo=args.combo,
             ),
             exec_time_format=args.exec_time_format,
+            **md.config_values(args),
         )
         return asyncio.run(serve(config, args.record, args.final_state, args.stats))
     except (ValueError, OSError) as exc:
