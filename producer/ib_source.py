@@ -2,7 +2,8 @@
 
 :class:`IbSource` puts the parts together: the connection keeper
 (producer/ib_connection.py) and one subscriber per kind (producer/positions.py,
-producer/executions.py, producer/account_values.py), all on one ``ib_async.IB``.
+producer/executions.py, producer/account_values.py, producer/greeks.py), all on one
+``ib_async.IB``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ib_async import IB
 
 from producer.account_values import AccountValueFeed
 from producer.executions import ExecutionFeed
+from producer.greeks import GreeksFeed
 from producer.ib_connection import (
     CLIENT_ID_IN_USE,
     LINK_LOST,
@@ -20,6 +22,7 @@ from producer.ib_connection import (
     LINK_RESTORED_DATA_LOST,
     ClientIdInUse,
     ConnectionKeeper,
+    Feed,
     SourceStats,
 )
 from producer.ib_mapping import UpdateClock
@@ -53,12 +56,16 @@ class IbSource:
             outbox, clock, settings.ib_timezone, settings.ib_connect_timeout_s
         )
         self.account_values = AccountValueFeed(self.ib, outbox, clock, self.positions.accounts)
+        self.greeks = GreeksFeed(settings, self.ib, outbox, clock)
         self.positions.install(self.ib)
         self.executions.install(self.ib)
         self.account_values.install(self.ib)
-        self.keeper = ConnectionKeeper(
-            settings, self.ib, self.stats, [self.positions, self.executions, self.account_values]
-        )
+        feeds: list[Feed] = [self.positions, self.executions, self.account_values]
+        if settings.ib_greeks:
+            self.greeks.install(self.ib)
+            self.positions.listener = self.greeks
+            feeds.append(self.greeks)
+        self.keeper = ConnectionKeeper(settings, self.ib, self.stats, feeds)
 
     @property
     def subscriptions(self) -> PnlSubscriptions:

@@ -26,6 +26,14 @@ COUNTERS = {
     "pnl_subscribes": "PnL-single subscriptions sent",
     "pnl_cancels": "PnL-single cancels sent",
     "pnl_reused": "positions reopened within the grace period (no request sent)",
+    "greeks_computations": "option computations received on the producer's market-data lines",
+    "greeks_published": "option_greeks entries published",
+    "greeks_held_back": "option computations not published (unchanged within the interval)",
+    "greeks_not_computed": "option values IB sent as not computed or unset (published as null)",
+    "greeks_requests": "market-data requests sent (subscribe, snapshot, cancel, data type)",
+    "greeks_snapshots": "market-data snapshots requested (rotation past the line budget)",
+    "greeks_snapshot_timeouts": "snapshots IB did not end in time (cancelled)",
+    "greeks_data_type_fallbacks": "switches to delayed market data (live not permitted)",
 }
 GAUGES = {
     "buffered": "updates waiting in memory for the stream",
@@ -35,6 +43,13 @@ GAUGES = {
     "ib_request_queue": "requests ib_async holds back under its 45/s throttle",
     "pnl_subscriptions": "PnL-single subscriptions held (closed ones in their grace period too)",
     "pnl_pending": "open positions waiting for a PnL-single subscription",
+    "greeks_options": "options held by any followed account (one market-data need each)",
+    "greeks_lines": "market-data lines in use (streaming and snapshots in flight)",
+    "greeks_streaming": "options with a streaming market-data line",
+    "greeks_rotated": "options served by snapshots in rotation (or waiting for a line)",
+    "greeks_line_limit": "market-data lines usable now (the budget, or fewer after a 101)",
+    "greeks_data_type": "the session's market data type (1 live ... 4 delayed frozen)",
+    "greeks_oldest_sample_s": "seconds since the stalest held option's last computation",
 }
 
 
@@ -50,6 +65,14 @@ class ProducerMetrics:
                 "failed publishing attempts by code (OOM, NOPERM, WRONGPASS, CONNECTION...)",
                 "code",
                 outbox.health.counts,
+            )
+        )
+        self.registry.register(
+            LabelledCounter(
+                "poslake_producer_greeks_errors",
+                "market-data errors of the Greeks lines by IB code (354, 101, 10167, 10197...)",
+                "code",
+                lambda: dict(source.greeks.stats.errors),
             )
         )
 
@@ -75,6 +98,24 @@ class ProducerMetrics:
             ib_request_queue=subscriptions.ib_queue(),
             pnl_subscriptions=subscriptions.active,
             pnl_pending=subscriptions.pending,
+        )
+        greeks, lines = self.source.greeks, self.source.greeks.lines
+        values.update(
+            greeks_computations=greeks.stats.computations,
+            greeks_published=greeks.stats.published,
+            greeks_held_back=greeks.stats.held_back,
+            greeks_not_computed=greeks.stats.not_computed,
+            greeks_data_type_fallbacks=greeks.stats.data_type_fallbacks,
+            greeks_requests=lines.stats.requests,
+            greeks_snapshots=lines.stats.snapshots,
+            greeks_snapshot_timeouts=lines.stats.snapshot_timeouts,
+            greeks_options=greeks.options,
+            greeks_lines=lines.in_use,
+            greeks_streaming=len(lines.streaming),
+            greeks_rotated=lines.rotated,
+            greeks_line_limit=lines.limit,
+            greeks_data_type=greeks.data_type,
+            greeks_oldest_sample_s=greeks.oldest_sample_s(),
         )
         return values
 

@@ -146,7 +146,8 @@ async def settle(
     simulator.pause()
     await asyncio.sleep(0.05)  # let in-flight messages through the producer
     sent = expected_kinds(simulator.record, portfolio_account, position_accounts or set())
-    await until(lambda: stream_length(redis_url, stream) >= len(sent))
+    # Position entries only: the stream also carries the options' Greeks and the rest.
+    await until(lambda: len(read_stream(redis_url, stream)) >= len(sent))
     await asyncio.sleep(0.1)  # anything beyond would show up now, and fail the comparison
     return sent
 

@@ -183,6 +183,7 @@ def test_quiet_gateway_is_probed_and_reconnected(
                 tmp_path / "spool",
                 ib_idle_probe_s=0.5,
                 ib_connect_timeout_s=1.0,
+                ib_greeks=False,  # market data would keep the gateway from being quiet
             )
             async with running_producer(settings) as producer:
                 await until(lambda: producer.source.stats.probes_failed == 1, timeout=15)
