@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -364,6 +365,28 @@ def start_module(args: list[str], env: dict[str, str], log_path: Path) -> subpro
     """``python -m <args>`` with its output in ``log_path``."""
     with log_path.open("wb") as out:
         return subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=out, stderr=out)
+
+
+_METRIC = re.compile(r"^(poslake_\w+) ([0-9.eE+-]+)$", re.MULTILINE)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A process's unlabelled ``poslake_*`` metrics from its ``/metrics`` ({} if down)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}
+    return {name: float(value) for name, value in _METRIC.findall(text)}
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a live process has used (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int | None:

@@ -2,8 +2,9 @@
 
 Two streams of the same length drain through one ``python -m consumer --drain``
 process each, into copies of the same prefilled position table: positions
-alone, and a mix of about 90% positions, 5% executions (a fill's details,
-then its commission as a second entry a little later) and 5% account values.
+alone, and a mix of about 80% positions, 5% executions (a fill's details,
+then its commission as a second entry a little later), 5% account values and
+10% option Greeks (bid and model computations of 2,000 options).
 The runs alternate (positions, mix, positions, mix, ...) and the medians are
 compared. Goal: the mix within 10% of positions alone (ratio >= 0.90), in
 entries per second end to end.
@@ -15,7 +16,7 @@ entries per second end to end.
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -39,17 +40,34 @@ from bench.drain import ConsumerRun, run_consumer
 from infra.publisher import StreamPublisher
 from shared.account_values import AccountValue
 from shared.executions import CommissionDetails, ExecutionDetails, ExecutionEntry
+from shared.greeks import OptionGreeks
 
 GOAL_RATIO = 0.90
 ACCOUNTS = ("DU100001", "DU100002", "DU100003")
 VALUE_KEYS = ("NetLiquidation", "TotalCashValue", "BuyingPower", "MaintMarginReq",
               "GrossPositionValue", "AvailableFunds", "UnrealizedPnL", "RealizedPnL")  # fmt: skip
 T0 = datetime(2026, 12, 1, 14, 30, tzinfo=UTC)
+SYMBOLS = ("SPY", "QQQ", "AAPL", "MSFT", "NVDA", "IWM", "TSLA", "AMZN")
+
+
+def greeks_at(i: int) -> OptionGreeks:
+    n = i // 10
+    conid = 400_000 + n % 2_000
+    return OptionGreeks(
+        conid=conid, symbol=SYMBOLS[conid % len(SYMBOLS)], sec_type="OPT", currency="USD",
+        right="C" if conid % 2 else "P", strike=100.0 + conid % 50, expiry=date(2027, 1, 15),
+        multiplier=100.0, tick_type=13 if n % 2 else 10,
+        timestamp=T0 + timedelta(microseconds=n), implied_vol=0.2 + (n % 30) / 100,
+        delta=(0.5 if conid % 2 else -0.5) + (n % 40) / 100 - 0.2, gamma=0.01 + (n % 9) / 1000,
+        vega=0.1 + (n % 11) / 100, theta=-0.05 - (n % 7) / 100, opt_price=3.0 + n % 13,
+        pv_dividend=0.0, und_price=100.0 + n % 97,
+    )  # fmt: skip
 
 
 def mixed_entries(start: int, count: int) -> list[msgspec.Struct]:
     """``count`` entries: every 20th an execution entry, every 20th (offset 10) an
-    account value, the rest the positions ``updates_for`` gives."""
+    account value, every 10th (offset 5) option Greeks, the rest the positions
+    ``updates_for`` gives."""
     positions = iter(updates_for(start, count))
     entries: list[msgspec.Struct] = []
     for i in range(start, start + count):
@@ -66,6 +84,8 @@ def mixed_entries(start: int, count: int) -> list[msgspec.Struct]:
             else:
                 entries.append(ExecutionEntry(exec_id=exec_id, commission=CommissionDetails(
                     commission=1.0 + n % 7, currency="USD")))  # fmt: skip
+        elif i % 10 == 5:
+            entries.append(greeks_at(i))
         elif i % 20 == 10:
             n = i // 20
             entries.append(AccountValue(
@@ -108,10 +128,11 @@ def drain_once(
     if mixed:
         executions = pl.read_delta(str(lake / "executions"))
         values = pl.read_delta(str(lake / "account_values"))
+        greeks = pl.read_delta(str(lake / "option_greeks"))
         expected_exec = len(range(0, args.entries, 40))
         log(f"{name}: executions {executions.height:,} rows (expected ~{expected_exec:,}), "
             f"{executions['commission'].null_count():,} without commission; "
-            f"account values {values.height:,}")  # fmt: skip
+            f"account values {values.height:,}; option greeks {greeks.height:,}")  # fmt: skip
     return run
 
 
@@ -142,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print("positions alone: " + ", ".join(f"{r:,.0f}" for r in rates["positions"])
           + f" entries/s (median {pos:,.0f})")  # fmt: skip
     shown = ", ".join(f"{r:,.0f}" for r in rates["mix"])
-    print(f"mix (90% positions, 5% executions, 5% account values): {shown} entries/s "
+    print(f"mix (80% positions, 5% executions, 5% account values, 10% option Greeks): "
+          f"{shown} entries/s "
           f"(median {mix:,.0f})")  # fmt: skip
     print(f"ratio mix/positions: {ratio(mix, pos):.3f}  "
           f"{verdict(ratio(mix, pos), GOAL_RATIO, True)}")  # fmt: skip

@@ -28,12 +28,10 @@ import argparse
 import itertools
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,7 +39,15 @@ from pathlib import Path
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from bench.common import consumer_env, log, private_redis, rss_kb, start_module, work_dir
+from bench.common import (
+    consumer_env,
+    log,
+    private_redis,
+    rss_kb,
+    scrape,
+    start_module,
+    work_dir,
+)
 from consumer.current import CurrentWriter
 from gateway_sim import protocol as tws
 from gateway_sim.portfolio import SyntheticPortfolio
@@ -54,7 +60,6 @@ GOAL_GROWTH_KB = 2_000  # over the last 4 minutes, per process
 LAST_WINDOW_S = 240.0
 ACCOUNTS = "DU100001,DU100002,DU100003"
 PORTFOLIO_ACCOUNT = "DU100001"  # the first: IB's portfolio stream, no PnL-single
-_METRIC = re.compile(r"^(poslake_\w+) ([0-9.eE+-]+)$", re.MULTILINE)
 # Measured cost in the index (consumer/dedup.py): an int64 a key with its arrays'
 # headroom, and a dict entry and array per contract (account, conid).
 INDEX_KEY_BYTES = 15
@@ -87,15 +92,6 @@ def slope_kb_s(points: list[tuple[float, int]]) -> float:
 
 def at_or_after(points: list[tuple[float, int]], moment: float) -> tuple[float, int]:
     return next((p for p in points if p[0] >= moment), points[-1])
-
-
-def scrape(port: int) -> dict[str, float]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
-            text = reply.read().decode()
-    except OSError:
-        return {}
-    return {name: float(value) for name, value in _METRIC.findall(text)}
 
 
 def table_rows(uri: Path) -> int:
