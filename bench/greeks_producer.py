@@ -104,10 +104,9 @@ def run_round(
     received = simulated.get("received", {})
     requests = sum(received.get(str(m), 0) for m in MARKET_DATA)
 
-    def delta(metric: str) -> float:
-        return after.get(f"poslake_producer_{metric}", 0.0) - before.get(
-            f"poslake_producer_{metric}", 0.0
-        )
+    def delta(counter: str) -> float:
+        name = f"poslake_producer_{counter}_total"  # Prometheus names counters *_total
+        return after.get(name, 0.0) - before.get(name, 0.0)
 
     total_s = args.warmup + span  # the simulator counts requests from the start
     return {

@@ -143,7 +143,6 @@ class GreeksFeed:
         self._contracts: dict[int, ContractInfo] = {}
         self._sampled: dict[tuple[int, int], Sampled] = {}  # (conid, tick type)
         self.fresh_at: dict[int, float] = {}  # conid -> last computation (or wanted since)
-        self._line_type: dict[int, int] = {}  # request ID -> data type IB said (58)
         self._retired: OrderedDict[int, None] = OrderedDict()
         self._told: set[tuple[int, int]] = set()
         self._handlers: dict[int, Callable[[list[str]], None]] = {}
@@ -211,7 +210,6 @@ class GreeksFeed:
     def on_disconnected(self) -> None:
         self._retire_all()
         self.lines.reset()
-        self._line_type.clear()
 
     async def serve(self) -> None:
         """While connected: the lines' request pump and the held-back samples."""
@@ -263,6 +261,8 @@ class GreeksFeed:
             if not self._ours(request_id):
                 self._pass_on(OPTION_COMPUTATION, fields)
             return
+        if conid not in self._holders:
+            return  # closed: its line's cancel has not gone out yet
         try:
             tick = int(fields[2])
             numbers = fields[4:12]
@@ -282,7 +282,8 @@ class GreeksFeed:
         self.stats.not_computed += sum(
             1 for value, text in zip(wire, numbers, strict=True) if value is None and text
         )
-        data_type = self._line_type.get(request_id) or (3 if tick >= 80 else 1)
+        served = self.lines.lines[request_id].served_type
+        data_type = served or (3 if tick >= 80 else 1)
         now = self.monotonic()
         self.fresh_at[conid] = now
         key = (conid, tick)
@@ -342,7 +343,6 @@ class GreeksFeed:
         if request_id in self.lines.lines:
             self.lines.ended(request_id)
             self._retire(request_id)
-            self._line_type.pop(request_id, None)
         elif not self._ours(request_id):
             self._pass_on(SNAPSHOT_END, fields)
 
@@ -352,8 +352,9 @@ class GreeksFeed:
         except (IndexError, ValueError):
             self._pass_on(MARKET_DATA_TYPE, fields)
             return
-        if request_id in self.lines.lines:
-            self._line_type[request_id] = data_type
+        line = self.lines.lines.get(request_id)
+        if line is not None:
+            line.served_type = data_type
         elif not self._ours(request_id):
             self._pass_on(MARKET_DATA_TYPE, fields)
 
@@ -372,11 +373,11 @@ class GreeksFeed:
         self.stats.errors[str(code)] += 1
         self._tell(conid, code, text)
         if code in SHOWN_PARTLY:
-            if code == 10167:
-                self._line_type.setdefault(request_id, 3)
+            line = self.lines.lines.get(request_id)
+            if code == 10167 and line is not None and line.served_type is None:
+                line.served_type = 3  # delayed shown; a 58 says which delayed type
             return
         self._retire(request_id)
-        self._line_type.pop(request_id, None)
         if code == TOO_MANY_LINES:
             self.lines.over_limit(request_id)
         elif code in NOT_PERMITTED_LIVE and self._fall_back(request_id):

@@ -50,6 +50,7 @@ class Line:
     snapshot: bool
     started: float  # monotonic
     data_type: int  # the session's market data type when it was asked for
+    served_type: int | None = None  # the type IB said it serves (58), if it did
 
 
 @dataclass

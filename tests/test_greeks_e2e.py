@@ -82,6 +82,9 @@ def test_every_option_gets_greeks_closes_cancel_and_a_reconnect_restores(
                 # Closed positions lost their line; every held option has one.
                 await until(lambda: sim.streaming_conids() == held, timeout=15)
                 await asyncio.sleep(1.0)
+                # Nothing is kept for options no longer held (a late tick of a closed
+                # one's line included): the freshness it reports is of held ones.
+                assert set(producer.source.greeks.fresh_at) == held
                 rows = stream_greeks(redis_url, stream)
                 assert {g.conid for g in rows} >= held
                 _check_values(rows)
