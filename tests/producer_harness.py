@@ -9,6 +9,7 @@ its connections or send link codes between steps and read what it recorded.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import logging
@@ -116,6 +117,12 @@ async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float 
 
 async def until_at_least(read: Callable[[], int], minimum: int, timeout: float = 20) -> None:
     await until(lambda: read() >= minimum, timeout)
+
+
+def most_in_window(times: list[float], window_s: float) -> int:
+    """The most of the sorted ``times`` within any window of ``window_s`` seconds."""
+    counts = (bisect.bisect_left(times, t + window_s) - i for i, t in enumerate(times))
+    return max(counts, default=0)
 
 
 def read_stream(redis_url: str, stream: str) -> list[PositionUpdate]:

@@ -11,7 +11,6 @@ requests stay within the budget under churn."""
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
 import math
 from collections import defaultdict
@@ -26,7 +25,13 @@ from gateway_sim.simulator import GatewaySimulator
 from producer.metrics import ProducerMetrics
 from shared.greeks import GREEK_COLUMNS, OptionGreeks
 from shared.wire import decode_observation
-from tests.producer_harness import producer_settings, running_producer, running_simulator, until
+from tests.producer_harness import (
+    most_in_window,
+    producer_settings,
+    running_producer,
+    running_simulator,
+    until,
+)
 
 PORTFOLIO, OTHER = "DU100001", "DU100002"
 MARKET_DATA_REQUESTS = {tws.Incoming.REQ_MKT_DATA, tws.Incoming.CANCEL_MKT_DATA,
@@ -53,11 +58,6 @@ def held_options(sim: GatewaySimulator) -> set[int]:
         for h in sim.portfolio.holdings.values()
         if h.instrument.sec_type == "OPT"
     }
-
-
-def most_in_window(times: list[float], window_s: float) -> int:
-    counts = (bisect.bisect_left(times, t + window_s) - i for i, t in enumerate(times))
-    return max(counts, default=0)
 
 
 def test_every_option_gets_greeks_closes_cancel_and_a_reconnect_restores(

@@ -6,7 +6,6 @@ every open position still gets its PnL."""
 from __future__ import annotations
 
 import asyncio
-import bisect
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from gateway_sim import protocol as tws
 from gateway_sim.simulator import GatewaySimulator
 from tests.producer_harness import (
+    most_in_window,
     producer_settings,
     read_stream,
     running_producer,
@@ -31,11 +31,6 @@ def pnl_request_times(sim: GatewaySimulator, conid: int | None = None) -> list[f
         for r in sim.requests
         if r.msg_id in PNL_REQUESTS and (conid is None or r.conid == conid)
     )
-
-
-def most_in_window(times: list[float], window_s: float) -> int:
-    counts = (bisect.bisect_left(times, t + window_s) - i for i, t in enumerate(times))
-    return max(counts, default=0)
 
 
 def priced_positions(redis_url: str, stream: str, account: str) -> dict[int, float]:
