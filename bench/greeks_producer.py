@@ -114,7 +114,7 @@ def run_round(
         "requests_per_s": delta("greeks_requests") / span,
         "requests_total_per_s": requests / total_s,
         "rows_per_s": delta("greeks_published") / span,
-        "positions_per_s": (delta("published") - delta("greeks_published")) / span,
+        "positions_per_s": delta("published") / span,  # the positions feed's count
         "rotated": after.get("poslake_producer_greeks_rotated", 0.0),
         "streaming": after.get("poslake_producer_greeks_streaming", 0.0),
         "options": after.get("poslake_producer_greeks_options", 0.0),

@@ -171,7 +171,7 @@ class Settings(BaseSettings):
     ib_greeks_requests_per_s: Annotated[int, Field(ge=1, le=40)] = 20
     ib_greeks_rotation_s: Annotated[float, Field(ge=5, le=3600)] = 60.0
     ib_greeks_sample_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
-    ib_greeks_min_interval_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
+    ib_greeks_min_interval_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
     ib_greeks_tolerance: Annotated[float, Field(ge=0, le=10)] = 0.01
     ib_greeks_snapshot_timeout_s: Annotated[float, Field(gt=0, le=120)] = 12.0
     ib_greeks_retry_s: Seconds = 60.0
