@@ -17,6 +17,7 @@ After ``--warmup`` seconds each round measures for ``--duration`` seconds:
 
     python -m bench.greeks_producer [--options 1000] [--lines 100] [--duration 120]
                                     [--warmup 20] [--rate 20] [--rounds 1] [--keep]
+                                    [--quick]
 """
 
 from __future__ import annotations
@@ -133,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="simulator events/s")
     parser.add_argument("--rounds", type=int, default=1, help="baseline/Greeks pairs")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="200 options, 40 lines, 30 s")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.options, args.lines, args.rotation = 200, 40, 20.0
+        args.duration, args.warmup = 30.0, 10.0
     # Positions to ask the simulator for so that --options of them are options.
     args.positions = args.options
     while options_held(args.positions) < args.options:

@@ -333,11 +333,16 @@ def main(argv: list[str] | None = None) -> int:
             f"PnL subscriptions {figure('pnl_subscriptions')}, waiting "
             f"{figure('pnl_pending')}"
         )
-        published = [g.get("poslake_producer_published_total", 0.0) for g in window]
         span = (gauges[-1][0] - warmup) or 1.0
+
+        def rate(counter: str) -> float:
+            values = [g.get(f"poslake_producer_{counter}_total", 0.0) for g in window]
+            return (values[-1] - values[0]) / span
+
         print(
-            f"  producer published {(published[-1] - published[0]) / span:.0f} entries/s "
-            f"(all kinds) after warm-up"
+            f"  producer published {rate('published'):.0f} position updates/s and "
+            f"{rate('greeks_published'):.0f} option_greeks rows/s after warm-up "
+            f"(stream entries of all kinds: {rate('xadd_published'):.0f}/s)"
         )
         # The index's share of the consumer's growth: measured per item (consumer/dedup.py).
         last = [g for t, g in gauges if t >= gauges[-1][0] - LAST_WINDOW_S and g]
