@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 from deltalake import DeltaTable
@@ -52,12 +53,15 @@ from consumer.current import CurrentWriter
 from gateway_sim import protocol as tws
 from gateway_sim.portfolio import SyntheticPortfolio
 from infra.redis_server import free_port
+from shared.greeks import OptionGreeks, greeks_to_arrow
+from shared.kinds import OPTION_GREEKS
 from shared.settings import Settings, load_settings
 from shared.table import POSITION_UPDATES_SCHEMA
 
 DEFAULT_INDEX_MAX_KEYS = Settings.model_fields["dedup_index_max_keys"].default
 GOAL_GROWTH_KB = 2_000  # over the last 4 minutes, per process
 LAST_WINDOW_S = 240.0
+SEED_TICKS: tuple[Literal[10, 11, 12, 13], ...] = (10, 11, 12, 13)
 ACCOUNTS = "DU100001,DU100002,DU100003"
 PORTFOLIO_ACCOUNT = "DU100001"  # the first: IB's portfolio stream, no PnL-single
 # Measured cost in the index (consumer/dedup.py): an int64 a key with its arrays'
@@ -108,8 +112,9 @@ def universe() -> int:
 
 def seed_current(lake: Path) -> int:
     """Give ``positions_current`` a row (closed, a day old) for every contract of the
-    universe, as a consumer that has run for long has: its merges then work on a
-    table at full size from the start, not on one growing by each new contract."""
+    universe, and ``option_greeks_current`` one per option and source tick, as a
+    consumer that has run for long has: its merges then work on tables at full size
+    from the start, not on ones growing by each new contract."""
     accounts = ACCOUNTS.split(",")
     instruments = SyntheticPortfolio(accounts, 1).instruments
     pairs = [(a, i) for a in accounts for i in instruments]
@@ -142,8 +147,22 @@ def seed_current(lake: Path) -> int:
         },
         schema=POSITION_UPDATES_SCHEMA,
     )
-    CurrentWriter(load_settings(lake_uri=str(lake))).merge(rows)
-    return n
+    settings = load_settings(lake_uri=str(lake))
+    CurrentWriter(settings).merge(rows)
+    # The Greeks of every option, from each source tick the simulator sends.
+    options = [i for i in instruments if i.sec_type == "OPT"]
+    greeks = [
+        OptionGreeks(
+            conid=i.conid, symbol=i.symbol, sec_type="OPT", currency=i.currency,
+            right="C" if i.right == "C" else "P", strike=i.strike,
+            expiry=datetime.strptime(i.expiry, "%Y%m%d").date(),
+            multiplier=float(i.multiplier), tick_type=tick, timestamp=when, delta=0.5,
+        )
+        for i in options
+        for tick in SEED_TICKS
+    ]  # fmt: skip
+    CurrentWriter(settings, OPTION_GREEKS).merge(greeks_to_arrow(greeks, [b"0-0"] * len(greeks)))
+    return n + len(greeks)
 
 
 def producer_env(
@@ -233,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         port = int(sim.stdout.readline().rsplit(":", 1)[1])
         base = consumer_env(server.url, folder / "lake", "soak", "positions")
         if args.seed_current:
-            log(f"positions_current seeded with {seed_current(folder / 'lake')} rows")
+            rows = seed_current(folder / "lake")
+            log(f"positions_current and option_greeks_current seeded with {rows} rows")
         metrics_port, consumer_port = free_port(), free_port()
         extra = dict(item.split("=", 1) for item in args.consumer_env)
         consumer = start_module(
@@ -299,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             json.loads(stats_path.read_text()).get("received", {}) if stats_path.exists() else {}
         )
         current_rows = table_rows(folder / "lake" / "positions_current")
+        greeks_path = folder / "lake" / "option_greeks_current"
+        greeks_rows = table_rows(greeks_path) if greeks_path.exists() else 0
         with (folder / "rss.csv").open("w") as table:  # kept with --keep
             table.write("process,seconds,rss_kb\n")
             for one in series:
@@ -367,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     # batch's contracts (all of them, at this rate), so its working set grows with it.
     print(
         f"  positions_current at the end: {current_rows} rows (one per contract ever held; "
-        f"the simulator's universe is {universe()} contracts)"
+        f"the simulator's universe is {universe()} contracts); option_greeks_current "
+        f"{greeks_rows} rows (per option and source tick)"
     )
     met = all(results[:2])
     print(f"  producer and consumer flat: {'MET' if met else 'NOT MET'}")
