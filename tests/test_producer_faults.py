@@ -123,9 +123,13 @@ def test_unanswered_startup_request(
             settings = producer_settings(
                 redis_url, stream, sim.port, tmp_path / "spool", ib_connect_timeout_s=1.0
             )
+            # No events while the first connection fails: one sent as the producer drops
+            # that connection would be in the simulator's record but never read.
+            sim.pause()
             async with running_producer(settings) as producer:
                 await until(lambda: producer.source.stats.connects == 1, timeout=15)
                 assert sim.connections == 2  # the first connection's sync failed
+                sim.resume()
                 await until_at_least(lambda: sim.events, sim.events + 50)
                 sent = await settle(sim, redis_url, stream, ACCOUNT)
                 assert await producer.stop()
