@@ -24,6 +24,7 @@ from datetime import datetime
 import polars as pl
 from deltalake import DeltaTable
 
+from infra.redaction import scrub
 from infra.time_travel import open_table_at
 from shared import lake_names
 from shared.errors import TableMissing
@@ -78,7 +79,7 @@ def exposures(
     greeks_table = lake_names.OPTION_GREEKS if at else lake_names.OPTION_GREEKS_CURRENT
     positions = _scan(f"{base}/{positions_table}", storage_options)
     if positions is None:
-        raise TableMissing(f"no table {positions_table} under {lake_uri}")
+        raise TableMissing(f"no table {positions_table} under {scrub(lake_uri)}")
     if symbols:
         positions = positions.filter(pl.col("symbol").is_in(symbols))
     if accounts:

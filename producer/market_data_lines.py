@@ -289,8 +289,6 @@ class MarketDataLines:
                 continue
             if not self._ready(conid, now):
                 continue
-            if self.rotating and len(self.streaming) >= self._streaming_share():
-                return False
             self._request(contract, now, snapshot=False)
             return True
         return False
