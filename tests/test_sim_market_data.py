@@ -240,8 +240,9 @@ def test_snapshot_ends_and_frees_its_line() -> None:
             await until(lambda: sim.lines_now() == 1, 3)
             assert ticker.modelGreeks is None and sim.streaming_conids() == set()
             await until(lambda: sim.lines_now() == 0, 3)
-            assert ticker.modelGreeks and ticker.bidGreeks and ticker.askGreeks
-            assert ticker.lastGreeks is not None and ticker.bid > 0
+            # The line is freed as the snapshot is sent: the client may not have read it yet.
+            await until(lambda: ticker.modelGreeks is not None and ticker.lastGreeks is not None, 3)
+            assert ticker.bidGreeks and ticker.askGreeks and ticker.bid > 0
             # reqTickersAsync waits for tickSnapshotEnd (57): its arrival ends the wait.
             contract = Contract(conId=second.conid, exchange="SMART")
             (done,) = await asyncio.wait_for(c.ib.reqTickersAsync(contract), 3)
