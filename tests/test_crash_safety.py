@@ -9,10 +9,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests.conftest import RedisTarget
 from tests.helpers import (
+    Lake,
     assert_current_exact,
     assert_table_exact,
     consumer_env,
@@ -26,8 +28,14 @@ from tests.helpers import (
 )
 
 
+@pytest.fixture
+def lake(any_lake: Lake) -> Lake:
+    """Every test here runs on a local lake and on one on SeaweedFS."""
+    return any_lake
+
+
 def _crash_then_recover(
-    redis_url: str, lake: Path, stream: str, logs: Path, point: str, on: int
+    redis_url: str, lake: Lake, stream: str, logs: Path, point: str, on: int
 ) -> None:
     updates = make_updates(2_400, seed=hash(point) % 1000)
     publish(redis_url, stream, updates)
@@ -48,25 +56,25 @@ def _crash_then_recover(
 
 
 def test_kill_after_read_before_commit(
-    redis_url: str, lake: Path, stream: str, tmp_path: Path
+    redis_url: str, lake: Lake, stream: str, tmp_path: Path
 ) -> None:
     _crash_then_recover(redis_url, lake, stream, tmp_path, "after_read", on=3)
 
 
 def test_kill_after_commit_before_ack(
-    redis_url: str, lake: Path, stream: str, tmp_path: Path
+    redis_url: str, lake: Lake, stream: str, tmp_path: Path
 ) -> None:
     _crash_then_recover(redis_url, lake, stream, tmp_path, "after_commit", on=3)
 
 
 def test_kill_after_current_merge_before_ack(
-    redis_url: str, lake: Path, stream: str, tmp_path: Path
+    redis_url: str, lake: Lake, stream: str, tmp_path: Path
 ) -> None:
     _crash_then_recover(redis_url, lake, stream, tmp_path, "after_current", on=2)
 
 
 def test_kill_in_the_middle_of_a_multi_page_claim(
-    redis_any_version: RedisTarget, lake: Path, stream: str, tmp_path: Path
+    redis_any_version: RedisTarget, lake: Lake, stream: str, tmp_path: Path
 ) -> None:
     url = redis_any_version.url
     updates = make_updates(1_000, seed=5)
@@ -93,7 +101,7 @@ def test_kill_in_the_middle_of_a_multi_page_claim(
 
 
 def test_three_consumers_one_killed_for_good(
-    redis_url: str, lake: Path, stream: str, tmp_path: Path
+    redis_url: str, lake: Lake, stream: str, tmp_path: Path
 ) -> None:
     updates = make_updates(9_000, seed=21)
     common = {"batch_max_entries": 400, "claim_min_idle_s": 1, "claim_interval_s": 0.5}
@@ -132,7 +140,7 @@ def _all_delivered(client: redis.Redis, stream: str) -> bool:
 
 
 def test_randomized_sigkill_and_restart(
-    redis_url: str, lake: Path, stream: str, tmp_path: Path
+    redis_url: str, lake: Lake, stream: str, tmp_path: Path
 ) -> None:
     seed = random.randrange(1_000_000)
     rng = random.Random(seed)

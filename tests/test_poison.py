@@ -6,16 +6,24 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 import redis
 
 from shared.wire import encode_update
 from tests.helpers import (
+    Lake,
     assert_table_exact,
     consumer_env,
     group_pending,
     make_updates,
     run_consumer,
 )
+
+
+@pytest.fixture
+def lake(any_lake: Lake) -> Lake:
+    """Every test here runs on a local lake and on one on SeaweedFS."""
+    return any_lake
 
 
 def _payload(**changes: object) -> bytes:
@@ -57,7 +65,7 @@ POISON: list[tuple[dict[str, bytes], str]] = [
 
 
 def test_poison_goes_to_dlq_and_valid_entries_land(
-    redis_url: str, lake: Path, stream: str, tmp_path: Path
+    redis_url: str, lake: Lake, stream: str, tmp_path: Path
 ) -> None:
     updates = make_updates(600, seed=3)
     client = redis.Redis.from_url(redis_url)
@@ -88,7 +96,7 @@ def test_poison_goes_to_dlq_and_valid_entries_land(
 
 
 def test_entry_delivered_too_often_is_dead_lettered(
-    redis_url: str, lake: Path, stream: str, tmp_path: Path
+    redis_url: str, lake: Lake, stream: str, tmp_path: Path
 ) -> None:
     updates = make_updates(20, seed=4)
     client = redis.Redis.from_url(redis_url)
