@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
-    if code == ExitCode.REFUSED:
+    if code in (ExitCode.REFUSED, ExitCode.BAD_INPUT) and consumer.refused:
         print(f"poslake consumer: {consumer.refused}", file=sys.stderr)
     if consumer.background_alive():
         # A maintenance run still inside delta-rs: interpreter teardown would kill its

@@ -46,12 +46,14 @@ from consumer.maintenance import TableMaintainer
 from consumer.redis_calls import SIGNAL_CHECK_S, RedisCalls, backoff, pause
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
+from consumer.store_check import check_put_if_absent
 from consumer.upsert import UpsertWriter
 from infra.redis_conn import sync_client
 from infra.stopping import take_early
 from shared.errors import (
     CommitConflict,
     CommitFailed,
+    ConfigError,
     ExitCode,
     RedisRefused,
     StreamUnavailable,
@@ -125,7 +127,9 @@ class Consumer:
             settings, self.group, lambda: self._stopping, lambda: self._count("redis_retries")
         )
         self.redis_health = self.redis_calls.health
-        self.refused: str | None = None  # why Redis refused us for good (exit 6)
+        # Why the consumer stopped for good: Redis refused us (exit 6), or the lake's
+        # store cannot be written safely (exit 2). One line, printed by the entry point.
+        self.refused: str | None = None
         self.maintainer: TableMaintainer | None = None
         self._stopping = False
         self._next_claim_at = 0.0
@@ -161,6 +165,11 @@ class Consumer:
             self.refused = str(exc)
             log.error("redis refused, stopping", extra={"error": self.refused})
             exit_code = ExitCode.REFUSED
+        except ConfigError as exc:  # found out at start: the lake's store is not safe
+            self._stopping = True
+            self.refused = str(exc)
+            log.error("cannot write to the lake, stopping", extra={"error": self.refused})
+            exit_code = ExitCode.BAD_INPUT
         finally:
             if self.maintainer is not None:
                 self.maintainer.stop(timeout=_MAINTENANCE_STOP_WAIT_S)
@@ -479,17 +488,24 @@ class Consumer:
             setattr(self.stats, stat, getattr(self.stats, stat) + n)
 
     def _open_tables(self) -> bool:
-        """Open every kind's tables, retrying while the store fails; False if stopped
-        meanwhile."""
+        """Check the lake's store (consumer/store_check.py), then open every kind's tables,
+        retrying while the store fails; False if stopped meanwhile. Raises
+        :class:`ConfigError` when the store cannot be written safely."""
         failures = 0
+        checked = False
         while not self._stopping:
             try:
+                if not checked:
+                    check_put_if_absent(self.settings.lake_uri, self.settings.storage_options)
+                    checked = True
                 sinks = {kind: history_writer(self.settings, kind) for kind in KINDS}
                 currents = {
                     kind: CurrentWriter(self.settings, kind)
                     for kind in KINDS
                     if kind.current is not None
                 }
+            except ConfigError:
+                raise
             except Exception as exc:  # a store away, a lake not mounted yet: wait for it
                 failures += 1
                 delay = backoff(self.settings, failures)

@@ -4,6 +4,8 @@
 
     PoslakeError
     ├── ConfigError                 a setting is wrong; the program stops at start (exit 2)
+    │   └── UnsafeStore             the lake's store ignores put-if-absent: commits of two
+    │                               writers would overwrite each other
     ├── RetryableError              the environment failed; the same operation may succeed
     │   │                           later: back off, keep the batch, never acknowledge it
     │   ├── StreamUnavailable       Redis unreachable, the connection dropped, or a
@@ -63,6 +65,10 @@ class PoslakeError(Exception):
 
 class ConfigError(PoslakeError):
     """A setting has a wrong value; the message names the setting (never a secret)."""
+
+
+class UnsafeStore(ConfigError):
+    """The lake's object store accepted a second put-if-absent of one key."""
 
 
 class RetryableError(PoslakeError):
