@@ -16,6 +16,14 @@ partition folder name too long for the file system, say) is retried in halves
 fail alone are returned to be dead-lettered. Each piece is an ordinary commit
 with its own ``txn`` version and dedup, so a batch landed in several pieces, or
 retried after some of them landed, still lands every row once.
+
+A commit whose reply was lost (an object store that stored the log file, then
+timed out or answered 503; delta-rs' retry of the PUT then meets its own file and
+reports a conflict) is not taken as failed: after any commit error the table is
+refreshed and, if the group's transaction version reached the one this commit
+carried, the versions since the snapshot are searched for this commit's id
+(:func:`landed_despite_error`). Found, the commit counts as done; not found, the
+error stands and the retry's dedup sees whatever did land.
 """
 
 from __future__ import annotations
@@ -103,6 +111,7 @@ class DeltaSink:
         self.index.bootstrap(self.table)
         self._own_commit_ids: set[str] = set()
         self.commits = 0
+        self.ambiguous_landed = 0  # commits that failed to reply but had landed
         # Test hook: runs between the dedup check and the write, to force a race.
         self.before_write: Callable[[], object] | None = None
 
@@ -172,9 +181,12 @@ class DeltaSink:
             )
         except (DeltaError, OSError) as exc:
             # A lost race did not land: the winner's rows are read on the next try. Any
-            # other failure's outcome is unknown; the next sync reads our commit back if
-            # it landed.
-            raise commit_error(exc, self.kind.table) from exc
+            # other failure's outcome is unknown until the table says.
+            if not landed_despite_error(
+                self.table, self.app_id, txn_version, commit_id, snapshot_version, exc
+            ):
+                raise commit_error(exc, self.kind.table) from exc
+            self.ambiguous_landed += 1
         self._own_commit_ids.add(commit_id)
         self.index.add_committed(keys, fresh)
         self.commits += 1
@@ -210,6 +222,39 @@ class DeltaSink:
         first, rejected_first = self.commit_isolating(rows.slice(0, half))
         second, rejected_second = self.commit_isolating(rows.slice(half))
         return first.then(second), rejected_first + rejected_second
+
+
+def landed_despite_error(
+    table: DeltaTable,
+    app_id: str,
+    txn_version: int,
+    commit_id: str,
+    snapshot_version: int,
+    error: BaseException,
+) -> bool:
+    """Whether the commit that raised ``error`` is in the table all the same.
+
+    It is when the group's transaction reached ``txn_version`` and a version after
+    ``snapshot_version`` carries ``commit_id``; ``table`` is refreshed to see it.
+    False when the table cannot be read now (the retry's own checks decide then).
+    """
+    try:
+        table.update_incremental()
+        if (table.transaction_version(app_id) or 0) < txn_version:
+            return False
+        newer = table.version() - snapshot_version
+        found = newer > 0 and any(
+            c.get("poslake.commit_id") == commit_id for c in table.history(limit=newer)
+        )
+    except (DeltaError, OSError) as exc:
+        log.info("cannot tell whether a failed commit landed", extra={"error": str(exc)})
+        return False
+    if found:
+        log.warning(
+            "commit landed although its reply was an error",
+            extra={"commit_id": commit_id, "table_version": table.version(), "error": str(error)},
+        )
+    return found
 
 
 def _stream_id(rows: pa.Table, position: int) -> str:

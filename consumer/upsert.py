@@ -28,7 +28,13 @@ import pyarrow.compute as pc
 from deltalake import CommitProperties, Transaction
 from deltalake.exceptions import DeltaError
 
-from consumer.sink import NO_CHECKPOINT, CommitOutcome, commit_error, open_kind_table
+from consumer.sink import (
+    NO_CHECKPOINT,
+    CommitOutcome,
+    commit_error,
+    landed_despite_error,
+    open_kind_table,
+)
 from shared.errors import CommitFailed, RowsRejected
 from shared.kinds import EntryKind, UpsertRule
 from shared.settings import Settings
@@ -147,10 +153,12 @@ class UpsertWriter:
         except (DeltaError, OSError) as exc:
             raise CommitFailed(f"cannot read table state: {exc}") from exc
         txn_version = max(self.table.transaction_version(self.app_id) or 0, 0) + 1
+        commit_id = uuid.uuid4().hex
+        snapshot_version = self.table.version()
         properties = CommitProperties(
             app_transactions=[Transaction(self.app_id, txn_version)],
             custom_metadata={
-                "poslake.commit_id": uuid.uuid4().hex,
+                "poslake.commit_id": commit_id,
                 "poslake.consumer": self._settings.consumer_name,
                 "poslake.first_entry": _row_id(rows, 0, self.rule),
                 "poslake.last_entry": _row_id(rows, -1, self.rule),
@@ -171,7 +179,13 @@ class UpsertWriter:
                 .execute()
             )
         except (DeltaError, OSError) as exc:
-            raise commit_error(exc, self.kind.table) from exc
+            if not landed_despite_error(
+                self.table, self.app_id, txn_version, commit_id, snapshot_version, exc
+            ):
+                raise commit_error(exc, self.kind.table) from exc
+            # Landed, its reply lost: the merge's counts went with it; replaying the
+            # merge would change nothing, so none of its rows count as changed.
+            metrics = {}
         changed = int(metrics.get("num_target_rows_inserted", 0)) + int(
             metrics.get("num_target_rows_updated", 0)
         )

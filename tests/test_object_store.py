@@ -3,6 +3,7 @@ ambiguous commits, maintenance and every operator command there."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,3 +86,36 @@ def test_storage_options_map_to_the_store_and_its_client() -> None:
     )
     assert config == {"aws_endpoint_url": "http://127.0.0.1:1", "aws_access_key_id": "k"}
     assert client == {"allow_http": "true", "timeout": "10s"}
+
+
+@pytest.mark.parametrize("lost", ["503", "timeout"])
+def test_a_commit_whose_reply_is_lost_lands_once(
+    seaweed: SeaweedServer, proxy: S3Proxy, redis_url: str, stream: str, tmp_path: Path, lost: str
+) -> None:
+    """The store keeps the commit, then the reply is lost: nothing lost, nothing twice."""
+    lake = lake_on(seaweed, proxy.endpoint)
+    prefix = lake.uri.removeprefix("s3:/")
+    updates = make_updates(1_200, seed=31)
+    publish(redis_url, stream, updates)
+    env = consumer_env(
+        redis_url, lake, "c1", stream, batch_max_entries=200,
+        storage_options=json.dumps({**lake.storage_options, "timeout": "2s"}),
+    )  # fmt: skip
+    # Every history commit after the first: its log file is stored, its reply lost.
+    proxy.set(
+        fail_after_store=rf"PUT {prefix}/position_updates/_delta_log/0*([2-9]|1\d)\.json",
+        fail_times=4,
+        hold_s=3.0 if lost == "timeout" else 0.0,
+    )
+    log = tmp_path / "consumer.log"
+    done = run_python(["-m", "consumer", "--drain"], env, timeout=240)
+    log.write_text(done.stderr)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(proxy.state()["failed"]) == 4
+    assert done.stderr.count("commit landed although its reply was an error") == 4
+    assert_table_exact(lake, updates)
+    assert_current_exact(lake, updates)
+    history = lake.table("position_updates")
+    versions = [c for c in history.history() if c.get("poslake.commit_id")]
+    assert len({c["poslake.commit_id"] for c in versions}) == len(versions), "a commit twice"
+    assert history.transaction_version(f"poslake:{stream}:lake") == len(versions)
