@@ -259,7 +259,7 @@ class TableMaintainer:
                 return False
             try:
                 table = DeltaTable(uri, storage_options=s.storage_options or None)
-                vacuum_table(table, uri, s.history_retention_hours)
+                vacuum_table(table, uri, s.history_retention_hours, s.storage_options)
             except TableNotFoundError:
                 continue
             except Exception as exc:  # a background thread: log it, retry next time

@@ -13,9 +13,13 @@ Two passes, both safe to run while consumers append:
    hours, a shortened history) would stay on disk for good, as would the file
    of a write whose commit failed. The sweep deletes data files that are
    neither live nor tombstoned in the current snapshot and are older than an
-   hour (a file being written and committed right now is younger). Such a
-   file is needed by no version inside the window: every file retired inside
-   it still has its tombstone. Local lakes only.
+   hour (a file being written and committed right now is younger: a writer
+   puts its data files and then its commit within one batch, seconds; an hour
+   is far past any commit's retries). Such a file is needed by no version
+   inside the window: every file retired inside it still has its tombstone.
+   The sweep lists and deletes through delta-rs' own store handler, with the
+   lake's storage options: a local folder and an object store alike (there the
+   age is the object's last-modified time).
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import logging
 import math
 import re
 import time
-from pathlib import Path
-from urllib.parse import unquote, urlparse
+from collections.abc import Mapping
+from urllib.parse import unquote
 
 import pyarrow as pa
 from deltalake import DeltaTable
+from deltalake.fs import DeltaStorageHandler
+from pyarrow.fs import FileSelector, FileType
 
 from shared.settings import TOMBSTONE_MARGIN_HOURS
 from shared.table import TOMBSTONE_RETENTION
@@ -77,55 +83,53 @@ def vacuum_retired(table: DeltaTable, history: float) -> list[str]:
     return removed
 
 
-def local_root(uri: str) -> Path | None:
-    """The table's folder when it is on the local file system."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    if parsed.scheme == "" or (len(parsed.scheme) == 1 and uri[1:3] in (":\\", ":/")):
-        return Path(uri)
-    return None
+def sweep_orphans(
+    table: DeltaTable,
+    storage_options: Mapping[str, str] | None = None,
+    min_age_s: float = ORPHAN_MIN_AGE_S,
+) -> list[str]:
+    """Delete data files of the table that are neither live nor tombstoned, and old.
 
-
-def sweep_orphans(table: DeltaTable, root: Path, min_age_s: float = ORPHAN_MIN_AGE_S) -> list[str]:
-    """Delete data files under ``root`` that are neither live nor tombstoned, and old.
-
-    Returns their paths relative to ``root``. The table is brought up to date first:
-    a stale snapshot would not know the files committed since.
+    Returns their paths relative to the table's root. The table is brought up to
+    date first: a stale snapshot would not know the files committed since.
     """
     table.update_incremental()
     # The log holds paths URL-encoded (a folder "symbol=BRK%20B" as "BRK%2520B"):
-    # decoded once, they are the names on disk.
+    # decoded once, they are the names in the store.
     known = {unquote(p) for p in pa.table(table.get_add_actions()).column("path").to_pylist()}
-    # Every tombstoned file still on disk, whatever its age: a dry run lists them,
-    # by their names on disk already.
+    # Every tombstoned file still there, whatever its age: a dry run lists them, by
+    # their names in the store already.
     known.update(table.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False))
+    handler = DeltaStorageHandler(table.table_uri, dict(storage_options or {}) or None)
     cutoff = time.time() - min_age_s
     swept: list[str] = []
-    for path in root.rglob("*.parquet"):
-        relative = path.relative_to(root)
-        if relative.parts[0].startswith(("_", ".")):  # _delta_log and the like
+    for info in handler.get_file_info_selector(FileSelector("", recursive=True)):
+        name = info.path.lstrip("/")
+        if info.type != FileType.File or not name.endswith(".parquet") or name in known:
             continue
-        name = relative.as_posix()
-        if name in known:
+        if name.split("/", 1)[0].startswith(("_", ".")):  # _delta_log and the like
             continue
+        if info.mtime is None or info.mtime.timestamp() >= cutoff:
+            continue  # maybe being written and committed right now
         try:
-            if path.stat().st_mtime >= cutoff:
-                continue  # maybe being written and committed right now
-            path.unlink()
+            handler.delete_file(name)
         except FileNotFoundError:
             continue
         swept.append(name)
     return swept
 
 
-def vacuum_table(table: DeltaTable, uri: str, configured_history: float) -> int:
+def vacuum_table(
+    table: DeltaTable,
+    uri: str,
+    configured_history: float,
+    storage_options: Mapping[str, str] | None = None,
+) -> int:
     """Both passes on one table; returns the number of files deleted."""
     started = time.perf_counter()
     history = history_hours(table, configured_history)
     removed = vacuum_retired(table, history)
-    root = local_root(uri)
-    swept = sweep_orphans(table, root) if root is not None else []
+    swept = sweep_orphans(table, storage_options)
     log.info(
         "vacuumed",
         extra={

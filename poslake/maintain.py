@@ -22,7 +22,7 @@ import math
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from consumer.vacuum import local_root, sweep_orphans
+from consumer.vacuum import sweep_orphans
 from poslake.command import CommandError, ExitCode
 from poslake.query import open_table
 from shared.kinds import POSITIONS, all_tables
@@ -57,19 +57,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             ExitCode.BAD_INPUT,
         )
     # The positions' history must exist (else "not found"); any other table may not yet.
-    tables = [(POSITIONS.table, open_table(settings), settings.table_uri)]
+    tables = [(POSITIONS.table, open_table(settings))]
     for name in all_tables():
         if name == POSITIONS.table:
             continue
         uri = settings.lake_table_uri(name)
         try:
-            tables.append(
-                (name, DeltaTable(uri, storage_options=settings.storage_options or None), uri)
-            )
+            tables.append((name, DeltaTable(uri, storage_options=settings.storage_options or None)))
         except TableNotFoundError:
             continue
     wanted = retention_interval(history)
-    for name, each, uri in tables:
+    for name, each in tables:
         configuration = each.metadata().configuration
         stale = {
             key: wanted
@@ -91,9 +89,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             )
             verb = "would remove" if args.dry_run else "removed"
             print(f"{name}: vacuum ({retention:g} h retention) {verb} {len(removed)} files")
-            root = local_root(uri)
-            if root is not None and not args.dry_run:
-                swept = sweep_orphans(each, root)
+            if not args.dry_run:
+                swept = sweep_orphans(each, settings.storage_options)
                 print(f"{name}: removed {len(swept)} orphaned files (in no kept version)")
         if not args.skip_compact:
             metrics = each.optimize.compact(target_size=settings.compact_target_file_bytes)

@@ -4,13 +4,18 @@ ambiguous commits, maintenance and every operator command there."""
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import obstore
+import pyarrow as pa
 import pytest
 
 from consumer.store_check import check_put_if_absent, object_store, store_options
+from consumer.vacuum import sweep_orphans
 from infra.seaweed_server import SeaweedServer
 from shared.errors import UnsafeStore
 from tests.conftest import lake_on
@@ -19,6 +24,7 @@ from tests.helpers import (
     assert_current_exact,
     assert_table_exact,
     consumer_env,
+    current_rows,
     make_updates,
     publish,
     run_python,
@@ -119,3 +125,78 @@ def test_a_commit_whose_reply_is_lost_lands_once(
     versions = [c for c in history.history() if c.get("poslake.commit_id")]
     assert len({c["poslake.commit_id"] for c in versions}) == len(versions), "a commit twice"
     assert history.transaction_version(f"poslake:{stream}:lake") == len(versions)
+
+
+def _poslake(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return run_python(["-m", "poslake", *args], env, timeout=120)
+
+
+def test_maintenance_and_every_operator_command_on_seaweedfs(
+    s3_lake: Lake, redis_url: str, stream: str, tmp_path: Path
+) -> None:
+    lake = s3_lake
+    updates = make_updates(1_000, seed=41)
+    publish(redis_url, stream, updates)
+    # Small batches and eager maintenance: the consumer compacts and checkpoints there.
+    env = consumer_env(
+        redis_url, lake, "c1", stream, batch_max_entries=50,
+        maintenance_every_commits=5, compact_min_small_files=2,
+    )  # fmt: skip
+    done = run_python(["-m", "consumer", "--drain"], env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compacted partitions" in done.stderr and "checkpoint written" in done.stderr
+    assert_table_exact(lake, updates)
+    assert_current_exact(lake, updates)
+    history = lake.table("position_updates")
+    assert any(c.get("operation") == "OPTIMIZE" for c in history.history())
+    assert any(p.endswith("_last_checkpoint") for p in _objects(lake))
+
+    status = _poslake(env, "status")
+    assert status.returncode == 0, status.stderr
+    assert "1000 rows" in status.stdout and lake.storage_options["AWS_SECRET_ACCESS_KEY"] not in (
+        status.stdout + status.stderr
+    )
+    out = tmp_path / "current.csv"
+    query = _poslake(
+        env, "query", "table", "positions_current", "--format", "csv", "--output", str(out)
+    )
+    assert query.returncode == 0, query.stderr
+    assert len(out.read_text().splitlines()) == 1 + len(current_rows(lake))
+    # Time travel reaches the first batch's version through compactions and checkpoints.
+    first = min(c["version"] for c in history.history() if c.get("poslake.commit_id"))
+    assert lake.table("position_updates", version=first).to_pyarrow_table().num_rows == 50
+    maintain = _poslake(env, "maintain", "--retention-hours", "0", "--force")
+    assert maintain.returncode == 0, maintain.stderr
+    assert "compacted" in maintain.stdout and "checkpoint written" in maintain.stdout
+    assert_table_exact(lake, updates)
+
+    replay = _poslake(env, "replay", "--beginning", "--yes")
+    assert replay.returncode == 0, replay.stderr
+    before = lake.table("position_updates").version()
+    again = run_python(["-m", "consumer", "--drain"], env, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_table_exact(lake, updates)  # the replay changed nothing
+    assert_current_exact(lake, updates)
+    assert lake.table("position_updates").version() == before
+
+
+def test_the_orphan_sweep_works_on_the_store(s3_lake: Lake, redis_url: str, stream: str) -> None:
+    lake = s3_lake
+    updates = make_updates(300, seed=43)
+    publish(redis_url, stream, updates)
+    env = consumer_env(redis_url, lake, "c1", stream, batch_max_entries=100)
+    assert run_python(["-m", "consumer", "--drain"], env, timeout=240).returncode == 0
+    table = lake.table("position_updates")
+    store = object_store(lake.table_uri("position_updates"), lake.storage_options)
+    live = sorted(unquote(p) for p in pa.table(table.get_add_actions()).column("path").to_pylist())
+    folder = live[0].rsplit("/", 1)[0]
+    orphan = f"{folder}/part-99999-orphan-c000.zstd.parquet"  # a failed write's file
+    obstore.put(store, orphan, b"left by a failed commit")
+    time.sleep(1.5)
+    young = f"{folder}/part-99998-being-committed-c000.zstd.parquet"
+    obstore.put(store, young, b"a commit in progress")
+    assert sweep_orphans(table, lake.storage_options, min_age_s=1.0) == [orphan]
+    names = {p.removeprefix("position_updates/") for p in _objects(lake)}
+    assert orphan not in names and young in names
+    assert set(live) <= names
+    assert_table_exact(lake, updates)

@@ -232,7 +232,7 @@ def test_orphan_sweep_deletes_only_old_files_no_kept_version_knows(lake: Path) -
         _age(path, hours=2)
     _age(young, hours=0)
     assert any("%" in name for name in retired)  # retired files in encoded folders too
-    swept = sweep_orphans(table, root)
+    swept = sweep_orphans(table)
     assert swept == [orphan.relative_to(root).as_posix()]
     assert not orphan.exists() and young.exists()
     assert some_live.exists() and (root / retired[0]).exists()  # live; retired in the window
