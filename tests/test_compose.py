@@ -153,3 +153,49 @@ def test_tls_override_verifies_the_server_with_the_mounted_ca() -> None:
         assert target.tls is not None and target.port == int(port), name
         assert target.tls.ca_certs == "/tls/ca.pem" and target.tls.cert_reqs == "required"
         assert target.password == env["REDIS_PASSWORD"]
+
+
+def _uncommented(section: str) -> dict[str, str]:
+    """.env.example's values with the commented lines after ``section`` switched on."""
+    values = _env_example()
+    lines = (REPO_ROOT / ".env.example").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if section in line)
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break  # the end of the section
+        name, _, value = line.removeprefix("#").partition("=")
+        if value and " " not in name:  # "#NAME=value", not a comment's sentence
+            values[name] = value
+    return values
+
+
+def test_the_s3_profile_puts_the_lake_on_seaweedfs() -> None:
+    data = _compose()
+    store = data["services"]["lake-store"]
+    assert store["profiles"] == ["s3"]
+    assert "seaweedfs" in store["image"] and "latest" not in store["image"]
+    script = store["command"][0]
+    port = re.search(r"-s3\.port=(\d+)", script)
+    assert port is not None and "-bucket=lake" in script and "exec weed mini" in script
+    assert "$$LAKE_S3_SECRET_KEY" in script  # from the container's environment, not the file
+    assert store["environment"]["LAKE_S3_SECRET_KEY"].startswith("${LAKE_S3_SECRET_KEY:?")
+    assert f"127.0.0.1:{port[1]}/healthz" in " ".join(store["healthcheck"]["test"])
+    consumer = data["services"]["consumer"]
+    assert consumer["depends_on"]["lake-store"] == {
+        "condition": "service_healthy",
+        "required": False,
+    }
+    # Without .env's S3 lines the lake is the volume; with them, the store.
+    shared_env = data["x-poslake-env"]
+    local = {k: _interpolate(str(v), _env_example()) for k, v in shared_env.items()}
+    assert local["POSLAKE_LAKE_URI"] == "/lake" and local["POSLAKE_STORAGE_OPTIONS"] == ""
+    env = _uncommented("--profile s3")
+    on_s3 = {k: _interpolate(str(v), env) for k, v in shared_env.items()}
+    on_s3["POSLAKE_REDIS_URL"] = "redis://redis:6379/0"
+    settings = Settings.model_validate({k[len(ENV_PREFIX) :].lower(): v for k, v in on_s3.items()})
+    assert settings.lake_uri.startswith("s3://lake/")
+    options = settings.storage_options
+    assert options["AWS_ENDPOINT_URL"] == f"http://lake-store:{port[1]}"
+    assert options["AWS_ACCESS_KEY_ID"] == env["LAKE_S3_ACCESS_KEY"]
+    assert options["AWS_SECRET_ACCESS_KEY"] == env["LAKE_S3_SECRET_KEY"]
+    assert env["LAKE_S3_SECRET_KEY"] not in (REPO_ROOT / "compose.yaml").read_text()
