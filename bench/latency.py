@@ -3,18 +3,21 @@
 Processes: the gateway simulator (steady ``--rate`` updates/s to one account,
 recording when it sent each message), the producer, one consumer with
 ``POSLAKE_BATCH_MAX_WAIT_S`` (default 1 s), and this process polling the Delta
-table for new versions. Message i of the portfolio stream is stream entry i
-(checked field by field); a row's visible time is when the poller first saw a
-table version holding its ``stream_id``. Updates sent in the first
-``--warmup`` seconds are left out. Also printed: the producer's share (send
-to the stream entry's server time) and the batch wait as a baseline.
+table for new versions (``--lake seaweedfs``: the lake on a private SeaweedFS,
+``weed mini`` on loopback, instead of a local folder). Message i of the
+portfolio stream is stream entry i (checked field by field); a row's visible
+time is when the poller first saw a table version holding its ``stream_id``.
+Updates sent in the first ``--warmup`` seconds are left out. Also printed: the
+producer's share (send to the stream entry's server time) and the batch wait as
+a baseline.
 
-    python -m bench.latency [--rate 2000] [--seconds 30] [--quick]
+    python -m bench.latency [--rate 2000] [--seconds 30] [--lake seaweedfs] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -27,8 +30,19 @@ from typing import Any
 import pyarrow.parquet as pq
 import redis
 from deltalake import DeltaTable
+from deltalake.fs import DeltaStorageHandler
+from pyarrow.fs import PyFileSystem
 
-from bench.common import log, median, parse_log, private_redis, verdict, work_dir
+from bench.common import (
+    log,
+    median,
+    parse_log,
+    private_redis,
+    private_seaweed,
+    storage_env,
+    verdict,
+    work_dir,
+)
 from shared.wire import decode_entry
 
 GOAL_P99_S = 1.5
@@ -44,16 +58,20 @@ def start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
         return subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=out, stderr=out)
 
 
-def poll_table(uri: str, until_s: float, seen: dict[str, float]) -> int:
+def poll_table(
+    uri: str, until_s: float, seen: dict[str, float], options: dict[str, str] | None = None
+) -> int:
     """Record the first time each stream_id is visible; returns versions seen."""
     table: DeltaTable | None = None
     known_files: set[str] = set()
     versions = 0
+    # Files are read through delta-rs' store handler: a folder or an object store alike.
+    files_in = PyFileSystem(DeltaStorageHandler(uri, options or None))
     while time.time() < until_s:
         time.sleep(0.02)
         try:
             if table is None:
-                table = DeltaTable(uri)
+                table = DeltaTable(uri, storage_options=options or None)
             else:
                 table.update_incremental()
         except Exception:
@@ -65,7 +83,9 @@ def poll_table(uri: str, until_s: float, seen: dict[str, float]) -> int:
             continue
         versions += 1
         for path in new:
-            for stream_id in pq.read_table(path, columns=["stream_id"]).column(0).to_pylist():
+            relative = path.removeprefix(table.table_uri.rstrip("/") + "/")
+            ids = pq.read_table(relative, columns=["stream_id"], filesystem=files_in)
+            for stream_id in ids.column(0).to_pylist():
                 seen.setdefault(stream_id, now)
         known_files = files
     return versions
@@ -78,11 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--batch-wait", type=float, default=1.0)
     parser.add_argument("--positions", type=int, default=2000)
+    parser.add_argument("--lake", choices=["local", "seaweedfs"], default="local")
     parser.add_argument("--quick", action="store_true", help="10 s run")
     args = parser.parse_args(argv)
     seconds = 10.0 if args.quick else args.seconds
 
-    with work_dir("latency") as folder, private_redis(folder / "redis") as server:
+    with (
+        work_dir("latency") as folder,
+        private_redis(folder / "redis") as server,
+        contextlib.ExitStack() as stack,
+    ):
+        lake_uri, options = str(folder / "lake"), {}
+        if args.lake == "seaweedfs":
+            store = stack.enter_context(private_seaweed(folder / "seaweedfs"))
+            lake_uri, options = "s3://lake/latency", store.storage_options()
+        table_uri = f"{lake_uri}/position_updates"
         record = folder / "record.jsonl"
         sim = subprocess.Popen(
             [sys.executable, "-m", "gateway_sim", "--port", "0", "--accounts", "DU100001",
@@ -95,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         env.update(
             {
                 "POSLAKE_REDIS_URL": server.url,
-                "POSLAKE_LAKE_URI": str(folder / "lake"),
+                "POSLAKE_LAKE_URI": lake_uri,
+                **storage_env(options),
                 "POSLAKE_IB_PORT": str(port),
                 "POSLAKE_PRODUCER_SPOOL_DIR": str(folder / "spool"),
                 "POSLAKE_BATCH_MAX_WAIT_S": str(args.batch_wait),
@@ -108,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         started = time.time()
         log(f"running {seconds:.0f}s at {args.rate:.0f} updates/s, batch wait {args.batch_wait}s")
         seen: dict[str, float] = {}
-        versions = poll_table(f"{folder / 'lake'}/position_updates", started + seconds, seen)
+        versions = poll_table(table_uri, started + seconds, seen, options)
         sim.send_signal(signal.SIGTERM)
         sim.wait(30)
         # Let the last batch land before stopping the pipeline.
-        poll_table(f"{folder / 'lake'}/position_updates", time.time() + 3 * args.batch_wait, seen)
+        poll_table(table_uri, time.time() + 3 * args.batch_wait, seen, options)
         for process in (producer, consumer):
             process.send_signal(signal.SIGTERM)
             process.wait(30)
@@ -150,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no measured rows")
     p50, p99 = percentile(end_to_end, 0.5), percentile(end_to_end, 0.99)
     window = seconds - args.warmup
-    print(f"latency, simulator send -> row visible: {len(end_to_end)} updates at "
-          f"{args.rate:.0f}/s over {window:.0f}s, batch wait {args.batch_wait}s")  # fmt: skip
+    print(f"latency, simulator send -> row visible ({args.lake} lake): "
+          f"{len(end_to_end)} updates at {args.rate:.0f}/s over {window:.0f}s, "
+          f"batch wait {args.batch_wait}s")  # fmt: skip
     print(
         f"  table versions seen by the poller: {versions}; rows not visible at the end: {missing}"
     )
