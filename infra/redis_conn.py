@@ -6,6 +6,11 @@ writer, :class:`RedisTarget`, so one URL means the same thing everywhere:
 
 - ``redis://[user[:password]@]host[:port][/db]``, ``rediss://...`` for TLS,
   ``unix://[user[:password]@]/path/to/socket[?db=N]``;
+- ``redis+sentinel://[user[:password]@]host[:port][,host[:port]...]/<master>[/db]``
+  (``rediss+sentinel://`` for TLS to the sentinels and the nodes): the master of
+  that name as the sentinels name it (port 26379 unless given), asked again on
+  every new connection, so a client follows a failover by itself. The
+  credentials are the data nodes'; the sentinels are asked without;
 - query options (TLS): ``ssl_ca_certs`` (CA bundle file), ``ssl_ca_path`` (CA
   folder), ``ssl_cert_reqs`` (``required``, the default, ``optional`` or
   ``none``), ``ssl_check_hostname`` (``true`` unless ``ssl_cert_reqs=none``),
@@ -33,6 +38,7 @@ import redis.asyncio as aioredis
 import redis.asyncio.retry as aioretry
 import redis.connection
 import redis.retry
+import redis.sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 
 CertReqs = Literal["none", "optional", "required"]
@@ -114,10 +120,15 @@ class RedisTarget:
     username: str | None
     password: str | None = field(repr=False)
     tls: TlsOptions | None
+    # Through Sentinel: the sentinels' addresses and the master's name (host/port unused).
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> RedisTarget:
         """Parse and check ``url``; ``ValueError`` says what is wrong, never the password."""
+        if urlsplit(url).scheme.lower() in _SENTINEL_SCHEMES:
+            return cls._parse_sentinel(url)
         try:
             parts = urlsplit(url)
             port_number = parts.port
@@ -126,14 +137,11 @@ class RedisTarget:
             raise ValueError("the port must be a number from 1 to 65535") from None
         scheme = parts.scheme.lower()
         if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        query: dict[str, str] = {}
-        for name, values in parse_qs(parts.query, keep_blank_values=True).items():
-            if name not in QUERY_OPTIONS:
-                raise ValueError(
-                    f"unknown URL option {name!r} (known: {', '.join(sorted(QUERY_OPTIONS))})"
-                )
-            query[name] = values[-1]
+            raise ValueError(
+                "must start with redis://, rediss://, unix://, redis+sentinel:// or "
+                "rediss+sentinel://"
+            )
+        query = _query_options(parts.query)
         username = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else None
         db = _database(parts.path if scheme != "unix" else "", query.get("db"))
@@ -149,6 +157,34 @@ class RedisTarget:
         host = unquote(parts.hostname) if parts.hostname else "127.0.0.1"
         return cls(url, host, port_number or 6379, None, db, username, password, tls)
 
+    @classmethod
+    def _parse_sentinel(cls, url: str) -> RedisTarget:
+        parts = urlsplit(url)
+        tls_scheme = parts.scheme.lower() == "rediss+sentinel"
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        username = password = None
+        if userinfo:
+            user, colon, secret = userinfo.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret) if colon else None
+        sentinels = tuple(_host_port(each, 26379) for each in hosts.split(",") if each)
+        if not sentinels:
+            raise ValueError("a redis+sentinel:// URL needs at least one sentinel host")
+        names = [unquote(part) for part in parts.path.split("/") if part]
+        if not names:
+            raise ValueError("a redis+sentinel:// URL needs the master's name: .../<master>[/db]")
+        if len(names) > 2:
+            raise ValueError("the path of a redis+sentinel:// URL is /<master>[/db]")
+        query = _query_options(parts.query)
+        db = _database(names[1] if len(names) == 2 else "", query.get("db"))
+        tls = _tls_options(query) if tls_scheme else None
+        if not tls_scheme and any(name.startswith("ssl_") for name in query):
+            raise ValueError("ssl_* options need a rediss+sentinel:// URL")
+        first_host, first_port = sentinels[0]
+        return cls(
+            url, first_host, first_port, None, db, username, password, tls, sentinels, names[0]
+        )
+
     @property
     def redacted(self) -> str:
         """The URL with its password replaced by ``***``: the only form ever shown."""
@@ -156,8 +192,39 @@ class RedisTarget:
 
     @property
     def where(self) -> str:
-        """``host:port`` or the socket path, for messages."""
+        """``host:port``, the socket path, or the master's name and its sentinels."""
+        if self.master_name is not None:
+            via = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"master {self.master_name!r} via sentinels {via}"
         return self.path if self.path is not None else f"{self.host}:{self.port}"
+
+
+_SENTINEL_SCHEMES = frozenset({"redis+sentinel", "rediss+sentinel"})
+
+
+def _query_options(text: str) -> dict[str, str]:
+    query: dict[str, str] = {}
+    for name, values in parse_qs(text, keep_blank_values=True).items():
+        if name not in QUERY_OPTIONS:
+            raise ValueError(
+                f"unknown URL option {name!r} (known: {', '.join(sorted(QUERY_OPTIONS))})"
+            )
+        query[name] = values[-1]
+    return query
+
+
+def _host_port(text: str, default_port: int) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":") if not text.endswith("]") else (text, "", "")
+    if not colon:
+        host, port = text, ""
+    host = host.strip("[]")
+    if not host:
+        raise ValueError("a sentinel host is empty")
+    if not port:
+        return host, default_port
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("the port must be a number from 1 to 65535")
+    return host, int(port)
 
 
 def _database(path: str, from_query: str | None) -> int:
@@ -253,7 +320,8 @@ def redacted_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"{credentials}@{host}", parts.path, parts.query, ""))
 
 
-def _client_options(target: RedisTarget) -> dict[str, Any]:
+def _client_options(target: RedisTarget, *, address: bool = True) -> dict[str, Any]:
+    """redis-py's connection options for ``target`` (``address``: host and port too)."""
     options: dict[str, Any] = {"db": target.db}
     if target.username is not None:
         options["username"] = target.username
@@ -262,8 +330,9 @@ def _client_options(target: RedisTarget) -> dict[str, Any]:
     if target.path is not None:
         options["unix_socket_path"] = target.path
         return options
-    options["host"] = target.host
-    options["port"] = target.port
+    if address:
+        options["host"] = target.host
+        options["port"] = target.port
     if target.tls is not None:
         tls = target.tls
         options.update(
@@ -357,9 +426,37 @@ def sync_client(
     """A redis-py client (of ``client_class``) for ``target``; ``options`` add timeouts."""
     target = target if isinstance(target, RedisTarget) else RedisTarget.parse(target)
     options.setdefault("retry", _Retry(_backoff(), 10))
+    if target.master_name is not None:
+        return _sentinel_master(target, client_class, options)
     client = client_class(**_client_options(target), **options)
     if target.tls is not None:
         client.connection_pool.connection_class = _TlsConnection  # no connection made yet
+    return client
+
+
+def _sentinel_tls(target: RedisTarget) -> dict[str, Any]:
+    tls = {k: v for k, v in _client_options(target, address=False).items() if k.startswith("ssl")}
+    return tls
+
+
+def _sentinel_master(
+    target: RedisTarget, client_class: type[redis.Redis], options: dict[str, Any]
+) -> redis.Redis:
+    """A client of the master the sentinels name, found again on every new connection
+    (redis-py's SentinelConnectionPool: a demoted master's READONLY reply and a lost
+    connection both make it ask the sentinels again)."""
+    timeouts: dict[str, Any] = {
+        k: options[k] for k in ("socket_timeout", "socket_connect_timeout") if k in options
+    }
+    sentinel = redis.sentinel.Sentinel(
+        list(target.sentinels),
+        sentinel_kwargs={**_sentinel_tls(target), **timeouts},
+        **_client_options(target, address=False),
+    )
+    assert target.master_name is not None
+    client: redis.Redis = sentinel.master_for(
+        target.master_name, redis_class=client_class, **options
+    )
     return client
 
 

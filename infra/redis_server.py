@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 import redis
@@ -176,3 +176,198 @@ class RedisServer:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+@dataclass
+class SentinelServer:
+    """One ``redis-server --sentinel`` watching ``master`` as ``name`` (quorum 2), with
+    failover timings tightened for tests (``down_after_ms``, ``failover_timeout_ms``)."""
+
+    binary: str
+    data_dir: Path
+    master_port: int
+    name: str = "poslake"
+    port: int = field(default_factory=free_port)
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 3000
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 10.0) -> SentinelServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "sentinel.conf"  # sentinel rewrites it: its own file
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.data_dir}\n"
+            f"logfile {self.data_dir / 'sentinel.log'}\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 2\n"
+            f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {self.name} 1\n"
+        )
+        self.process = subprocess.Popen(
+            [self.binary, str(config), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    if client.ping():
+                        return self
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        self.stop()
+        raise RuntimeError(f"sentinel did not answer on port {self.port} in {timeout_s}s")
+
+    def master(self) -> tuple[str, int] | None:
+        """The master's address as this sentinel names it now."""
+        client: Any = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        try:
+            found = client.sentinel_get_master_addr_by_name(self.name)
+        finally:
+            client.close()
+        if not found:
+            return None
+        host = found[0].decode() if isinstance(found[0], bytes) else str(found[0])
+        return host, int(found[1])
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+_REPLICATION_USER = "replication"
+_REPLICATION_PASSWORD = "replication-link"  # loopback test sets only
+
+
+@dataclass
+class SentinelSet:
+    """A master, one replica and three sentinels on loopback: the smallest set that fails
+    over by itself. :attr:`url` is the ``redis+sentinel://`` URL of the master."""
+
+    binary: str
+    data_dir: Path
+    name: str = "poslake"
+    password: str | None = field(default=None, repr=False)
+    master: RedisServer | None = None
+    replica: RedisServer | None = None
+    sentinels: list[SentinelServer] = field(default_factory=list)
+
+    def start(self) -> SentinelSet:
+        # Replicas log in as a user of their own (on every node: ACLs are not
+        # replicated), so a test can cut a replica off (cut_replication) while the
+        # sentinels and clients still reach the master.
+        auth = ["--masteruser", _REPLICATION_USER, "--masterauth", _REPLICATION_PASSWORD]
+        self.master = RedisServer(
+            self.binary, self.data_dir / "node-a", appendonly=True, appendfsync="always",
+            password=self.password, extra_args=auth,
+        ).start()  # fmt: skip
+        self._allow_replication(self.master)
+        self.replica = RedisServer(
+            self.binary, self.data_dir / "node-b", appendonly=True, appendfsync="always",
+            password=self.password,
+            extra_args=[*auth, "--replicaof", "127.0.0.1", str(self.master.port)],
+        ).start()  # fmt: skip
+        self._allow_replication(self.replica)
+        self._await_link()
+        for n in range(3):
+            sentinel = SentinelServer(
+                self.binary, self.data_dir / f"sentinel-{n}", self.master.port, self.name
+            )
+            self.sentinels.append(sentinel.start())
+            if self.password is not None:  # the sentinels log in to the nodes with it
+                client: Any = redis.Redis(host="127.0.0.1", port=sentinel.port)
+                client.execute_command("SENTINEL", "SET", self.name, "auth-pass", self.password)
+                client.close()
+        self._await_sentinels()
+        return self
+
+    def _await_sentinels(self, timeout_s: float = 30.0) -> None:
+        """Until every sentinel knows the replica and the two other sentinels: before
+        that, a master lost has no one to fail over to (replicas are found by INFO
+        every 10 s, sentinels by hello messages every 2 s)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready = 0
+            for sentinel in self.sentinels:
+                client: Any = redis.Redis(host="127.0.0.1", port=sentinel.port, socket_timeout=2)
+                try:
+                    state = client.sentinel_master(self.name)
+                finally:
+                    client.close()
+                if int(state["num-slaves"]) >= 1 and int(state["num-other-sentinels"]) >= 2:
+                    ready += 1
+            if ready == len(self.sentinels):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("the sentinels did not find the replica and each other")
+
+    def _allow_replication(self, node: RedisServer, on: bool = True) -> None:
+        client: Any = sync_client(node.url)
+        try:
+            rules = ["on", f">{_REPLICATION_PASSWORD}", "+psync", "+replconf", "+ping"]
+            client.execute_command("ACL", "SETUSER", _REPLICATION_USER, *(rules if on else ["off"]))
+            if not on:
+                client.execute_command("CLIENT", "KILL", "USER", _REPLICATION_USER)
+        finally:
+            client.close()
+
+    def cut_replication(self) -> None:
+        """The master refuses its replicas from now on: what it accepts next reaches no
+        replica (as when the link breaks just before the master dies)."""
+        assert self.master is not None
+        self._allow_replication(self.master, on=False)
+
+    def restart_old_master(self) -> None:
+        """Start the killed master again; the sentinels make it a replica of the new one."""
+        assert self.master is not None
+        self.master.start()
+        self._allow_replication(self.master)
+
+    def _await_link(self, timeout_s: float = 10.0) -> None:
+        assert self.replica is not None
+        client = sync_client(self.replica.url)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if client.info("replication").get("master_link_status") == "up":
+                    return
+                time.sleep(0.05)
+        finally:
+            client.close()
+        raise RuntimeError("the replica did not link to the master")
+
+    @property
+    def url(self) -> str:
+        credentials = f":{quote(self.password, safe='')}@" if self.password is not None else ""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{credentials}{hosts}/{self.name}/0"
+
+    def nodes(self) -> list[RedisServer]:
+        return [node for node in (self.master, self.replica) if node is not None]
+
+    def current_master(self) -> tuple[str, int] | None:
+        for sentinel in self.sentinels:
+            try:
+                found = sentinel.master()
+            except redis.RedisError:
+                continue
+            if found is not None:
+                return found
+        return None
+
+    def stop(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.stop()
+        for node in self.nodes():
+            node.stop()

@@ -16,7 +16,7 @@ from infra.stopping import take_early
 from producer.ib_mapping import UpdateClock
 from producer.ib_source import IbSource
 from producer.metrics import ProducerMetrics
-from producer.outbox import Outbox
+from producer.outbox import Outbox, ReplicaWait
 from shared.errors import ConfigError, ExitCode, RedisRefused
 from shared.settings import Settings, load_settings_or_report
 
@@ -45,6 +45,11 @@ def build_outbox(settings: Settings, clock: UpdateClock) -> Outbox:
         retry_initial_s=settings.retry_initial_s,
         retry_max_s=settings.retry_max_s,
         on_stream_top=clock.raise_floor,
+        wait=ReplicaWait(
+            settings.producer_wait_replicas,
+            settings.producer_wait_timeout_ms,
+            settings.producer_wait_aof,
+        ),
     )
 
 

@@ -18,6 +18,14 @@ requeued, or a clock that stepped back) the update is written with a
 server-assigned ID, and the clock moves past the stream's top. Without explicit
 IDs a retried chunk may land twice; the consumer's key dedup absorbs that.
 
+With :class:`ReplicaWait` on (``POSLAKE_PRODUCER_WAIT_REPLICAS``), each pipeline
+ends with ``WAIT n timeout`` (or ``WAITAOF 1 n timeout``): a pipeline fewer than
+``n`` replicas confirmed is not published, however the XADDs answered. It stays
+in memory (or the spool) and is sent again, to this master or, after a
+failover, to the new one (repeats are recognised by explicit IDs or deduplicated
+by the consumers), so a master lost before its replica had the entries loses
+none of them.
+
 Redis failures never drop an update: a transient one (connection loss, OOM
 under ``noeviction``, LOADING...) and a refusal (a password or ACL right that
 went away while running) are retried with backoff while the updates stay in
@@ -72,6 +80,7 @@ class OutboxStats:
     retries: int = 0
     reconnects: int = 0
     server_assigned_ids: int = 0  # explicit IDs refused and not found: written with '*'
+    unreplicated: int = 0  # pipelines the replicas did not confirm in time (sent again)
 
 
 def entry_id(stamp_us: int) -> bytes:
@@ -205,6 +214,43 @@ class Spool:
         self._append.close()
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaWait:
+    """How many replicas must confirm each pipeline (0: none asked), within how long,
+    and whether they must have it in their AOF too (WAITAOF, Redis 7.2+)."""
+
+    replicas: int = 0
+    timeout_ms: int = 500
+    aof: bool = False
+
+    @property
+    def command(self) -> bytes | None:
+        if self.aof:
+            return pack_command(
+                b"WAITAOF", b"1", str(self.replicas).encode(), str(self.timeout_ms).encode()
+            )
+        if self.replicas:
+            return pack_command(b"WAIT", str(self.replicas).encode(), str(self.timeout_ms).encode())
+        return None
+
+    def confirmed(self, reply: object) -> bool:
+        if self.aof:
+            if not isinstance(reply, list) or len(reply) != 2:
+                return False
+            local, replicas = reply
+            return (
+                isinstance(local, int)
+                and local >= 1
+                and isinstance(replicas, int)
+                and (replicas >= self.replicas)
+            )
+        return isinstance(reply, int) and reply >= self.replicas
+
+
+class NotReplicated(ConnectionError):
+    """The pipeline's XADDs landed on the master, but too few replicas confirmed them."""
+
+
 class Outbox:
     """Buffer, spool and writer task between the IB handlers and the stream."""
 
@@ -221,8 +267,10 @@ class Outbox:
         retry_initial_s: float = 0.2,
         retry_max_s: float = 10.0,
         on_stream_top: Callable[[int], None] | None = None,
+        wait: ReplicaWait | None = None,
     ) -> None:
         self._on_stream_top = on_stream_top
+        self._wait = wait or ReplicaWait()
         head_args = [b"XADD", stream.encode()]
         if trim is not None and trim.maxlen is not None:
             head_args += [b"MAXLEN", b"~", str(trim.maxlen).encode()]
@@ -292,9 +340,20 @@ class Outbox:
         transiently failing Redis only logs: the writer retries and buffers meanwhile.
         """
         probe = pack_command(b"XADD", self._stream, b"0-0", b"v", b"1")
+        # WAIT/WAITAOF asking for nothing answers at once: it checks the right (and that
+        # Redis knows WAITAOF, 7.2+) before the first pipeline needs it.
+        wait_probe = (
+            [
+                pack_command(b"WAITAOF", b"0", b"0", b"0")
+                if self._wait.aof
+                else pack_command(b"WAIT", b"0", b"0")
+            ]
+            if self._wait.command is not None
+            else []
+        )
         try:
             connection = await self._connect()
-            (reply,) = await self._execute(connection, [probe])
+            (reply, *waited) = await self._execute(connection, [probe, *wait_probe])
         except RedisRefused:
             self._drop_connection()
             raise
@@ -303,6 +362,10 @@ class Outbox:
             self.health.failed("XADD", exc, _code(exc))
             log.warning("redis not usable at start; buffering", extra={"error": repr(exc)})
             return
+        for answer in waited:
+            if isinstance(answer, RespError) and reply_kind(answer) == "fatal":
+                command = "WAITAOF" if self._wait.aof else "WAIT"
+                raise refusal(answer, command) from answer
         if isinstance(reply, RespError) and _PROBE_REFUSED not in str(reply):
             if reply_kind(reply) == "fatal":
                 raise refusal(reply, "XADD", self._stream.decode()) from reply
@@ -368,7 +431,7 @@ class Outbox:
                 # and retried too: a writer that died would strand every buffered update.
                 expected = isinstance(
                     exc, (OSError, ConnectionError, TimeoutError, RespError, RedisRefused)
-                )
+                )  # NotReplicated is a ConnectionError
                 if not expected:
                     log.exception("publishing failed unexpectedly")
                 self.health.failed("XADD", exc, _code(exc))
@@ -405,7 +468,12 @@ class Outbox:
         or deduplicated by the consumer's key otherwise)."""
         connection = await self._connect()
         commands = [self._xadd(stamp, payload, self._explicit) for stamp, payload in entries]
+        wait = self._wait.command
+        if wait is not None:
+            commands.append(wait)
         replies = await self._execute(connection, commands)
+        if wait is not None:
+            self._check_replicated(replies.pop())
         refused: list[Entry] = []
         newest: object = None
         for index, reply in enumerate(replies):
@@ -422,6 +490,17 @@ class Outbox:
         self.stats.published += len(replies) - len(refused)
         if refused:
             await self._settle_refused(connection, refused)
+
+    def _check_replicated(self, reply: object) -> None:
+        """Raise unless the replicas confirmed the pipeline (then it is sent again)."""
+        if isinstance(reply, RespError):
+            self._raise_reply(reply, "WAITAOF" if self._wait.aof else "WAIT")
+        if not self._wait.confirmed(reply):
+            self.stats.unreplicated += 1
+            raise NotReplicated(
+                f"{reply!r} of {self._wait.replicas} replicas confirmed the pipeline within "
+                f"{self._wait.timeout_ms} ms: it is sent again"
+            )
 
     async def _settle_refused(self, connection: RespConnection, refused: list[Entry]) -> None:
         """Entries whose explicit ID Redis refused: already written by us (same payload
@@ -446,9 +525,11 @@ class Outbox:
             "explicit IDs behind the stream's top: writing with server-assigned IDs",
             extra={"count": len(missing), "stream": self._stream.decode()},
         )
-        replies = await self._execute(
-            connection, [self._xadd(stamp, payload, False) for stamp, payload in missing]
-        )
+        commands = [self._xadd(stamp, payload, False) for stamp, payload in missing]
+        wait = self._wait.command
+        replies = await self._execute(connection, commands + ([wait] if wait else []))
+        if wait is not None:
+            self._check_replicated(replies.pop())
         for reply in replies:
             if isinstance(reply, RespError):
                 self._raise_reply(reply, "XADD")

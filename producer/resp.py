@@ -56,6 +56,39 @@ async def _tls_verdict(writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(0.002)
 
 
+async def master_address(address: RedisTarget, timeout_s: float) -> tuple[str, int]:
+    """The master's address as the first sentinel that answers names it (asked on every
+    connect: after a failover the sentinels name the new master)."""
+    assert address.master_name is not None
+    context = address.tls.context() if address.tls is not None else None
+    failures: list[str] = []
+    for host, port in address.sentinels:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=context), timeout_s
+            )
+        except (OSError, TimeoutError) as exc:
+            failures.append(f"{host}:{port} {type(exc).__name__}")
+            continue
+        sentinel = RespConnection(reader, writer)
+        try:
+            query = pack_command(
+                b"SENTINEL", b"get-master-addr-by-name", address.master_name.encode()
+            )
+            (reply,) = await asyncio.wait_for(sentinel.execute([query]), timeout_s)
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            failures.append(f"{host}:{port} {type(exc).__name__}")
+            continue
+        finally:
+            sentinel.close()
+        if isinstance(reply, list) and len(reply) == 2:
+            return reply[0].decode(), int(reply[1])
+        failures.append(f"{host}:{port} does not know it")
+    raise ConnectionError(
+        f"no sentinel names the master {address.master_name!r}: {'; '.join(failures)}"
+    )
+
+
 class RespConnection:
     """One connection; not shared between tasks (the producer has one writer task)."""
 
@@ -85,7 +118,10 @@ class RespConnection:
             opening = asyncio.open_unix_connection(address.path)
         else:
             context = address.tls.context() if address.tls is not None else None
-            opening = asyncio.open_connection(address.host, address.port, ssl=context)
+            host, port = address.host, address.port
+            if address.master_name is not None:
+                host, port = await master_address(address, timeout_s)
+            opening = asyncio.open_connection(host, port, ssl=context)
         reader, writer = await asyncio.wait_for(opening, timeout_s)
         if address.tls is not None:
             await _tls_verdict(writer)

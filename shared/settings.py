@@ -184,6 +184,13 @@ class Settings(BaseSettings):
     # Only for a stream's sole producer: entry IDs from timestamps, so retries are recognised.
     producer_explicit_ids: bool = False
     producer_flush_timeout_s: Seconds = 10.0
+    # Durability against losing the master: after each pipeline of XADDs wait for this
+    # many replicas to confirm (WAIT; with producer_wait_aof, WAITAOF: also fsynced to
+    # the master's and the replicas' AOF, Redis 7.2+). Unconfirmed is not published: the
+    # pipeline is sent again (the consumers' key dedup absorbs the repeats). 0: off.
+    producer_wait_replicas: Annotated[int, Field(ge=0, le=100)] = 0
+    producer_wait_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 500
+    producer_wait_aof: bool = False
 
     # How far back time travel must keep working: the tables' tombstone retention
     # (set at creation and by `poslake maintain`), and the vacuum floor `poslake maintain`
