@@ -16,10 +16,13 @@ from consumer.sink import DeltaSink
 from infra.metrics import LabelledCounter, StatsCollector
 from infra.redis_conn import sync_client
 from infra.redis_errors import kind_of, refusal
+from infra.stream_lag import group_lag
 
 log = logging.getLogger(__name__)
 
-LAG_COUNT_MAX = 100_000  # where Redis does not report lag, it is counted up to this
+# The lag is counted up to this (one XRANGE page a scrape); past it Redis's own figure
+# when it can be trusted, else this bound (infra/stream_lag.py).
+LAG_COUNT_MAX = 1_000
 COUNTERS = {
     "batches": "batches committed and acknowledged",
     "entries": "stream entries settled (updates out of the stream)",
@@ -32,7 +35,7 @@ COUNTERS = {
     "maintenance_lease_errors": "maintenance lease SET/GET/DEL refused or failed",
 }
 GAUGES = {
-    "lag": "entries of the stream the group has not read yet",
+    "lag": "entries the group has not read yet (counted to 1,000, then Redis's if sound)",
     "pending": "entries this consumer holds unacknowledged",
     "group_pending": "entries the whole group holds unacknowledged",
     "seconds_since_progress": "seconds since the consume loop last went round",
@@ -100,11 +103,9 @@ class ConsumerMetrics:
         try:
             for group in self._client.xinfo_groups(settings.stream):
                 if group["name"].decode() == settings.group:
-                    lag = group.get("lag")
-                    if lag is None:  # Redis 6.2 does not report it: count, up to a bound
-                        after = "(" + group["last-delivered-id"].decode()
-                        lag = len(self._client.xrange(settings.stream, after, "+", LAG_COUNT_MAX))
-                    values["lag"] = lag
+                    # Not Redis's own: nil after a promotion, stale after an AOF restart.
+                    lag = group_lag(self._client, settings.stream, group, LAG_COUNT_MAX)
+                    values["lag"] = lag.entries
                     values["group_pending"] = group["pending"]
             for member in self._client.xinfo_consumers(settings.stream, settings.group):
                 if member["name"].decode() == settings.consumer_name:

@@ -125,15 +125,14 @@ _CONSUMER = (
     _right("ping", "redis-py's health check", rare="a connection was idle for 30 s"),
     *_LEASE,
 )
-_NO_LAG = "Redis does not report a group's lag (6.2; 7.x after some deletions)"
 _STATUS = (
     _right("exists", "is there a stream yet"),
     _right("xinfo|stream", "length, first and last entry"),
     _right("xinfo|groups", "each group's position, lag and pending count"),
     _right("xinfo|consumers", "each consumer's pending count and idle time"),
     _right("xpending", "each consumer's highest delivery count"),
-    _right("xrevrange", "the newest ID, to count the lag", rare=_NO_LAG),
-    _right("xrange", "count the lag", rare=_NO_LAG),
+    _right("xrange", "count each group's lag (Redis's own is nil or stale after a failover "
+           "or an AOF restart)"),
     _right("xlen", "the number of dead letters"),
     _right("get", "who holds the maintenance lease", without="the lease shows as cannot read"),
     _right(

@@ -14,10 +14,13 @@ from deltalake.exceptions import TableNotFoundError
 
 from infra.redaction import scrub
 from infra.redis_errors import refusal
+from infra.stream_lag import group_lag
 from poslake.command import ExitCode, redis_client
-from poslake.replay import count_between
 from shared.kinds import POSITIONS, all_tables
 from shared.settings import Settings
+
+# status counts a lag up to this many entries (100 XRANGE pages at most).
+STATUS_LAG_COUNT = 100_000
 
 
 @dataclass
@@ -33,9 +36,10 @@ class GroupStatus:
     name: str
     last_delivered_id: str
     entries_read: int | None  # Redis 7+
-    lag: int | None  # Redis 7+; None also when Redis cannot tell
+    lag: int | None  # from the IDs (infra/stream_lag.py), never Redis's stale figure
     pending: int
     consumers: list[ConsumerStatus] = field(default_factory=list)
+    lag_at_least: bool = False  # counted up to STATUS_LAG_COUNT: at least that many
 
 
 @dataclass
@@ -92,14 +96,12 @@ def group_status(client: Any, settings: Settings) -> list[GroupStatus]:
             name=name,
             last_delivered_id=_text(info["last-delivered-id"]),
             entries_read=info.get("entries-read"),
-            lag=info.get("lag"),
+            lag=None,
             pending=int(info["pending"]),
         )
-        if group.lag is None:
-            # Redis 6.2 does not report lag (7.x not after some deletions): count it.
-            last = client.xrevrange(settings.stream, count=1)
-            top = _text(last[0][0]) if last else "0-0"
-            group.lag = count_between(client, settings.stream, group.last_delivered_id, top)
+        # Not Redis's lag: nil on 6.2 and after a promotion, stale after an AOF restart.
+        lag = group_lag(client, settings.stream, info, STATUS_LAG_COUNT)
+        group.lag, group.lag_at_least = lag.entries, lag.at_least
         for consumer in client.xinfo_consumers(settings.stream, name):
             consumer_name = _text(consumer["name"])
             deliveries = 0
@@ -163,7 +165,7 @@ def render(status: Status) -> str:
     if not status.groups:
         lines.append("  no consumer groups")
     for group in status.groups:
-        lag = "?" if group.lag is None else str(group.lag)
+        lag = "?" if group.lag is None else f"{'>=' if group.lag_at_least else ''}{group.lag}"
         lines.append(
             f"  group {group.name}: lag {lag}, entries read {group.entries_read}, "
             f"pending {group.pending}, last delivered {group.last_delivered_id}"

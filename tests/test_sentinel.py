@@ -12,6 +12,7 @@ and the table holds every update once.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
@@ -32,6 +33,7 @@ from tests.helpers import (
     consumer_env,
     kill,
     run_consumer,
+    run_python,
     start_consumer,
 )
 from tests.producer_harness import (
@@ -187,3 +189,58 @@ def test_a_client_follows_the_master_through_a_failover(ha: SentinelSet) -> None
             time.sleep(0.1)
     assert written and client.get("before") == b"1"
     assert ha.current_master() == ("127.0.0.1", ha.replica.port)
+
+
+def _status_lag(redis_url: str, stream: str, tmp_path: Path) -> int:
+    env = consumer_env(redis_url, tmp_path / "lake", "status", stream)
+    done = run_python(["-m", "poslake", "status", "--json"], env)
+    assert done.returncode == 0, done.stderr
+    (group,) = json.loads(done.stdout)["groups"]
+    assert not group["lag_at_least"]
+    lag: int = group["lag"]
+    return lag
+
+
+def _read_and_ack(client: Any, stream: str, count: int) -> None:
+    client.xgroup_create(stream, "lake", id="0")
+    ((_, entries),) = client.xreadgroup("lake", "c1", {stream: ">"}, count=count)
+    client.xack(stream, "lake", *[entry_id for entry_id, _ in entries])
+
+
+def test_lag_is_true_after_a_promotion(ha: SentinelSet, stream: str, tmp_path: Path) -> None:
+    assert ha.master is not None and ha.replica is not None
+    client: Any = sync_client(ha.url, socket_timeout=2)
+    for i in range(100):
+        client.xadd(stream, {"n": i})
+    _read_and_ack(client, stream, 40)
+    assert client.wait(1, 2000) == 1
+    ha.master.kill()
+    for _ in range(200):
+        if ha.current_master() == ("127.0.0.1", ha.replica.port):
+            break
+        time.sleep(0.1)
+    promoted: Any = sync_client(ha.replica.url)
+    for _ in range(100):  # until it takes writes as a master
+        if promoted.info("replication")["role"] == "master":
+            break
+        time.sleep(0.1)
+    (group,) = promoted.xinfo_groups(stream)
+    assert group["lag"] is None  # what Redis says after a promotion
+    assert _status_lag(ha.url, stream, tmp_path) == 60
+
+
+def test_lag_is_true_after_an_aof_restart(redis_aof: Any, stream: str, tmp_path: Path) -> None:
+    server = redis_aof.server
+    client: Any = redis.Redis.from_url(redis_aof.url)
+    for i in range(300):
+        client.xadd(stream, {"n": i})
+    _read_and_ack(client, stream, 300)
+    server.kill()
+    server.start()
+    client = redis.Redis.from_url(redis_aof.url)
+    assert _status_lag(redis_aof.url, stream, tmp_path) == 0  # drained
+    for i in range(30):
+        client.xadd(stream, {"n": i})
+    (group,) = client.xinfo_groups(stream)
+    assert group["entries-read"] is None  # Redis cannot tell after the restart
+    assert _status_lag(redis_aof.url, stream, tmp_path) == 30
