@@ -26,6 +26,8 @@ import redis
 
 from infra.redis_conn import RedisTarget, sync_client
 from infra.redis_server import SentinelSet, find_redis_server
+from producer.outbox import Outbox, ReplicaWait
+from shared.errors import RedisRefused
 from shared.model import PositionUpdate
 from shared.wire import decode_entry
 from tests.helpers import (
@@ -44,6 +46,7 @@ from tests.producer_harness import (
     running_simulator,
     until,
 )
+from tests.redis_users import set_user
 
 PASSWORD = "sentinel-test-password"
 
@@ -244,3 +247,24 @@ def test_lag_is_true_after_an_aof_restart(redis_aof: Any, stream: str, tmp_path:
     (group,) = client.xinfo_groups(stream)
     assert group["entries-read"] is None  # Redis cannot tell after the restart
     assert _status_lag(redis_aof.url, stream, tmp_path) == 30
+
+
+@pytest.mark.parametrize("aof", [False, True], ids=["wait", "waitaof"])
+def test_waiting_without_the_right_stops_the_producer_at_start(
+    redis_url: str, stream: str, tmp_path: Path, aof: bool
+) -> None:
+    url = set_user(redis_url, "producer", "pw-producer", f"~{stream}", "+xadd")
+    outbox = Outbox(
+        url, stream,
+        spool_path=tmp_path / "spool", wait=ReplicaWait(1, 100, aof),
+    )  # fmt: skip
+    command = "WAITAOF" if aof else "WAIT"
+    with pytest.raises(RedisRefused, match=command):
+        asyncio.run(outbox.check_access())
+
+
+def test_waiting_with_the_right_starts(redis_url: str, stream: str, tmp_path: Path) -> None:
+    url = set_user(redis_url, "producer", "pw-producer", f"~{stream}", "+xadd", "+wait")
+    outbox = Outbox(url, stream, spool_path=tmp_path / "spool", wait=ReplicaWait(1, 100))
+    asyncio.run(outbox.check_access())  # no replica needed to start: WAIT 0 0 answers
+    assert outbox.health.ok
