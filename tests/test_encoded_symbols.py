@@ -13,10 +13,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
-from deltalake import DeltaTable
 
 from tests.helpers import (
+    Lake,
     assert_current_exact,
     assert_table_exact,
     consumer_env,
@@ -29,11 +30,18 @@ from tests.helpers import (
 )
 from tests.test_cli import poslake
 
+
+@pytest.fixture
+def lake(any_lake: Lake) -> Lake:
+    """On a local folder and on SeaweedFS: the folder names are object keys there."""
+    return any_lake
+
+
 SYMBOLS = ["BRK B", "BF B", "MOG A", "A/B", "x%y", "R&D+1", "\u00e9t\u00e9", "AAPL"]
 
 
 def test_two_consumers_commit_side_by_side_with_encoded_symbols(
-    redis_url: str, lake: Path, stream: str, tmp_path: Path
+    redis_url: str, lake: Lake, stream: str, tmp_path: Path
 ) -> None:
     updates = make_updates(3_000, seed=5, symbols=SYMBOLS)
     client: Any = redis.Redis.from_url(redis_url)
@@ -90,8 +98,8 @@ def test_two_consumers_commit_side_by_side_with_encoded_symbols(
         assert symbol in shown.stdout
 
 
-def _table_rows(lake: Path) -> int:
+def _table_rows(lake: Lake) -> int:
     try:
-        return int(DeltaTable(str(lake / "position_updates")).to_pyarrow_dataset().count_rows())
+        return int(lake.table("position_updates").to_pyarrow_dataset().count_rows())
     except Exception:
         return -1

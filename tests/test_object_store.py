@@ -4,7 +4,10 @@ ambiguous commits, maintenance and every operator command there."""
 from __future__ import annotations
 
 import json
+import random
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,19 +19,27 @@ import pytest
 
 from consumer.store_check import check_put_if_absent, object_store, store_options
 from consumer.vacuum import sweep_orphans
+from gateway_sim.simulator import SimulatorConfig, SimulatorThread
 from infra.seaweed_server import SeaweedServer
 from shared.errors import UnsafeStore
 from tests.conftest import lake_on
 from tests.helpers import (
+    REPO_ROOT,
     Lake,
     assert_current_exact,
     assert_table_exact,
     consumer_env,
     current_rows,
+    group_pending,
+    kill,
     make_updates,
     publish,
     run_python,
+    start_consumer,
+    table_rows,
+    wait_until,
 )
+from tests.producer_harness import assert_matches_record, expected_kinds, read_stream
 from tests.s3_proxy import S3Proxy
 
 
@@ -200,3 +211,67 @@ def test_the_orphan_sweep_works_on_the_store(s3_lake: Lake, redis_url: str, stre
     assert orphan not in names and young in names
     assert set(live) <= names
     assert_table_exact(lake, updates)
+
+
+def test_simulator_to_seaweedfs_with_consumers_killed(
+    s3_lake: Lake, redis_url: str, stream: str, tmp_path: Path
+) -> None:
+    """Simulator, producer and three consumers as processes, the lake on SeaweedFS; a
+    consumer SIGKILLed and restarted every second or so; then every row compared."""
+    lake = s3_lake
+    accounts = ["DU100001", "DU100002"]
+    thread = SimulatorThread(SimulatorConfig(accounts=accounts, positions=60, rate=150, seed=7))
+    port = thread.start()
+
+    def env(name: str) -> dict[str, str]:
+        return consumer_env(
+            redis_url, lake, name, stream, batch_max_wait_s=0.3, batch_max_entries=200,
+            claim_min_idle_s=1,
+        )  # fmt: skip
+
+    producer_env = env("producer") | {
+        "POSLAKE_IB_PORT": str(port),
+        "POSLAKE_PRODUCER_SPOOL_DIR": str(tmp_path / "spool"),
+        "POSLAKE_PRODUCER_EXPLICIT_IDS": "true",
+    }
+    with (tmp_path / "producer.log").open("wb") as out:
+        producer = subprocess.Popen(
+            [sys.executable, "-m", "producer"], env=producer_env, cwd=REPO_ROOT,
+            stdout=out, stderr=out,
+        )  # fmt: skip
+    names = ["c0", "c1", "c2"]
+    consumers = {n: start_consumer(env(n), log=tmp_path / f"{n}.log") for n in names}
+    rng = random.Random(3)
+    kills = 0
+    try:
+        while thread.simulator.events < 1_200:
+            time.sleep(rng.uniform(0.6, 1.4))
+            victim = rng.choice(names)
+            kill(consumers[victim])
+            kills += 1
+            consumers[victim] = start_consumer(env(victim), log=tmp_path / f"{victim}.log")
+        thread.run("pause")
+        sent = expected_kinds(thread.snapshot(), accounts[0], set(accounts[1:]))
+        wait_until(lambda: len(read_stream(redis_url, stream)) >= len(sent), timeout=60)
+        producer.send_signal(signal.SIGTERM)
+        assert producer.wait(timeout=30) == 0
+        wait_until(
+            lambda: (
+                group_pending(redis_url, stream) == 0
+                and len(table_rows(lake)) == len(read_stream(redis_url, stream))
+            ),
+            timeout=120,
+        )
+        for process in consumers.values():
+            process.send_signal(signal.SIGTERM)
+        assert [p.wait(timeout=60) for p in consumers.values()] == [0, 0, 0]
+    finally:
+        kill(producer)
+        for process in consumers.values():
+            kill(process)
+        thread.stop()
+    assert kills >= 4
+    updates = read_stream(redis_url, stream)
+    assert_matches_record(updates, sent)
+    assert_table_exact(lake, updates)
+    assert_current_exact(lake, updates)
