@@ -65,13 +65,14 @@ def poll_table(
     table: DeltaTable | None = None
     known_files: set[str] = set()
     versions = 0
-    # Files are read through delta-rs' store handler: a folder or an object store alike.
-    files_in = PyFileSystem(DeltaStorageHandler(uri, options or None))
+    files_in: PyFileSystem | None = None
     while time.time() < until_s:
         time.sleep(0.02)
         try:
             if table is None:
                 table = DeltaTable(uri, storage_options=options or None)
+                # Files are read through delta-rs' store handler: a folder or a store alike.
+                files_in = PyFileSystem(DeltaStorageHandler(uri, options or None))
             else:
                 table.update_incremental()
         except Exception:
@@ -83,8 +84,11 @@ def poll_table(
             continue
         versions += 1
         for path in new:
-            relative = path.removeprefix(table.table_uri.rstrip("/") + "/")
-            ids = pq.read_table(relative, columns=["stream_id"], filesystem=files_in)
+            if options:  # on a store: through the handler, by the path under the table
+                relative = path.removeprefix(table.table_uri.rstrip("/") + "/")
+                ids = pq.read_table(relative, columns=["stream_id"], filesystem=files_in)
+            else:
+                ids = pq.read_table(path, columns=["stream_id"])
             for stream_id in ids.column(0).to_pylist():
                 seen.setdefault(stream_id, now)
         known_files = files
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         commit_s = [float(line.field("commit_s") or 0) for line in batch_lines]
         merge_s = [float(line.field("current_merge_s") or 0) for line in batch_lines]
         client: Any = redis.Redis.from_url(server.url)
-        entries = client.xrange("positions")
+        # Position entries only: the stream also carries executions and option Greeks.
+        entries = [(i, f) for i, f in client.xrange("positions") if b"kind" not in f]
         sent = [json.loads(line) for line in record.read_text().splitlines()]
         portfolio = [s for s in sent if s["kind"] == "portfolio"]
         pairs = list(zip(portfolio, entries, strict=False))
