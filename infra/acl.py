@@ -131,8 +131,10 @@ _STATUS = (
     _right("xinfo|groups", "each group's position, lag and pending count"),
     _right("xinfo|consumers", "each consumer's pending count and idle time"),
     _right("xpending", "each consumer's highest delivery count"),
-    _right("xrange", "count each group's lag (Redis's own is nil or stale after a failover "
-           "or an AOF restart)"),
+    _right(
+        "xrange",
+        "count each group's lag (Redis's own is nil or stale after a failover or an AOF restart)",
+    ),
     _right("xlen", "the number of dead letters"),
     _right("get", "who holds the maintenance lease", without="the lease shows as cannot read"),
     _right(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+import polars as pl
 import pyarrow as pa
 import redis
 from deltalake import DeltaTable
@@ -145,6 +146,12 @@ class Lake:
 
 def as_lake(lake: Path | Lake) -> Lake:
     return lake if isinstance(lake, Lake) else Lake(str(lake))
+
+
+def read_frame(lake: Path | Lake, name: str) -> pl.DataFrame:
+    """A lake table's rows, as polars reads them (on a folder or a store)."""
+    target = as_lake(lake)
+    return pl.read_delta(target.table_uri(name), storage_options=target.storage_options or None)
 
 
 def publish(url: str, stream: str, updates: Sequence[PositionUpdate]) -> list[bytes]:

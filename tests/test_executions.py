@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import redis
 from deltalake import DeltaTable
 
@@ -26,7 +25,7 @@ from shared.executions import (
 from shared.kinds import EXECUTIONS
 from shared.settings import load_settings
 from shared.wire import encode_update
-from tests.helpers import consumer_env, group_pending, run_consumer
+from tests.helpers import Lake, consumer_env, group_pending, read_frame, run_consumer
 
 T0 = datetime(2026, 12, 2, 14, 30, tzinfo=UTC)
 
@@ -123,13 +122,13 @@ def expected_executions(entries: list[ExecutionEntry]) -> dict[str, dict[str, An
     return rows
 
 
-def table_executions(lake: Path) -> dict[str, dict[str, Any]]:
-    frame = pl.read_delta(str(lake / "executions"))
+def table_executions(lake: Path | Lake) -> dict[str, dict[str, Any]]:
+    frame = read_frame(lake, "executions")
     assert frame["exec_base"].is_unique().all()
     return {row["exec_base"]: row for row in frame.to_dicts()}
 
 
-def assert_executions_exact(lake: Path, entries: list[ExecutionEntry]) -> None:
+def assert_executions_exact(lake: Path | Lake, entries: list[ExecutionEntry]) -> None:
     expected = expected_executions(entries)
     actual = table_executions(lake)
     assert actual.keys() == expected.keys()

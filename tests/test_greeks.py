@@ -15,10 +15,12 @@ import redis
 from shared.greeks import SOURCE_OF_TICK, OptionGreeks
 from shared.wire import decode_entries, encode_update
 from tests.helpers import (
+    Lake,
     consumer_env,
     group_pending,
     kill,
     make_greeks,
+    read_frame,
     run_consumer,
     start_consumer,
 )
@@ -33,17 +35,17 @@ def expected_history(greeks: list[OptionGreeks]) -> list[tuple[Any, ...]]:
     )
 
 
-def table_history(lake: Path) -> list[tuple[Any, ...]]:
-    frame = pl.read_delta(str(lake / "option_greeks"))
+def table_history(lake: Path | Lake) -> list[tuple[Any, ...]]:
+    frame = read_frame(lake, "option_greeks")
     return sorted(
         tuple(r[c] for c in ("conid", "source", "timestamp", "tick_type", "data_type", *VALUES))
         for r in frame.to_dicts()
     )
 
 
-def assert_greeks_exact(lake: Path, greeks: list[OptionGreeks]) -> None:
+def assert_greeks_exact(lake: Path | Lake, greeks: list[OptionGreeks]) -> None:
     assert table_history(lake) == expected_history(greeks)
-    current = pl.read_delta(str(lake / "option_greeks_current"))
+    current = read_frame(lake, "option_greeks_current")
     newest: dict[tuple[int, str], OptionGreeks] = {}
     for g in sorted(greeks, key=lambda g: g.timestamp):
         newest[(g.conid, g.source)] = g
@@ -53,7 +55,7 @@ def assert_greeks_exact(lake: Path, greeks: list[OptionGreeks]) -> None:
 
 
 def test_greeks_land_once_current_keeps_the_newest_and_a_replay_changes_nothing(
-    redis_url: str, lake: Path, stream: str, tmp_path: Path
+    redis_url: str, lake: Path | Lake, stream: str, tmp_path: Path
 ) -> None:
     greeks = make_greeks(400)
     client = redis.Redis.from_url(redis_url)
@@ -72,7 +74,7 @@ def test_greeks_land_once_current_keeps_the_newest_and_a_replay_changes_nothing(
         kill(other)
     assert group_pending(redis_url, stream) == 0
     assert_greeks_exact(lake, greeks)
-    history = pl.read_delta(str(lake / "option_greeks"))
+    history = read_frame(lake, "option_greeks")
     # Partitioned by the underlying's symbol; delayed ticks carry their data type.
     assert set(history["symbol"]) == {g.symbol for g in greeks}
     delayed = history.filter(pl.col("tick_type") >= 80)
