@@ -82,6 +82,21 @@ def _right(
 
 
 _PRODUCER = (_right("xadd", "publish each update (trimming is an XADD option)"),)
+_AFTER_FAILOVER = (
+    "a reconnect finds the stream's top behind the newest ID it got (a failover lost entries)"
+)
+_IDS_MAY_REPEAT = "warned in the log; IDs of lost entries may be handed out again"
+_XSETID = _right(
+    "xsetid", "move the stream's last ID back past the newest ID it got",
+    rare=_AFTER_FAILOVER, without=_IDS_MAY_REPEAT,
+)  # fmt: skip
+_GUARD = (
+    _right(
+        "xrevrange", "read the stream's newest ID after a reconnect",
+        rare="a reconnect after publishing", without=_IDS_MAY_REPEAT,
+    ),
+    _XSETID,
+)  # fmt: skip
 _EXPLICIT = (
     _right("xrevrange", "read the stream's newest ID at connect, to keep IDs ahead of it"),
     _right(
@@ -159,12 +174,12 @@ _TRANSACTION = (
 )
 
 ROLES: tuple[Role, ...] = (
-    Role("producer", "poslake-producer", "the IB producer", _PRODUCER, ("{stream}",)),
+    Role("producer", "poslake-producer", "the IB producer", _PRODUCER + _GUARD, ("{stream}",)),
     Role(
         "producer (explicit IDs)",
         "poslake-producer",
         "the IB producer with POSLAKE_PRODUCER_EXPLICIT_IDS=true",
-        _PRODUCER + _EXPLICIT,
+        (*_PRODUCER, *_EXPLICIT, _XSETID),
         ("{stream}",),
     ),
     Role(
@@ -234,7 +249,7 @@ def render_setusers(settings: Settings) -> str:
     lines = []
     for candidate in (*ROLES, operator_role()):
         if candidate.name == "producer":
-            continue  # the explicit-IDs line below is the same user with two more rights
+            continue  # the explicit-IDs line below is the same user with +xrange too
         lines.append(candidate.setuser(settings))
     return "\n".join(lines)
 
@@ -242,7 +257,7 @@ def render_setusers(settings: Settings) -> str:
 def render_readme(settings: Settings) -> str:
     """The README block between ``<!-- acl:begin -->`` and ``<!-- acl:end -->``."""
     out = ["```", role("producer").setuser(settings), "```", "", "With "
-           "`POSLAKE_PRODUCER_EXPLICIT_IDS=true` the producer needs two more rights, so use "
+           "`POSLAKE_PRODUCER_EXPLICIT_IDS=true` the producer needs `+xrange` too, so use "
            "this line instead:", "", "```", role("producer (explicit IDs)").setuser(settings),
            "```", "", "The consumers (one user for all of them) and the operator commands, "
            "one user each or `poslake-operator` for all:", "", "```"]  # fmt: skip

@@ -81,6 +81,7 @@ class OutboxStats:
     reconnects: int = 0
     server_assigned_ids: int = 0  # explicit IDs refused and not found: written with '*'
     unreplicated: int = 0  # pipelines the replicas did not confirm in time (sent again)
+    ids_moved_past: int = 0  # XSETIDs after a reconnect found the stream's top behind
 
 
 def entry_id(stamp_us: int) -> bytes:
@@ -109,6 +110,11 @@ def split_payload(payload: bytes) -> tuple[bytes | None, bytes]:
 def id_to_us(entry: bytes) -> int:
     ms, _, seq = entry.partition(b"-")
     return int(ms) * 1000 + min(int(seq or 0), 999)
+
+
+def _id_tuple(entry: bytes) -> tuple[int, int]:
+    ms, _, seq = entry.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -294,6 +300,7 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self._connection: RespConnection | None = None
         self._top_us = 0  # the newest stream ID seen (µs), for the clock's floor
+        self._newest_seen: tuple[int, int] | None = None  # the same, exactly (ms, seq)
         self._closing = False
         self.connected = False
         self.health = RedisHealth()
@@ -540,6 +547,9 @@ class Outbox:
     def _note_top(self, reply: object) -> None:
         # Keep the clock past the stream's newest ID, so explicit IDs stay ahead of it.
         if isinstance(reply, bytes):
+            exact = _id_tuple(reply)
+            if self._newest_seen is None or exact > self._newest_seen:
+                self._newest_seen = exact
             top = id_to_us(reply)
             if top > self._top_us:
                 self._top_us = top
@@ -578,7 +588,9 @@ class Outbox:
         if self._connection is not None:
             return self._connection
         connection = await RespConnection.open(self._address)
-        if self._explicit:
+        # With explicit IDs, always: the clock must stay ahead of the stream's top. Else
+        # once something was published: a new master (a failover) may be behind it.
+        if self._explicit or self._newest_seen is not None:
             try:
                 (top,) = await self._execute(
                     connection,
@@ -588,16 +600,60 @@ class Outbox:
                 connection.close()
                 raise
             if isinstance(top, RespError):
-                connection.close()
-                self._raise_reply(top, "XREVRANGE")
-            if top:
-                self._note_top(top[0][0])  # type: ignore[index]
+                if self._explicit:
+                    connection.close()
+                    self._raise_reply(top, "XREVRANGE")
+                self._guard_refused(top, "XREVRANGE")
+            else:
+                await self._stay_past(connection, top[0][0] if top else None)  # type: ignore[index]
         self._connection = connection
         if not self.connected:
             log.info("connected to Redis", extra={"stream": self._stream.decode()})
         self.connected = True
         self.stats.reconnects += 1
         return connection
+
+    async def _stay_past(self, connection: RespConnection, top: bytes | None) -> None:
+        """Keep the stream's IDs past the newest this producer has seen.
+
+        A master that took over after a failover may lack the newest entries (lost
+        with the old master) and would hand their IDs out again, to other entries:
+        XSETID moves the stream's last ID back to where this producer saw it. With
+        explicit IDs the clock also moves past a top that is ahead of it.
+        """
+        seen = self._newest_seen
+        if top is not None and (seen is None or _id_tuple(top) >= seen):
+            self._note_top(top)
+            return
+        if seen is None or top is None:
+            return  # nothing seen yet; or no stream there (XSETID needs one)
+        newest = b"%d-%d" % seen
+        reply = (await self._execute(connection, [pack_command(b"XSETID", self._stream, newest)]))[
+            0
+        ]
+        if isinstance(reply, RespError):
+            self._guard_refused(reply, "XSETID")
+            return
+        self.stats.ids_moved_past += 1
+        log.warning(
+            "the stream's top is behind the newest ID this producer saw (a failover lost "
+            "entries?): its last ID moved past it, so no ID is handed out twice",
+            extra={
+                "stream": self._stream.decode(),
+                "top": top.decode() if top else None,
+                "newest_seen": newest.decode(),
+            },
+        )
+
+    def _guard_refused(self, reply: RespError, command: str) -> None:
+        """A refused guard command: warned, and publishing goes on (IDs may repeat)."""
+        log.warning(
+            "cannot keep the stream's IDs past the newest this producer saw",
+            extra={
+                "command": command,
+                "error": str(refusal(reply, command, self._stream.decode())),
+            },
+        )
 
     def _raise_reply(self, reply: RespError, command: str) -> NoReturn:
         """A transient reply raises itself (retried); any other becomes RedisRefused."""

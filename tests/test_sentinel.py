@@ -268,3 +268,53 @@ def test_waiting_with_the_right_starts(redis_url: str, stream: str, tmp_path: Pa
     outbox = Outbox(url, stream, spool_path=tmp_path / "spool", wait=ReplicaWait(1, 100))
     asyncio.run(outbox.check_access())  # no replica needed to start: WAIT 0 0 answers
     assert outbox.health.ok
+
+
+@pytest.mark.parametrize("granted", [True, False], ids=["with-xsetid", "without-xsetid"])
+def test_after_a_failover_no_stream_id_is_handed_out_twice(
+    redis_url: str, stream: str, tmp_path: Path, granted: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new master that lacks the newest entries (lost with the old one) would give
+    their IDs to new entries: the producer moves the stream's last ID past the newest it
+    got (XSETID) when it reconnects. Here the lost entries are deleted and the stream's
+    last ID set back, as a promoted replica would have them, and the connection cut."""
+    rules = [f"~{stream}", "+xadd", "+xrevrange", *(["+xsetid"] if granted else [])]
+    url = set_user(redis_url, "producer", "pw-producer", *rules)
+    admin: Any = redis.Redis.from_url(redis_url)
+
+    async def scenario() -> tuple[list[bytes], list[bytes]]:
+        async with running_simulator(accounts=["DU1"], positions=20, rate=200) as sim:
+            settings = producer_settings(url, stream, sim.port, tmp_path / "spool")
+            async with running_producer(settings) as producer:
+                outbox = producer.outbox
+                await until(lambda: outbox.stats.published >= 60)
+                sim.pause()
+                await until(lambda: outbox.buffered == 0)
+                entries = admin.xrange(stream)
+                lost = [entry_id for entry_id, _ in entries[-20:]]
+                admin.xdel(stream, *lost)
+                admin.execute_command("XSETID", stream, entries[-21][0])
+                admin.execute_command("CLIENT", "KILL", "USER", "producer")
+                sim.resume()
+                await until(lambda: int(admin.xlen(stream)) >= len(entries) + 20)
+                moved = outbox.stats.ids_moved_past
+                assert moved == (1 if granted else 0)
+                assert outbox.health.ok
+                after = [i for i, _ in admin.xrange(stream)][len(entries) - 20 :]
+                return lost, after
+
+    with caplog.at_level("WARNING", logger="producer.outbox"):
+        lost, after = asyncio.run(scenario())
+    newest_lost = max(_id_key(i) for i in lost)
+    if granted:
+        assert all(_id_key(i) > newest_lost for i in after)  # none reuses a lost one's
+        assert "last ID moved past it" in caplog.text
+    else:
+        warned = [r for r in caplog.records if "cannot keep the stream's IDs" in r.getMessage()]
+        assert [getattr(r, "command", None) for r in warned] == ["XSETID"]
+        assert "NOPERM" in getattr(warned[0], "error", "")
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq)
