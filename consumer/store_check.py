@@ -99,22 +99,29 @@ def check_put_if_absent(lake_uri: str, options: Mapping[str, str]) -> None:
 
     Raises :class:`UnsafeStore` when the store accepts it (the consumer must not
     write there), :class:`ConfigError` when the storage options cannot describe
-    a store, and ``OSError`` (or obstore's errors) when the store cannot be
-    reached or refuses access: the caller retries those as it retries opening
-    the tables.
+    a store, and ``OSError`` when the store cannot be reached or refuses access:
+    the consumer retries that as it retries opening the tables; an operator
+    command reports it (exit 4 or 6).
     """
     if not needs_check(lake_uri):
         return
     import obstore  # noqa: PLC0415 - only lakes on object stores need it
-    from obstore.exceptions import AlreadyExistsError, BaseError  # noqa: PLC0415
+    from obstore.exceptions import (  # noqa: PLC0415
+        AlreadyExistsError,
+        BaseError,
+        PreconditionError,
+    )
 
     store = object_store(lake_uri, options)
     key = f"{lake_names.PROBE_PREFIX}/put-if-absent-{uuid.uuid4().hex}"
-    obstore.put(store, key, b"first", mode="create")
+    try:
+        obstore.put(store, key, b"first", mode="create")
+    except BaseError as exc:  # not reachable, or access refused: the caller decides
+        raise OSError(f"the lake's store check could not write {key}: {exc}") from None
     try:
         try:
             obstore.put(store, key, b"second", mode="create")
-        except AlreadyExistsError:
+        except (AlreadyExistsError, PreconditionError):
             log.info("the lake's store refuses a second put-if-absent: commits are safe")
             return
         raise UnsafeStore(

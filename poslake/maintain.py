@@ -22,9 +22,11 @@ import math
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
+from consumer.store_check import check_put_if_absent
 from consumer.vacuum import sweep_orphans
 from poslake.command import CommandError, ExitCode
 from poslake.query import open_table
+from shared.errors import ConfigError
 from shared.kinds import POSITIONS, all_tables
 from shared.settings import Settings
 from shared.table import LOG_RETENTION, TOMBSTONE_RETENTION, retention_interval
@@ -56,6 +58,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             f"{history:g} h history (POSLAKE_HISTORY_RETENTION_HOURS); use --force to do it anyway",
             ExitCode.BAD_INPUT,
         )
+    if not args.dry_run:
+        # Compactions are commits too: on a store that ignores put-if-absent they could
+        # overwrite a consumer's commit (consumer/store_check.py).
+        try:
+            check_put_if_absent(settings.lake_uri, settings.storage_options)
+        except ConfigError as exc:
+            raise CommandError(str(exc), ExitCode.BAD_INPUT) from None
     # The positions' history must exist (else "not found"); any other table may not yet.
     tables = [(POSITIONS.table, open_table(settings))]
     for name in all_tables():

@@ -82,6 +82,8 @@ def test_the_check_refuses_a_store_that_ignores_put_if_absent(
     assert "Traceback" not in done.stderr
     assert seaweed.secret_key not in done.stderr + done.stdout
     assert not [p for p in _objects(lake) if "_delta_log" in p], "a table was written"
+    maintain = run_python(["-m", "poslake", "maintain"], env, timeout=60)
+    assert maintain.returncode == 2 and "ignores If-None-Match" in maintain.stderr
     # Through a store that honours it, the same consumer lands everything.
     proxy.set(drop_if_none_match=False)
     done = run_python(["-m", "consumer", "--drain"], env, timeout=120)
