@@ -228,7 +228,7 @@ def test_lag_is_true_after_a_promotion(ha: SentinelSet, stream: str, tmp_path: P
             break
         time.sleep(0.1)
     (group,) = promoted.xinfo_groups(stream)
-    assert group["lag"] is None  # what Redis says after a promotion
+    assert group.get("lag") is None  # what Redis says after a promotion (6.2: no field)
     assert _status_lag(ha.url, stream, tmp_path) == 60
 
 
@@ -245,7 +245,7 @@ def test_lag_is_true_after_an_aof_restart(redis_aof: Any, stream: str, tmp_path:
     for i in range(30):
         client.xadd(stream, {"n": i})
     (group,) = client.xinfo_groups(stream)
-    assert group["entries-read"] is None  # Redis cannot tell after the restart
+    assert group.get("entries-read") is None  # Redis cannot tell after the restart
     assert _status_lag(redis_aof.url, stream, tmp_path) == 30
 
 
