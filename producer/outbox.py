@@ -669,5 +669,8 @@ class Outbox:
 
 
 def _code(exc: BaseException) -> str:
-    """The failure's code (``OOM``, ``NOPERM``, ``CONNECTION``...) for health and metrics."""
+    """The failure's code (``OOM``, ``NOPERM``, ``CONNECTION``, ``UNREPLICATED``...) for
+    health and metrics."""
+    if isinstance(exc, NotReplicated):
+        return "UNREPLICATED"
     return error_code(exc.__cause__ if isinstance(exc, RedisRefused) and exc.__cause__ else exc)

@@ -144,6 +144,7 @@ def test_failover_mid_run(ha: SentinelSet, stream: str, tmp_path: Path, wait_rep
                 await until(lambda: outbox.buffered == 0 and not outbox._spooling, 30)
                 if wait_replicas:
                     assert outbox.stats.unreplicated > 0  # WAIT held them back
+                    assert outbox.health.counts().get("UNREPLICATED", 0) > 0
                 sent = expected_kinds(sim.record, "DU1", set())
         return sent
 
