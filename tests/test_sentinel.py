@@ -93,8 +93,14 @@ def _entries(client: Any, stream: str, after: str) -> list[tuple[str, PositionUp
     return [(i.decode(), decode_entry(f)) for i, f in found if b"kind" not in f]
 
 
-@pytest.mark.parametrize("wait_replicas", [0, 1], ids=["no-wait", "wait-1"])
-def test_failover_mid_run(ha: SentinelSet, stream: str, tmp_path: Path, wait_replicas: int) -> None:
+@pytest.mark.parametrize(
+    ("wait_replicas", "explicit"),
+    [(0, False), (1, False), (1, True)],
+    ids=["no-wait", "wait-1", "wait-1-explicit-ids"],
+)
+def test_failover_mid_run(
+    ha: SentinelSet, stream: str, tmp_path: Path, wait_replicas: int, explicit: bool
+) -> None:
     """Producer and consumers follow the new master by themselves; what is lost is
     exactly what the README says can be: without waiting, the entries the old master
     accepted after its replica was cut off; with waiting, nothing."""
@@ -118,6 +124,7 @@ def test_failover_mid_run(ha: SentinelSet, stream: str, tmp_path: Path, wait_rep
             settings = producer_settings(
                 ha.url, stream, sim.port, tmp_path / "spool",
                 producer_wait_replicas=wait_replicas, producer_wait_timeout_ms=100,
+                producer_explicit_ids=explicit,
             )  # fmt: skip
             async with running_producer(settings) as producer:
                 await until(lambda: int(replica.xlen(stream)) >= 150, 20)
