@@ -12,9 +12,11 @@ unless the second put is refused. Local folders need no check: there a commit is
 a rename that cannot replace an existing file.
 
 The store is reached with the lake's storage options (delta-rs names them as
-object_store does: ``AWS_ENDPOINT_URL``, ``aws_access_key_id``...); those that
-are about the HTTP client (``AWS_ALLOW_HTTP``, ``timeout``) go to the client,
-delta-rs' own (retries, locking) are not the store's and are left out.
+object_store does: ``AWS_ENDPOINT_URL``, ``aws_access_key_id``, ``endpoint``...);
+those about the HTTP client (``AWS_ALLOW_HTTP``, ``timeout``) go to the client,
+delta-rs' own (retries, locking) are not the store's and are left out, and every
+other one goes to the store (an option obstore does not know stops the program,
+naming the options, rather than checking some other store).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def store_options(options: Mapping[str, str]) -> tuple[dict[str, str], dict[str,
             continue
         if bare in _CLIENT_OPTIONS:
             client[bare] = value
-        elif key.startswith(_STORE_PREFIXES):
+        else:  # the store's own, prefixed or not (``endpoint``, ``aws_region``...)
             config[key] = value
     return config, client
 
@@ -94,6 +96,13 @@ def object_store(lake_uri: str, options: Mapping[str, str]) -> Any:
         ) from None
 
 
+def _unsupported() -> UnsafeStore:
+    return UnsafeStore(
+        "POSLAKE_LAKE_URI: the lake's store does not support conditional writes "
+        "(put-if-absent): Delta commits of several writers would not be safe there"
+    )
+
+
 def check_put_if_absent(lake_uri: str, options: Mapping[str, str]) -> None:
     """Put a probe object twice with put-if-absent; return if the second is refused.
 
@@ -109,6 +118,7 @@ def check_put_if_absent(lake_uri: str, options: Mapping[str, str]) -> None:
     from obstore.exceptions import (  # noqa: PLC0415
         AlreadyExistsError,
         BaseError,
+        NotSupportedError,
         PreconditionError,
     )
 
@@ -116,6 +126,8 @@ def check_put_if_absent(lake_uri: str, options: Mapping[str, str]) -> None:
     key = f"{lake_names.PROBE_PREFIX}/put-if-absent-{uuid.uuid4().hex}"
     try:
         obstore.put(store, key, b"first", mode="create")
+    except NotSupportedError:
+        raise _unsupported() from None
     except BaseError as exc:  # not reachable, or access refused: the caller decides
         raise OSError(f"the lake's store check could not write {key}: {exc}") from None
     try:
@@ -124,6 +136,10 @@ def check_put_if_absent(lake_uri: str, options: Mapping[str, str]) -> None:
         except (AlreadyExistsError, PreconditionError):
             log.info("the lake's store refuses a second put-if-absent: commits are safe")
             return
+        except NotSupportedError:
+            raise _unsupported() from None
+        except BaseError as exc:
+            raise OSError(f"the lake's store check could not write {key}: {exc}") from None
         raise UnsafeStore(
             "POSLAKE_LAKE_URI: the lake's store accepted a second put-if-absent of one key "
             "(it ignores If-None-Match): two consumers committing at once would overwrite "

@@ -127,7 +127,7 @@ class RedisTarget:
     @classmethod
     def parse(cls, url: str) -> RedisTarget:
         """Parse and check ``url``; ``ValueError`` says what is wrong, never the password."""
-        if urlsplit(url).scheme.lower() in _SENTINEL_SCHEMES:
+        if url.partition("://")[0].lower() in _SENTINEL_SCHEMES:
             return cls._parse_sentinel(url)
         try:
             parts = urlsplit(url)
@@ -159,7 +159,12 @@ class RedisTarget:
 
     @classmethod
     def _parse_sentinel(cls, url: str) -> RedisTarget:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # its message may quote the netloc, credentials included
+            raise ValueError(
+                "the sentinel hosts must be host[:port] or [IPv6 address][:port], by commas"
+            ) from None
         tls_scheme = parts.scheme.lower() == "rediss+sentinel"
         userinfo, _, hosts = parts.netloc.rpartition("@")
         username = password = None
@@ -214,10 +219,15 @@ def _query_options(text: str) -> dict[str, str]:
 
 
 def _host_port(text: str, default_port: int) -> tuple[str, int]:
-    host, colon, port = text.rpartition(":") if not text.endswith("]") else (text, "", "")
-    if not colon:
-        host, port = text, ""
-    host = host.strip("[]")
+    if text.startswith("["):  # [IPv6] or [IPv6]:port
+        inside, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("a bracketed sentinel host must be [address] or [address]:port")
+        host, port = inside, rest[1:]
+    elif text.count(":") > 1:
+        raise ValueError("an IPv6 sentinel host must be in brackets: [address]:port")
+    else:
+        host, _, port = text.partition(":")
     if not host:
         raise ValueError("a sentinel host is empty")
     if not port:
@@ -461,8 +471,10 @@ def _sentinel_master(
 
 
 def async_client(target: RedisTarget | str, **options: Any) -> aioredis.Redis:
-    """An asyncio redis-py client for ``target``."""
+    """An asyncio redis-py client for ``target`` (not through Sentinel: no caller needs it)."""
     target = target if isinstance(target, RedisTarget) else RedisTarget.parse(target)
+    if target.master_name is not None:
+        raise ValueError("async_client does not reach a master through Sentinel")
     options.setdefault("retry", _AsyncRetry(_backoff(), 10))
     return aioredis.Redis(**_client_options(target), **options)
 

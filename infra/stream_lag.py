@@ -6,9 +6,8 @@ carries no entries-read) and after an AOF restart it is nil, and a lag computed
 from a stale entries-read can be far off (240,000 shown for a drained group).
 So the lag is taken from the stream: the entries after the group's
 last-delivered ID are counted (none: 0), up to ``count_up_to``
-(status counts them all). Past that bound Redis's figure is used only when its
-entries-read is known and the figure fits the stream's length; else the bound
-itself is returned, flagged as a lower bound.
+(status: 100,000). Past that bound the count is returned flagged as a lower
+bound: Redis's figure cannot be told sound from stale.
 """
 
 from __future__ import annotations
@@ -46,9 +45,4 @@ def group_lag(
         if count_up_to is not None and counted >= count_up_to:
             break
         after = "(" + found[-1][0].decode()
-    reported = group.get("lag")
-    if reported is not None and group.get("entries-read") is not None:
-        figure = int(reported)
-        if counted <= figure <= int(client.xlen(stream)):
-            return Lag(figure)
     return Lag(counted, at_least=True)

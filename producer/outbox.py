@@ -253,6 +253,15 @@ class ReplicaWait:
         return isinstance(reply, int) and reply >= self.replicas
 
 
+@dataclass(frozen=True, slots=True)
+class _Counts:
+    """What a chunk adds to the stats once it counts as published."""
+
+    published: int = 0
+    recognised: int = 0
+    server_assigned: int = 0
+
+
 class NotReplicated(ConnectionError):
     """The pipeline's XADDs landed on the master, but too few replicas confirmed them."""
 
@@ -301,6 +310,8 @@ class Outbox:
         self._connection: RespConnection | None = None
         self._top_us = 0  # the newest stream ID seen (µs), for the clock's floor
         self._newest_seen: tuple[int, int] | None = None  # the same, exactly (ms, seq)
+        # A chunk written on this connection that the replicas have not confirmed yet.
+        self._unconfirmed: tuple[RespConnection, _Counts, int] | None = None
         self._closing = False
         self.connected = False
         self.health = RedisHealth()
@@ -347,11 +358,12 @@ class Outbox:
         transiently failing Redis only logs: the writer retries and buffers meanwhile.
         """
         probe = pack_command(b"XADD", self._stream, b"0-0", b"v", b"1")
-        # WAIT/WAITAOF asking for nothing answers at once: it checks the right (and that
-        # Redis knows WAITAOF, 7.2+) before the first pipeline needs it.
+        # WAIT asking for nothing, and WAITAOF for the local fsync of nothing written yet,
+        # answer at once: they check the right, that Redis knows WAITAOF (7.2+) and that
+        # its AOF is on (WAITAOF refuses numlocal without it), before a pipeline needs it.
         wait_probe = (
             [
-                pack_command(b"WAITAOF", b"0", b"0", b"0")
+                pack_command(b"WAITAOF", b"1", b"0", b"0")
                 if self._wait.aof
                 else pack_command(b"WAIT", b"0", b"0")
             ]
@@ -423,14 +435,17 @@ class Outbox:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            # A chunk awaiting its replicas is taken again as it was (the head of the
+            # memory or the spool does not move meanwhile; only its tail grows).
+            size = self._unconfirmed[2] if self._unconfirmed is not None else self._chunk
             try:
                 if from_spool:
-                    entries, next_offset = self._spool.peek(self._chunk)
+                    entries, next_offset = self._spool.peek(size)
                     if not entries:  # unreadable rest of the file: nothing more to send
                         self._spool.advance(self._spool.path.stat().st_size)
                         continue
                 else:
-                    entries, next_offset = list(islice(self._memory, self._chunk)), 0
+                    entries, next_offset = list(islice(self._memory, size)), 0
                 await self._send(entries)
             except Exception as exc:
                 # Connection errors, error replies and refusals are expected while Redis is
@@ -442,7 +457,8 @@ class Outbox:
                 if not expected:
                     log.exception("publishing failed unexpectedly")
                 self.health.failed("XADD", exc, _code(exc))
-                self._drop_connection()
+                if not isinstance(exc, NotReplicated):  # kept: the retry only waits again
+                    self._drop_connection()
                 delay = backoff_s(attempt, self._retry_initial_s, self._retry_max_s)
                 attempt += 1
                 self.stats.retries += 1
@@ -472,15 +488,31 @@ class Outbox:
     async def _send(self, entries: list[Entry]) -> None:
         """XADD ``entries`` in one pipeline. An error reply raises: the whole chunk is
         retried (entries before it that landed are then recognised with explicit IDs,
-        or deduplicated by the consumer's key otherwise)."""
+        or deduplicated by the consumer's key otherwise).
+
+        With :class:`ReplicaWait`, a chunk too few replicas confirmed raises
+        :class:`NotReplicated` and is not counted; while the connection it was
+        written on lasts, the retry only waits again (WAIT covers every write of a
+        connection), so the stream gets no copies; on a new connection (the master
+        may have died with it) the chunk is written again.
+        """
         connection = await self._connect()
+        pending = self._unconfirmed
+        if pending is not None and pending[0] is connection and pending[2] == len(entries):
+            wait = self._wait.command
+            assert wait is not None
+            (reply,) = await self._execute(connection, [wait])
+            self._require_replicas(reply)
+            self._apply(pending[1])
+            self._unconfirmed = None
+            return
+        self._unconfirmed = None
         commands = [self._xadd(stamp, payload, self._explicit) for stamp, payload in entries]
         wait = self._wait.command
         if wait is not None:
             commands.append(wait)
         replies = await self._execute(connection, commands)
-        if wait is not None:
-            self._check_replicated(replies.pop())
+        waited = replies.pop() if wait is not None else None
         refused: list[Entry] = []
         newest: object = None
         for index, reply in enumerate(replies):
@@ -493,56 +525,74 @@ class Outbox:
                 log.error("XADD rejected", extra={"error": str(reply), "stream": self._stream})
                 self._raise_reply(reply, "XADD")
             newest = reply
-        self._note_top(newest)  # IDs only grow: the last one is the newest
-        self.stats.published += len(replies) - len(refused)
+        # IDs only grow: the last one is the newest. Noted even if the replicas have not
+        # confirmed it: consumers may have read it already, and its ID is taken.
+        self._note_top(newest)
+        counts = _Counts(published=len(replies) - len(refused))
         if refused:
-            await self._settle_refused(connection, refused)
+            recognised, rewritten = await self._settle_refused(connection, refused)
+            counts = _Counts(counts.published + rewritten, recognised, rewritten)
+            if wait is not None and rewritten:
+                (waited,) = await self._execute(connection, [wait])  # covers those too
+        if wait is not None:
+            try:
+                self._require_replicas(waited)
+            except NotReplicated:
+                self._unconfirmed = (connection, counts, len(entries))
+                raise
+        self._apply(counts)
 
-    def _check_replicated(self, reply: object) -> None:
-        """Raise unless the replicas confirmed the pipeline (then it is sent again)."""
+    def _apply(self, counts: _Counts) -> None:
+        self.stats.published += counts.published
+        self.stats.recognised_duplicates += counts.recognised
+        self.stats.server_assigned_ids += counts.server_assigned
+
+    def _require_replicas(self, reply: object) -> None:
+        """Raise unless the replicas confirmed what this connection wrote."""
         if isinstance(reply, RespError):
             self._raise_reply(reply, "WAITAOF" if self._wait.aof else "WAIT")
         if not self._wait.confirmed(reply):
             self.stats.unreplicated += 1
             raise NotReplicated(
-                f"{reply!r} of {self._wait.replicas} replicas confirmed the pipeline within "
-                f"{self._wait.timeout_ms} ms: it is sent again"
+                f"{reply!r} of {self._wait.replicas} replicas confirmed the writes within "
+                f"{self._wait.timeout_ms} ms: not published yet, waiting again"
             )
 
-    async def _settle_refused(self, connection: RespConnection, refused: list[Entry]) -> None:
+    async def _settle_refused(
+        self, connection: RespConnection, refused: list[Entry]
+    ) -> tuple[int, int]:
         """Entries whose explicit ID Redis refused: already written by us (same payload
-        under that ID), or not there at all, then written with a server-assigned ID."""
+        under that ID), or not there at all, then written with a server-assigned ID.
+        Returns how many were recognised and how many written again."""
         lookups = [
             pack_command(b"XRANGE", self._stream, entry_id(stamp), entry_id(stamp))
             for stamp, _ in refused
         ]
         found = await self._execute(connection, lookups)
         missing: list[Entry] = []
+        recognised = 0
         for (stamp, payload), reply in zip(refused, found, strict=True):
             if isinstance(reply, RespError):
                 self._raise_reply(reply, "XRANGE")
             stored = _payload_of(reply)
             if stored == split_payload(payload)[1]:
-                self.stats.recognised_duplicates += 1
+                recognised += 1
             else:
                 missing.append((stamp, payload))
         if not missing:
-            return
+            return recognised, 0
         log.warning(
             "explicit IDs behind the stream's top: writing with server-assigned IDs",
             extra={"count": len(missing), "stream": self._stream.decode()},
         )
-        commands = [self._xadd(stamp, payload, False) for stamp, payload in missing]
-        wait = self._wait.command
-        replies = await self._execute(connection, commands + ([wait] if wait else []))
-        if wait is not None:
-            self._check_replicated(replies.pop())
+        replies = await self._execute(
+            connection, [self._xadd(stamp, payload, False) for stamp, payload in missing]
+        )
         for reply in replies:
             if isinstance(reply, RespError):
                 self._raise_reply(reply, "XADD")
             self._note_top(reply)
-        self.stats.published += len(missing)
-        self.stats.server_assigned_ids += len(missing)
+        return recognised, len(missing)
 
     def _note_top(self, reply: object) -> None:
         # Keep the clock past the stream's newest ID, so explicit IDs stay ahead of it.

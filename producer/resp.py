@@ -67,6 +67,11 @@ async def master_address(address: RedisTarget, timeout_s: float) -> tuple[str, i
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port, ssl=context), timeout_s
             )
+        except ssl.SSLError as exc:
+            if tls_failure(exc) is not None:
+                raise refusal(exc) from exc  # a certificate that cannot work: exit 6
+            failures.append(f"{host}:{port} {type(exc).__name__}")
+            continue
         except (OSError, TimeoutError) as exc:
             failures.append(f"{host}:{port} {type(exc).__name__}")
             continue
@@ -83,7 +88,8 @@ async def master_address(address: RedisTarget, timeout_s: float) -> tuple[str, i
             sentinel.close()
         if isinstance(reply, list) and len(reply) == 2:
             return reply[0].decode(), int(reply[1])
-        failures.append(f"{host}:{port} does not know it")
+        said = f"answered {reply}" if isinstance(reply, RespError) else "does not know it"
+        failures.append(f"{host}:{port} {said}")
     raise ConnectionError(
         f"no sentinel names the master {address.master_name!r}: {'; '.join(failures)}"
     )

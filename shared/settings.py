@@ -189,7 +189,8 @@ class Settings(BaseSettings):
     # the master's and the replicas' AOF, Redis 7.2+). Unconfirmed is not published: the
     # pipeline is sent again (the consumers' key dedup absorbs the repeats). 0: off.
     producer_wait_replicas: Annotated[int, Field(ge=0, le=100)] = 0
-    producer_wait_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 500
+    # Below the writer's 30 s reply timeout, or a long WAIT would look like a dead link.
+    producer_wait_timeout_ms: Annotated[int, Field(ge=1, le=25_000)] = 500
     producer_wait_aof: bool = False
 
     # How far back time travel must keep working: the tables' tombstone retention

@@ -105,6 +105,9 @@ def test_storage_options_map_to_the_store_and_its_client() -> None:
     )
     assert config == {"aws_endpoint_url": "http://127.0.0.1:1", "aws_access_key_id": "k"}
     assert client == {"allow_http": "true", "timeout": "10s"}
+    # Unprefixed store options, as delta-rs takes them too, reach the store.
+    config, client = store_options({"endpoint": "http://x:1", "secret_access_key": "s"})
+    assert config == {"endpoint": "http://x:1", "secret_access_key": "s"} and client == {}
 
 
 @pytest.mark.parametrize("lost", ["503", "timeout"])

@@ -77,6 +77,9 @@ def test_sentinel_urls_parse_and_never_show_the_password() -> None:
         ("redis+sentinel://h1:99999/main", "port"),
         ("redis+sentinel://h1/main/x", "database"),
         ("redis+sentinel://h1/main?ssl_ca_certs=/x", "rediss+sentinel"),
+        ("redis+sentinel://::1:26379/main", "in brackets"),
+        ("redis+sentinel://[::1/main", "[IPv6 address]"),
+        ("redis+sentinel://h1,[::1]x/main", "bracketed"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             RedisTarget.parse(bad)
@@ -169,6 +172,8 @@ def test_failover_mid_run(
     table = _table_updates(lake)
     keys = [(u.account, u.conid, u.timestamp) for u in table]
     assert len(keys) == len(set(keys)), "a key landed twice"
+    stamps = [u.timestamp for _, u in unreplicated]
+    assert len(stamps) == len(set(stamps)), "an unconfirmed chunk was written twice"
     if wait_replicas:
         assert_matches_record(table, sent)  # every update, once
     else:
