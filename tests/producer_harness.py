@@ -13,6 +13,8 @@ import bisect
 import contextlib
 import itertools
 import logging
+import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Any
 import redis
 
 from gateway_sim.session import SentUpdate
-from gateway_sim.simulator import GatewaySimulator, SimulatorConfig
+from gateway_sim.simulator import GatewaySimulator, SimulatorConfig, SimulatorThread
 from producer.cli import build_outbox
 from producer.ib_mapping import UpdateClock
 from producer.ib_source import IbSource
@@ -30,6 +32,7 @@ from producer.outbox import Outbox
 from shared.model import PositionUpdate
 from shared.settings import Settings, load_settings
 from shared.wire import decode_entry
+from tests.helpers import Lake, group_pending, table_rows, wait_until
 
 
 class DecoderErrors(logging.Handler):
@@ -219,3 +222,31 @@ def assert_matches_record(updates: Sequence[PositionUpdate], sent: Sequence[Sent
         assert actual == expected, f"entry {index} ({message.kind}): {actual} != {expected}"
     stamps = [u.timestamp for u in updates]
     assert all(a < b for a, b in itertools.pairwise(stamps)), "timestamps not increasing"
+
+
+def pause_and_drain(
+    thread: SimulatorThread,
+    producer: subprocess.Popen[bytes],
+    redis_url: str,
+    stream: str,
+    lake: Path | Lake,
+    accounts: Sequence[str],
+    timeout: float = 60,
+) -> list[SentUpdate]:
+    """End a run of process pipelines: pause the simulator, wait until the stream holds
+    what it sent (the first account's portfolio, the others' positions), stop the
+    producer (exit 0), then wait until the group has settled every position entry into
+    the table. Returns what was sent."""
+    thread.run("pause")
+    sent = expected_kinds(thread.snapshot(), accounts[0], set(accounts[1:]))
+    wait_until(lambda: len(read_stream(redis_url, stream)) >= len(sent), timeout=timeout)
+    producer.send_signal(signal.SIGTERM)
+    assert producer.wait(timeout=30) == 0
+    wait_until(
+        lambda: (
+            group_pending(redis_url, stream) == 0
+            and len(table_rows(lake)) == len(read_stream(redis_url, stream))
+        ),
+        timeout=2 * timeout,
+    )
+    return sent

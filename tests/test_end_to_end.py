@@ -20,13 +20,12 @@ from tests.helpers import (
     REPO_ROOT,
     assert_table_exact,
     consumer_env,
-    group_pending,
     kill,
     start_consumer,
     table_rows,
     wait_until,
 )
-from tests.producer_harness import assert_matches_record, expected_kinds, read_stream
+from tests.producer_harness import assert_matches_record, pause_and_drain, read_stream
 
 ACCOUNTS = ["DU100001", "DU100002"]
 
@@ -53,18 +52,7 @@ def test_simulator_to_table(redis_url: str, stream: str, lake: Path, tmp_path: P
     client = redis.Redis.from_url(redis_url)
     try:
         wait_until(lambda: thread.simulator.events >= 600, timeout=60)
-        thread.run("pause")
-        sent = expected_kinds(thread.snapshot(), ACCOUNTS[0], set(ACCOUNTS[1:]))
-        wait_until(lambda: len(read_stream(redis_url, stream)) >= len(sent), timeout=30)
-        producer.send_signal(signal.SIGTERM)
-        assert producer.wait(timeout=30) == 0
-        wait_until(
-            lambda: (
-                group_pending(redis_url, stream) == 0
-                and len(table_rows(lake)) == len(read_stream(redis_url, stream))
-            ),
-            timeout=60,
-        )
+        sent = pause_and_drain(thread, producer, redis_url, stream, lake, ACCOUNTS, timeout=30)
         consumer.send_signal(signal.SIGTERM)
         assert consumer.wait(timeout=30) == 0
     finally:

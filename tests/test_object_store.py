@@ -30,16 +30,13 @@ from tests.helpers import (
     assert_table_exact,
     consumer_env,
     current_rows,
-    group_pending,
     kill,
     make_updates,
     publish,
     run_python,
     start_consumer,
-    table_rows,
-    wait_until,
 )
-from tests.producer_harness import assert_matches_record, expected_kinds, read_stream
+from tests.producer_harness import assert_matches_record, pause_and_drain, read_stream
 from tests.s3_proxy import S3Proxy
 
 
@@ -255,18 +252,7 @@ def test_simulator_to_seaweedfs_with_consumers_killed(
             kill(consumers[victim])
             kills += 1
             consumers[victim] = start_consumer(env(victim), log=tmp_path / f"{victim}.log")
-        thread.run("pause")
-        sent = expected_kinds(thread.snapshot(), accounts[0], set(accounts[1:]))
-        wait_until(lambda: len(read_stream(redis_url, stream)) >= len(sent), timeout=60)
-        producer.send_signal(signal.SIGTERM)
-        assert producer.wait(timeout=30) == 0
-        wait_until(
-            lambda: (
-                group_pending(redis_url, stream) == 0
-                and len(table_rows(lake)) == len(read_stream(redis_url, stream))
-            ),
-            timeout=120,
-        )
+        sent = pause_and_drain(thread, producer, redis_url, stream, lake, accounts)
         for process in consumers.values():
             process.send_signal(signal.SIGTERM)
         assert [p.wait(timeout=60) for p in consumers.values()] == [0, 0, 0]
