@@ -331,3 +331,18 @@ def test_after_a_failover_no_stream_id_is_handed_out_twice(
 def _id_key(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq)
+
+
+def test_replica_wait_commands_and_replies() -> None:
+    """WAIT's and WAITAOF's command and reply as Redis documents them (WAITAOF itself
+    needs Redis 7.2, which this machine lacks: its reply shape is checked here)."""
+    assert ReplicaWait().command is None  # off by default
+    wait = ReplicaWait(2, 300)
+    assert wait.command == b"*3\r\n$4\r\nWAIT\r\n$1\r\n2\r\n$3\r\n300\r\n"
+    assert wait.confirmed(2) and wait.confirmed(3) and not wait.confirmed(1)
+    aof = ReplicaWait(1, 300, aof=True)
+    assert aof.command == b"*4\r\n$7\r\nWAITAOF\r\n$1\r\n1\r\n$1\r\n1\r\n$3\r\n300\r\n"
+    assert aof.confirmed([1, 1]) and aof.confirmed([1, 2])
+    assert not aof.confirmed([0, 1]) and not aof.confirmed([1, 0]) and not aof.confirmed(1)
+    local_only = ReplicaWait(0, 300, aof=True)  # the master's own fsync only
+    assert local_only.command is not None and local_only.confirmed([1, 0])
