@@ -21,7 +21,8 @@ from typing import Any
 from bench.common import log, median, ratio, updates_for, work_dir
 from infra.redis_conn import sync_client
 from infra.redis_server import RedisServer, find_redis_server
-from producer.outbox import Outbox, ReplicaWait
+from producer.outbox import Outbox
+from producer.replica_wait import ReplicaWait
 
 
 async def publish(url: str, stream: str, updates: list[Any], spool: Path, wait: int) -> float:

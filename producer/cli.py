@@ -16,7 +16,8 @@ from infra.stopping import take_early
 from producer.ib_mapping import UpdateClock
 from producer.ib_source import IbSource
 from producer.metrics import ProducerMetrics
-from producer.outbox import Outbox, ReplicaWait
+from producer.outbox import Outbox
+from producer.replica_wait import ReplicaWait
 from shared.errors import ConfigError, ExitCode, RedisRefused
 from shared.settings import Settings, load_settings_or_report
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,16 +53,15 @@ from infra.publisher import TrimPolicy
 from infra.redis_conn import RedisTarget
 from infra.redis_errors import error_code, refusal, reply_kind
 from infra.redis_health import RedisHealth
+from producer.replica_wait import NotReplicated, ReplicaWait
 from producer.resp import RespConnection, RespError, pack_command
+from producer.spool import Entry, Spool
 from shared.errors import RedisRefused
 from shared.kinds import DEFAULT_KIND, kind_of
 from shared.wire import CURRENT_VERSION, encode_payload
 
 log = logging.getLogger(__name__)
 
-Entry = tuple[int, bytes]
-"""(timestamp in µs, payload): a position's JSON, or for another kind its tag, a space
-and its JSON (JSON starts with ``{``; a spool line stays ``<stamp> <payload>``)."""
 _DUPLICATE_ID = "equal or smaller than the target stream top item"
 # The start-up probe's XADD with ID 0-0 is refused after the ACL and OOM checks and
 # before anything is written: this reply means the right to XADD is there.
@@ -117,142 +115,6 @@ def _id_tuple(entry: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
-
-
-def _cut_torn_tail(path: Path) -> None:
-    """Drop a partial last line (the process died mid-write) so appends start clean."""
-    if not path.exists():
-        return
-    with path.open("r+b") as spool:
-        size = spool.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        start = max(0, size - 65536)
-        while True:
-            spool.seek(start)
-            tail = spool.read(size - start)
-            cut = tail.rfind(b"\n")
-            if cut >= 0 or start == 0:
-                break
-            start = max(0, start - 65536)
-        keep = start + cut + 1 if cut >= 0 else 0
-        if keep < size:
-            log.warning("dropping a torn last line of the spool", extra={"bytes": size - keep})
-            spool.truncate(keep)
-
-
-class Spool:
-    """An append-only file of entries with a persisted read offset."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset_path = path.with_name(path.name + ".offset")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _cut_torn_tail(path)
-        self._append = path.open("ab")
-        self.offset = self._read_offset()
-
-    def _read_offset(self) -> int:
-        # A missing, torn or stale offset means "from the start": replaying entries
-        # already published is safe (explicit IDs or the consumer's dedup catch them).
-        try:
-            offset = int(self._offset_path.read_text())
-        except (OSError, ValueError):
-            return 0
-        return offset if 0 <= offset <= self.path.stat().st_size else 0
-
-    def append(self, entry: Entry) -> None:
-        self._append.write(b"%d %s\n" % entry)
-
-    def flush(self) -> None:
-        self._append.flush()
-
-    def unread(self) -> bool:
-        self.flush()
-        return self.offset < self.path.stat().st_size
-
-    def peek(self, count: int) -> tuple[list[Entry], int]:
-        """Up to ``count`` entries from the read offset, and the offset after them."""
-        self.flush()
-        entries: list[Entry] = []
-        position = self.offset
-        # A fresh handle per read: a long-lived buffered one could serve bytes from
-        # before the file was started over.
-        with self.path.open("rb") as reader:
-            reader.seek(self.offset)
-            for line in islice(reader, count):
-                if not line.endswith(b"\n"):
-                    break  # a torn last line (killed mid-write) is not an entry
-                stamp, _, payload = line.rstrip(b"\n").partition(b" ")
-                entries.append((int(stamp), payload))
-                position += len(line)
-        return entries, position
-
-    def advance(self, offset: int) -> None:
-        self.offset = offset
-        self.flush()  # entries appended while a chunk was in flight count as unread
-        if offset >= self.path.stat().st_size:
-            # Fully replayed: start the file over.
-            self._append.truncate(0)
-            self._append.seek(0)
-            self.offset = 0
-        _write_atomically(self._offset_path, str(self.offset).encode())
-
-    def rewrite(self, entries: list[Entry]) -> None:
-        """Replace the spool's unread part with ``entries`` (written aside, then renamed:
-        a crash in between leaves the old spool whole)."""
-        self._append.close()
-        data = b"".join(b"%d %s\n" % entry for entry in entries)
-        _write_atomically(self.path, data)
-        _write_atomically(self._offset_path, b"0")
-        self.offset = 0
-        self._append = self.path.open("ab")
-
-    def close(self) -> None:
-        self._append.flush()
-        self._append.close()
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaWait:
-    """How many replicas must confirm each pipeline (0: none asked), within how long,
-    and whether they must have it in their AOF too (WAITAOF, Redis 7.2+)."""
-
-    replicas: int = 0
-    timeout_ms: int = 500
-    aof: bool = False
-
-    @property
-    def command(self) -> bytes | None:
-        if self.aof:
-            return pack_command(
-                b"WAITAOF", b"1", str(self.replicas).encode(), str(self.timeout_ms).encode()
-            )
-        if self.replicas:
-            return pack_command(b"WAIT", str(self.replicas).encode(), str(self.timeout_ms).encode())
-        return None
-
-    def confirmed(self, reply: object) -> bool:
-        if self.aof:
-            if not isinstance(reply, list) or len(reply) != 2:
-                return False
-            local, replicas = reply
-            return (
-                isinstance(local, int)
-                and local >= 1
-                and isinstance(replicas, int)
-                and (replicas >= self.replicas)
-            )
-        return isinstance(reply, int) and reply >= self.replicas
-
-
 @dataclass(frozen=True, slots=True)
 class _Counts:
     """What a chunk adds to the stats once it counts as published."""
@@ -260,10 +122,6 @@ class _Counts:
     published: int = 0
     recognised: int = 0
     server_assigned: int = 0
-
-
-class NotReplicated(ConnectionError):
-    """The pipeline's XADDs landed on the master, but too few replicas confirmed them."""
 
 
 class Outbox:
@@ -358,18 +216,7 @@ class Outbox:
         transiently failing Redis only logs: the writer retries and buffers meanwhile.
         """
         probe = pack_command(b"XADD", self._stream, b"0-0", b"v", b"1")
-        # WAIT asking for nothing, and WAITAOF for the local fsync of nothing written yet,
-        # answer at once: they check the right, that Redis knows WAITAOF (7.2+) and that
-        # its AOF is on (WAITAOF refuses numlocal without it), before a pipeline needs it.
-        wait_probe = (
-            [
-                pack_command(b"WAITAOF", b"1", b"0", b"0")
-                if self._wait.aof
-                else pack_command(b"WAIT", b"0", b"0")
-            ]
-            if self._wait.command is not None
-            else []
-        )
+        wait_probe = [self._wait.probe] if self._wait.probe is not None else []
         try:
             connection = await self._connect()
             (reply, *waited) = await self._execute(connection, [probe, *wait_probe])
@@ -383,8 +230,7 @@ class Outbox:
             return
         for answer in waited:
             if isinstance(answer, RespError) and reply_kind(answer) == "fatal":
-                command = "WAITAOF" if self._wait.aof else "WAIT"
-                raise refusal(answer, command) from answer
+                raise refusal(answer, self._wait.name) from answer
         if isinstance(reply, RespError) and _PROBE_REFUSED not in str(reply):
             if reply_kind(reply) == "fatal":
                 raise refusal(reply, "XADD", self._stream.decode()) from reply
@@ -550,7 +396,7 @@ class Outbox:
     def _require_replicas(self, reply: object) -> None:
         """Raise unless the replicas confirmed what this connection wrote."""
         if isinstance(reply, RespError):
-            self._raise_reply(reply, "WAITAOF" if self._wait.aof else "WAIT")
+            self._raise_reply(reply, self._wait.name)
         if not self._wait.confirmed(reply):
             self.stats.unreplicated += 1
             raise NotReplicated(

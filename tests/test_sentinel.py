@@ -26,7 +26,8 @@ import redis
 
 from infra.redis_conn import RedisTarget, sync_client
 from infra.redis_server import SentinelSet, find_redis_server
-from producer.outbox import Outbox, ReplicaWait
+from producer.outbox import Outbox
+from producer.replica_wait import ReplicaWait
 from shared.errors import RedisRefused
 from shared.model import PositionUpdate
 from shared.wire import decode_entry
