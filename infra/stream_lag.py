@@ -27,22 +27,30 @@ class Lag:
         return f">={self.entries}" if self.at_least else str(self.entries)
 
 
+def count_entries(
+    client: Any, stream: str, after: str, up_to: str = "+", limit: int | None = None
+) -> Lag:
+    """Entries with ``after`` < ID <= ``up_to`` (``after`` "0": from the start), counted
+    by paging XRANGE; with ``limit``, counting stops there (a lower bound)."""
+    start = f"({after}" if after != "0" else "-"
+    counted = 0
+    while True:
+        page = PAGE if limit is None else min(PAGE, limit - counted)
+        found = client.xrange(stream, min=start, max=up_to, count=page)
+        counted += len(found)
+        if len(found) < page:
+            return Lag(counted)
+        if limit is not None and counted >= limit:
+            return Lag(counted, at_least=True)
+        start = "(" + found[-1][0].decode()
+
+
 def group_lag(
     client: Any, stream: str, group: dict[str, Any], count_up_to: int | None = PAGE
 ) -> Lag:
     """The lag of ``group`` (an ``XINFO GROUPS`` entry) on ``stream``; ``count_up_to``
-    None counts every entry after the group's position."""
+    None counts every entry after the group's position. XRANGE only: a consumer's ACL
+    has it."""
     last_delivered = group["last-delivered-id"]
-    # XRANGE only (a consumer's ACL has it): nothing after the position is a lag of 0.
-    after = "(" + (last_delivered.decode() if isinstance(last_delivered, bytes) else last_delivered)
-    counted = 0
-    while True:
-        page = PAGE if count_up_to is None else min(PAGE, count_up_to - counted)
-        found = client.xrange(stream, min=after, max="+", count=page)
-        counted += len(found)
-        if len(found) < page:
-            return Lag(counted)
-        if count_up_to is not None and counted >= count_up_to:
-            break
-        after = "(" + found[-1][0].decode()
-    return Lag(counted, at_least=True)
+    after = last_delivered.decode() if isinstance(last_delivered, bytes) else last_delivered
+    return count_entries(client, stream, after, limit=count_up_to)

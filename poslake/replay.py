@@ -13,11 +13,10 @@ from typing import Any
 
 import redis
 
+from infra.stream_lag import count_entries
 from poslake.command import CommandError, ExitCode, confirm, redis_client
 from poslake.query import parse_time
 from shared.settings import Settings
-
-PAGE = 10_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,16 +37,10 @@ def _parse_id(text: str) -> tuple[int, int]:
 
 
 def count_between(client: Any, stream: str, after: str, up_to: str) -> int:
-    """Entries with after < ID <= up_to, counted by paging IDs."""
+    """Entries with after < ID <= up_to."""
     if _parse_id(up_to) <= _parse_id(after):
         return 0
-    count, start = 0, f"({after}" if after != "0" else "-"
-    while True:
-        page = client.xrange(stream, min=start, max=up_to, count=PAGE)
-        count += len(page)
-        if len(page) < PAGE:
-            return count
-        start = "(" + page[-1][0].decode()
+    return count_entries(client, stream, after, up_to).entries
 
 
 def target_id(args: argparse.Namespace) -> str:
