@@ -444,11 +444,6 @@ def sync_client(
     return client
 
 
-def _sentinel_tls(target: RedisTarget) -> dict[str, Any]:
-    tls = {k: v for k, v in _client_options(target, address=False).items() if k.startswith("ssl")}
-    return tls
-
-
 def _sentinel_master(
     target: RedisTarget, client_class: type[redis.Redis], options: dict[str, Any]
 ) -> redis.Redis:
@@ -458,10 +453,12 @@ def _sentinel_master(
     timeouts: dict[str, Any] = {
         k: options[k] for k in ("socket_timeout", "socket_connect_timeout") if k in options
     }
+    nodes = _client_options(target, address=False)
     sentinel = redis.sentinel.Sentinel(
         list(target.sentinels),
-        sentinel_kwargs={**_sentinel_tls(target), **timeouts},
-        **_client_options(target, address=False),
+        # The sentinels: the nodes' TLS options, not their credentials.
+        sentinel_kwargs={**{k: v for k, v in nodes.items() if k.startswith("ssl")}, **timeouts},
+        **nodes,
     )
     assert target.master_name is not None
     client: redis.Redis = sentinel.master_for(

@@ -54,8 +54,6 @@ class _State:
             "hold_s": 0.0,
         }
         self.failed: list[str] = []
-        self.conditional_puts = 0  # PUTs that came with If-None-Match
-        self.log_puts: list[tuple[str, int]] = []  # (path, status) of each log file PUT
 
     def take_failure(self, request: str) -> bool:
         with self.lock:
@@ -117,8 +115,6 @@ def serve(upstream: str, secret_key: str, port: int = 0) -> ThreadingHTTPServer:
                 reply = {
                     **state.rules,
                     "failed": state.failed,
-                    "conditional_puts": state.conditional_puts,
-                    "log_puts": state.log_puts,
                 }
             self._send(200, [("Content-Type", "application/json")], json.dumps(reply).encode())
 
@@ -132,7 +128,6 @@ def serve(upstream: str, secret_key: str, port: int = 0) -> ThreadingHTTPServer:
             request = f"{self.command} {self.path.split('?')[0]}"
             if self.command == "PUT" and "If-None-Match" in self.headers:
                 with state.lock:
-                    state.conditional_puts += 1
                     drop = bool(state.rules["drop_if_none_match"])
                 if drop:
                     headers = {k: v for k, v in headers.items() if k.lower() != "if-none-match"}
@@ -150,9 +145,6 @@ def serve(upstream: str, secret_key: str, port: int = 0) -> ThreadingHTTPServer:
                 time.sleep(hold)
                 self._send(503, [("Content-Type", "application/xml")], _SLOW_DOWN)
                 return
-            if self.command == "PUT" and "/_delta_log/" in self.path:
-                with state.lock:
-                    state.log_puts.append((self.path, reply.status))
             kept = [(k, v) for k, v in reply.getheaders() if k.lower() not in _HOP_BY_HOP]
             self._send(reply.status, kept, payload)
 
