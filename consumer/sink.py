@@ -111,7 +111,6 @@ class DeltaSink:
         self.index.bootstrap(self.table)
         self._own_commit_ids: set[str] = set()
         self.commits = 0
-        self.ambiguous_landed = 0  # commits that failed to reply but had landed
         # Test hook: runs between the dedup check and the write, to force a race.
         self.before_write: Callable[[], object] | None = None
 
@@ -186,7 +185,6 @@ class DeltaSink:
                 self.table, self.app_id, txn_version, commit_id, snapshot_version, exc
             ):
                 raise commit_error(exc, self.kind.table) from exc
-            self.ambiguous_landed += 1
         self._own_commit_ids.add(commit_id)
         self.index.add_committed(keys, fresh)
         self.commits += 1
