@@ -13,6 +13,7 @@ fills made while a client was disconnected reach it when it reconnects.
 from __future__ import annotations
 
 import random
+import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -92,6 +93,10 @@ class Blotter:
     seed: int = 1
     faults: FillFaults = field(default_factory=FillFaults)
     fills: list[SimFill] = field(default_factory=list)
+    # The execution IDs' first segment, new for every run: IB's IDs never repeat, and
+    # a second run on the same lake must not look like the first one's repeats. Only
+    # the IDs change with it; the seed still decides everything else.
+    run_tag: str = field(default_factory=lambda: f"{secrets.randbits(32):08x}")
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed + 7)
@@ -125,7 +130,7 @@ class Blotter:
             commission = None if missing else round(0.65 * shares + rng.uniform(0, 0.3), 4)
             made.append(
                 SimFill(
-                    exec_id=f"0000sim1.{perm_id:08x}.{leg:02d}.01",
+                    exec_id=f"{self.run_tag}.{perm_id:08x}.{leg:02d}.01",
                     account=holding.account,
                     instrument=holding.instrument,
                     side=side,
@@ -153,7 +158,7 @@ class Blotter:
         bag = Instrument(BAG_CONID, symbol, "BAG", "", 0.0, "", 1, "SMART")
         net = round(sum(f.price if f.side == "BOT" else -f.price for f in legs), 4)
         report = SimFill(
-            exec_id=f"0000sim1.{first.perm_id:08x}.00.01",
+            exec_id=f"{self.run_tag}.{first.perm_id:08x}.00.01",
             account=first.account,
             instrument=bag,
             side="BOT" if net >= 0 else "SLD",

@@ -155,6 +155,9 @@ class SyntheticPortfolio:
         self._by_conid = {i.conid: i for i in self.instruments}
         self._stocks = [i for i in self.instruments if i.sec_type == "STK"]
         self.holdings = {}
+        # Holdings closed since the start, with position 0: IB's position answer lists a
+        # contract closed during the day with quantity 0 until the next day.
+        self.closed_today: dict[tuple[str, int], Holding] = {}
         self._order: list[tuple[str, int]] = []
         self._slot: dict[tuple[str, int], int] = {}
         capacity = len(self.accounts) * len(self.instruments)
@@ -254,6 +257,7 @@ class SyntheticPortfolio:
 
     def _add(self, holding: Holding) -> None:
         key = (holding.account, holding.instrument.conid)
+        self.closed_today.pop(key, None)
         self.holdings[key] = holding
         self._slot[key] = len(self._order)
         self._order.append(key)
@@ -318,7 +322,9 @@ class SyntheticPortfolio:
             holding.realized_pnl + holding.position * (unit_value - holding.average_cost), 2
         )
         holding.position = 0.0
-        self._remove((holding.account, holding.instrument.conid))
+        key = (holding.account, holding.instrument.conid)
+        self._remove(key)
+        self.closed_today[key] = holding
 
     def set_position(self, account: str, conid: int, position: float) -> PortfolioEvent:
         """One chosen event: open (at the current price), change or close a holding."""

@@ -239,7 +239,9 @@ class ClientSession:
         self.positions_subscribed = True
         if self.sim.take_unanswered("positions"):
             return
-        for holding in list(self.sim.portfolio.holdings.values()):
+        # The book as it is now, and, as IB answers, every contract closed today at 0.
+        portfolio = self.sim.portfolio
+        for holding in [*portfolio.holdings.values(), *portfolio.closed_today.values()]:
             self.send_position(holding)
         self.queue(tws.position_end())
 

@@ -131,6 +131,10 @@ class GatewaySimulator:
         self.portfolio = SyntheticPortfolio(self.accounts, config.positions, seed=config.seed)
         self.blotter = Blotter(config.seed, config.fill_faults)
         self.book = AccountBook(self.accounts)
+        # The book before the first event: what fills change it from (checks of the truth).
+        self.initial_positions = {
+            key: holding.position for key, holding in self.portfolio.holdings.items()
+        }
         self.record: list[SentUpdate] = []
         self.sent_count: Counter[str] = Counter()
         self.first_sent_ns: dict[str, int] = {}

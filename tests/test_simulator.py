@@ -107,3 +107,52 @@ def test_thread_runner_controls() -> None:
         assert thread.simulator.paused
     finally:
         thread.stop()
+
+
+def test_a_late_client_gets_the_book_as_it_is_and_fills_add_up() -> None:
+    """Fills made before any client connected: the first connection's position answer
+    is the book at that moment (contracts closed meanwhile at 0, as IB answers), so
+    for every contract with fills, the fills add up to its change since the start."""
+
+    async def scenario() -> None:
+        async with running_simulator(accounts=["DU1", "DU2"], positions=30, rate=300) as sim:
+            start = dict(sim.initial_positions)
+            await asyncio.sleep(2.0)  # no client yet: the book moves by fills alone
+            sim.pause()
+            ib = IB()
+            await ib.connectAsync("127.0.0.1", sim.port, clientId=5, readonly=True, timeout=5)
+            try:
+                answer = {(p.account, p.contract.conId): p.position
+                          for p in await ib.reqPositionsAsync()}  # fmt: skip
+                filled: dict[tuple[str, int], float] = {}
+                for fill in ib.fills():
+                    if fill.contract.secType == "BAG":
+                        continue
+                    key = (fill.execution.acctNumber, fill.contract.conId)
+                    sign = 1.0 if fill.execution.side == "BOT" else -1.0
+                    filled[key] = filled.get(key, 0.0) + sign * fill.execution.shares
+            finally:
+                ib.disconnect()
+            assert len(filled) >= 20, "too few contracts with fills to mean anything"
+            closed = [k for k in filled if answer.get(k) == 0]
+            assert closed, "no contract closed by fills: the zero rows are untested"
+            for key, shares in filled.items():
+                assert key in answer, f"{key} has fills but is not in the position answer"
+                assert answer[key] == pytest.approx(start.get(key, 0.0) + shares), key
+
+    asyncio.run(scenario())
+
+
+def test_execution_ids_are_new_for_every_run() -> None:
+    """Two runs with the same seed make the same fills under different execution IDs."""
+
+    async def fills_of_one_run() -> list[tuple[str, str, float]]:
+        async with running_simulator(accounts=["DU1"], positions=20, rate=200, seed=4) as sim:
+            await asyncio.sleep(0.5)
+            sim.pause()
+            return [(f.exec_id, f.side, f.shares) for f in sim.blotter.fills[:20]]
+
+    first, second = asyncio.run(fills_of_one_run()), asyncio.run(fills_of_one_run())
+    assert len(first) == len(second) == 20
+    assert [f[1:] for f in first] == [f[1:] for f in second]  # the seed still decides
+    assert not {f[0] for f in first} & {f[0] for f in second}
