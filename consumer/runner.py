@@ -46,6 +46,7 @@ from consumer.maintenance import TableMaintainer
 from consumer.redis_calls import SIGNAL_CHECK_S, RedisCalls, backoff, pause
 from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
+from consumer.snapshots import SnapshotCloser
 from consumer.store_check import check_put_if_absent
 from consumer.upsert import UpsertWriter
 from infra.redis_conn import sync_client
@@ -95,6 +96,9 @@ class ConsumerStats:
     commit_retries: int = 0
     current_commit_retries: int = 0
     redis_retries: int = 0
+    snapshots_complete: int = 0
+    snapshots_incomplete: int = 0
+    snapshot_closes: int = 0
 
 
 class Consumer:
@@ -120,6 +124,7 @@ class Consumer:
         # Opened in run(): per kind its history writer and, if it has one, current writer.
         self.sinks: dict[EntryKind, DeltaSink | UpsertWriter] = {}
         self.currents: dict[EntryKind, CurrentWriter] = {}
+        self.closers: dict[EntryKind, SnapshotCloser] = {}  # per snapshot kind
         # For metrics and health (consumer/metrics.py): batch observer, loop heartbeat.
         self.on_batch: Callable[[int, float], None] | None = None
         self.heartbeat = time.monotonic()
@@ -404,6 +409,16 @@ class Consumer:
                 # In the history already, but the current table cannot hold them: say so.
                 rejected = [(i, f"{reason} (the row is in {kind.table})") for i, reason in rejected]
                 dead = dead + self._rejected_letters(None, rejected)
+        for closer in self.closers.values():
+            closer.after_append = partial(self._crash_point, "after_close", committed.number)
+            closed = self._commit_with_retry(
+                partial(closer.apply, committed.rows), "current_commit_retries"
+            )
+            if closed is None:
+                return False
+            self._count("snapshots_complete", closed.complete)
+            self._count("snapshots_incomplete", closed.incomplete)
+            self._count("snapshot_closes", closed.closed)
         self._crash_point("after_current", committed.number)
         # One XACK, or a MULTI/EXEC with dead letters: refused as a whole (OOM, NOPERM),
         # never half done; redis-py's message names the command that was refused.
@@ -504,6 +519,11 @@ class Consumer:
                     for kind in KINDS
                     if kind.current is not None
                 }
+                closers = {
+                    kind: SnapshotCloser(self.settings, kind, currents[kind.snapshot.closes])
+                    for kind in KINDS
+                    if kind.snapshot is not None
+                }
             except ConfigError:
                 raise
             except Exception as exc:  # a store away, a lake not mounted yet: wait for it
@@ -514,7 +534,7 @@ class Consumer:
                 )
                 self._pause(delay)
                 continue
-            self.sinks, self.currents = sinks, currents
+            self.sinks, self.currents, self.closers = sinks, currents, closers
             return True
         return False
 

@@ -61,6 +61,12 @@ log = logging.getLogger(__name__)
 NO_CHECKPOINT = PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False)
 
 
+def group_app_id(settings: Settings) -> str:
+    """The app id of every commit the group's consumers make to a kind's tables: one per
+    table log, shared by the group, so their commits serialise."""
+    return f"poslake:{settings.stream}:{settings.group}"
+
+
 def open_kind_table(settings: Settings, kind: EntryKind, name: str | None = None) -> DeltaTable:
     """A kind's table (its history unless ``name`` says another of its tables), created
     with the kind's schema and partitions on first use."""
@@ -104,7 +110,7 @@ class DeltaSink:
         self.kind = kind
         self.table = open_kind_table(settings, kind)
         # One app id per table, shared by the group: each table's log serialises its own.
-        self.app_id = f"poslake:{settings.stream}:{settings.group}"
+        self.app_id = group_app_id(settings)
         self.index = CommittedKeyIndex(
             settings.dedup_index_max_keys, settings.storage_options or None, kind
         )

@@ -24,6 +24,9 @@ class AccountBook:
     accounts: list[str]
     cash: dict[str, float] = field(init=False)
     realized: dict[str, float] = field(init=False)
+    # (account, key) IB no longer sends (a currency no longer held, say): gone from
+    # every download from then on.
+    withheld: set[tuple[str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.cash = dict.fromkeys(self.accounts, STARTING_CASH)
@@ -63,7 +66,7 @@ class AccountBook:
         }
         rows = [(key, f"{value:.2f}", "USD") for key, value in money.items()]
         rows.append(("AccountType", "INDIVIDUAL", ""))
-        return rows
+        return [row for row in rows if (account, row[0]) not in self.withheld]
 
     def pnl(self, account: str, holdings: Iterable[Holding]) -> tuple[float, float, float]:
         """reqPnL's (daily, unrealized, realized) for the account."""

@@ -236,6 +236,17 @@ class GatewaySimulator:
     def streaming_conids(self) -> set[int]:
         return self.market_data.streaming_conids()
 
+    def new_day(self) -> None:
+        """Start the next trading day: contracts closed earlier no longer appear at 0 in
+        the position answer, and the day's executions start empty (reqExecutions covers
+        today only). A producer away overnight sees its closed positions simply gone."""
+        self.portfolio.closed_today.clear()
+        self.blotter.fills.clear()
+
+    def stop_sending_value(self, account: str, key: str) -> None:
+        """IB stops sending one of the account's values (no message says so)."""
+        self.book.withheld.add((account, key))
+
     def pause(self) -> None:
         """Stop generating events (connections stay up)."""
         self.paused = True

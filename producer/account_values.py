@@ -21,6 +21,7 @@ import msgspec
 
 from producer.ib_mapping import UpdateClock
 from shared.account_values import PNL_KEYS, AccountValue
+from shared.snapshots import account_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class AccountValueStats:
     published: int = 0
     unchanged: int = 0
     unreadable: int = 0
+    snapshots: int = 0
 
 
 class AccountValueFeed:
@@ -46,6 +48,8 @@ class AccountValueFeed:
         self.clock = clock
         self.stats = AccountValueStats()
         self._last: dict[tuple[str, str, str], str] = {}
+        # What this connect's account downloads sent, per account, until they are in.
+        self._downloaded: dict[str, set[tuple[str, str]]] | None = None
 
     def install(self, ib: Any) -> None:
         ib.accountValueEvent += self.on_account_value
@@ -54,10 +58,30 @@ class AccountValueFeed:
     # --- the connection's life (producer/ib_connection.py) --------------------------
 
     def on_connecting(self) -> None:
-        pass
+        self._downloaded = {}
 
     async def on_connected(self) -> None:
+        self._publish_snapshots()
         self.subscribe_pnl(self.ib, self.accounts())
+
+    def _publish_snapshots(self) -> None:
+        """After the connect's account downloads: per account whose download ib_async
+        waited for, the (key, currency) pairs it sent, as an account snapshot
+        (shared/snapshots.py); the consumer closes the values IB stopped sending.
+
+        ib_async waits for every account's download up to ``MaxSyncedSubAccounts``
+        accounts in the login; past that only the portfolio account's is complete."""
+        downloaded, self._downloaded = self._downloaded or {}, None
+        followed = self.accounts()
+        limit = getattr(self.ib, "MaxSyncedSubAccounts", 50)
+        complete = followed if len(self.ib.managedAccounts()) <= limit else followed[:1]
+        for account in complete:
+            held = sorted(downloaded.get(account, set()))
+            stamp = self.clock.stamp_us()
+            at = UpdateClock.as_datetime(stamp)
+            for index, part in enumerate(account_snapshot(account, at, held)):
+                self.outbox.put(stamp if index == 0 else self.clock.stamp_us(), part)
+            self.stats.snapshots += 1
 
     async def on_link_restored(self) -> None:
         self.subscribe_pnl(self.ib, self.accounts(), again=True)
@@ -85,6 +109,8 @@ class AccountValueFeed:
     def on_account_value(self, value: Any) -> None:
         if value.modelCode:
             return  # a model portfolio's figure, not the account's
+        if self._downloaded is not None:
+            self._downloaded.setdefault(value.account, set()).add((value.tag, value.currency))
         self.publish(value.account, value.tag, value.currency, str(value.value))
 
     def on_pnl(self, pnl: Any) -> None:

@@ -37,6 +37,7 @@ class SourceStats:
     client_id_refusals: int = 0
     probes_failed: int = 0
     closed_while_away: int = 0  # positions gone from IB's snapshot after a reconnect
+    snapshots: int = 0  # position snapshots published (one per account and download)
 
 
 class ClientIdInUse(ConnectionError):

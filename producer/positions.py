@@ -36,6 +36,7 @@ from producer.ib_mapping import (
 from producer.outbox import Outbox
 from producer.pnl_subscriptions import PnlSubscriptions
 from shared.settings import Settings
+from shared.snapshots import position_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,18 @@ class PositionFeed:
                 settings.ib_connect_timeout_s,
             )
         self._close_vanished()
+        self._publish_snapshots()
 
     async def on_link_restored(self) -> None:
         timeout = self.settings.ib_connect_timeout_s
+        self._seen = set()
         if self.portfolio_account:
             await asyncio.wait_for(self.ib.reqAccountUpdatesAsync(self.portfolio_account), timeout)
         # IB forgot every PnL-single: they go out again within the budget.
         self.subscriptions.resubscribe()
         await asyncio.wait_for(self.ib.reqPositionsAsync(), timeout)
+        self._close_vanished()
+        self._publish_snapshots()
 
     def on_disconnected(self) -> None:
         # ib_async wipes its subscriptions on disconnect; so do we.
@@ -226,6 +231,20 @@ class PositionFeed:
                 "positions closed while disconnected: publishing their close",
                 extra={"count": len(vanished)},
             )
+
+    def _publish_snapshots(self) -> None:
+        """After a complete download (positionEnd, and the portfolio account's download
+        end): every followed account's held contracts, as a position snapshot
+        (shared/snapshots.py). The consumer closes what the lake holds open and this
+        does not list: positions closed while the producer was not running at all."""
+        for account in self.accounts():
+            held = [conid for (owner, conid) in self.book if owner == account]
+            stamp = self.clock.stamp_us()
+            at = UpdateClock.as_datetime(stamp)
+            for index, part in enumerate(position_snapshot(account, at, held)):
+                self.outbox.put(stamp if index == 0 else self.clock.stamp_us(), part)
+            self.stats.snapshots += 1
+            log.info("position snapshot published", extra={"account": account, "held": len(held)})
 
     def on_portfolio(
         self,

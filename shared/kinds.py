@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from shared import lake_names
 from shared.account_values import (
@@ -39,6 +41,16 @@ from shared.executions import (
 )
 from shared.greeks import GREEKS_LABEL_FIELDS, OPTION_GREEKS_SCHEMA, OptionGreeks, greeks_to_arrow
 from shared.model import LABEL_FIELDS, PositionUpdate
+from shared.snapshots import (
+    ACCOUNT_SNAPSHOTS_SCHEMA,
+    NOT_DOWNLOADED_PREFIX,
+    POSITION_SNAPSHOTS_SCHEMA,
+    SNAPSHOT_LABEL_FIELDS,
+    AccountSnapshot,
+    PositionSnapshot,
+    account_snapshots_to_arrow,
+    position_snapshots_to_arrow,
+)
 from shared.table import POSITION_UPDATES_SCHEMA, updates_to_arrow
 
 RowBuilder = Callable[[Sequence[Any], Sequence[bytes]], pa.Table]
@@ -90,6 +102,24 @@ class UpsertRule:
         return self.attached[1]
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class SnapshotRule:
+    """How a complete snapshot of one account closes what it no longer lists.
+
+    The closed kind's current table holds one row per (account, ``identity``); a row
+    of the snapshot's account that is still open (``is_open``), older than the
+    snapshot and not listed in it gets a closing observation (``close``) at the
+    snapshot's time, appended to the closed kind's history and merged into its
+    current table like any other (consumer/snapshots.py).
+    """
+
+    closes: EntryKind
+    identity: tuple[str, ...]  # the current table's columns one held item names
+    held: Callable[[pa.Table], set[tuple[Any, ...]]]  # what the snapshot's rows list
+    is_open: Callable[[pa.Table], pa.ChunkedArray | pa.Array]  # mask of open current rows
+    close: Callable[[dict[str, Any], datetime], msgspec.Struct]  # a row's closing observation
+
+
 # eq=False: a kind is a singleton, compared and hashed by identity. It keys dicts on
 # the hot path (a lookup per entry), and a generated hash would hash every field,
 # the Arrow schema included, each time (it made the drain 2x slower).
@@ -117,6 +147,7 @@ class EntryKind:
     time_column: str = "timestamp"
     current: CurrentTable | None = None
     upsert: UpsertRule | None = None
+    snapshot: SnapshotRule | None = None  # a snapshot kind: what its complete ones close
 
     @property
     def key_columns(self) -> tuple[str, ...]:
@@ -184,7 +215,89 @@ OPTION_GREEKS = EntryKind(
     current=CurrentTable(lake_names.OPTION_GREEKS_CURRENT, match=("conid", "source")),
 )
 
-KINDS: tuple[EntryKind, ...] = (POSITIONS, EXECUTIONS, ACCOUNT_VALUES, OPTION_GREEKS)
+
+def _held_conids(rows: pa.Table) -> set[tuple[Any, ...]]:
+    return {(conid,) for conid in pc.list_flatten(rows.column("conids")).to_pylist()}
+
+
+def _held_values(rows: pa.Table) -> set[tuple[Any, ...]]:
+    flat = pc.list_flatten(rows.column("keys"))
+    return set(zip(pc.struct_field(flat, "key").to_pylist(),
+                   pc.struct_field(flat, "currency").to_pylist(), strict=True))  # fmt: skip
+
+
+def _open_position(rows: pa.Table) -> pa.ChunkedArray:
+    return pc.not_equal(rows.column("position"), 0.0)
+
+
+def _open_value(rows: pa.Table) -> pa.ChunkedArray:
+    downloaded = pc.invert(pc.starts_with(rows.column("key"), NOT_DOWNLOADED_PREFIX))
+    return pc.and_(pc.not_equal(rows.column("value"), ""), downloaded)
+
+
+def _closed_position(row: dict[str, Any], at: datetime) -> PositionUpdate:
+    """The position at 0 (worth 0, no unrealized P&L) at the snapshot's time."""
+    return PositionUpdate(
+        account=row["account"], conid=row["conid"], symbol=row["symbol"],
+        sec_type=row["sec_type"], currency=row["currency"], position=0.0, timestamp=at,
+        right=row["right"], strike=row["strike"], expiry=row["expiry"],
+        multiplier=row["multiplier"], market_value=0.0, unrealized_pnl=0.0,
+    )  # fmt: skip
+
+
+def _closed_value(row: dict[str, Any], at: datetime) -> AccountValue:
+    """The value gone: empty text (``numeric`` null) at the snapshot's time."""
+    return AccountValue(
+        account=row["account"], key=row["key"], currency=row["currency"], value="", timestamp=at
+    )
+
+
+POSITION_SNAPSHOTS = EntryKind(
+    tag="position_snapshot",
+    model=PositionSnapshot,
+    table=lake_names.POSITION_SNAPSHOTS,
+    schema=POSITION_SNAPSHOTS_SCHEMA,
+    to_rows=position_snapshots_to_arrow,
+    partition_by=("account",),
+    label_fields=SNAPSHOT_LABEL_FIELDS,
+    group=("account", "part"),
+    time_column="timestamp",
+    snapshot=SnapshotRule(
+        closes=POSITIONS,
+        identity=("conid",),
+        held=_held_conids,
+        is_open=_open_position,
+        close=_closed_position,
+    ),
+)
+
+ACCOUNT_SNAPSHOTS = EntryKind(
+    tag="account_snapshot",
+    model=AccountSnapshot,
+    table=lake_names.ACCOUNT_SNAPSHOTS,
+    schema=ACCOUNT_SNAPSHOTS_SCHEMA,
+    to_rows=account_snapshots_to_arrow,
+    partition_by=("account",),
+    label_fields=SNAPSHOT_LABEL_FIELDS,
+    group=("account", "part"),
+    time_column="timestamp",
+    snapshot=SnapshotRule(
+        closes=ACCOUNT_VALUES,
+        identity=("key", "currency"),
+        held=_held_values,
+        is_open=_open_value,
+        close=_closed_value,
+    ),
+)
+
+KINDS: tuple[EntryKind, ...] = (
+    POSITIONS,
+    EXECUTIONS,
+    ACCOUNT_VALUES,
+    OPTION_GREEKS,
+    POSITION_SNAPSHOTS,
+    ACCOUNT_SNAPSHOTS,
+)
 """Every kind, in the order the consumer commits them."""
 
 DEFAULT_KIND = POSITIONS

@@ -12,6 +12,8 @@ ACCOUNT_VALUES = "account_values"
 ACCOUNT_VALUES_CURRENT = "account_values_current"
 OPTION_GREEKS = "option_greeks"
 OPTION_GREEKS_CURRENT = "option_greeks_current"
+POSITION_SNAPSHOTS = "position_snapshots"
+ACCOUNT_SNAPSHOTS = "account_snapshots"
 
 # Objects poslake itself keeps beside the tables (the store check's probe).
 PROBE_PREFIX = "_poslake"

@@ -38,8 +38,9 @@ TOMBSTONE_MARGIN_HOURS = 2
 ENV_PREFIX = "POSLAKE_"
 
 # after_commit: after the history commit, before the positions_current merge;
-# after_current: after both, before the XACK.
-CrashPoint = Literal["after_read", "after_commit", "after_current", "mid_claim"]
+# after_close: after a complete snapshot's closing rows are appended, before their merge;
+# after_current: after all of them, before the XACK.
+CrashPoint = Literal["after_read", "after_commit", "after_close", "after_current", "mid_claim"]
 
 # Longest wait any setting may ask for: a day is already absurd for a backoff, and
 # it keeps every duration far from what time.sleep() and timers overflow on.
