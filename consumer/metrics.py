@@ -33,6 +33,9 @@ COUNTERS = {
     "current_commit_retries": "current table merges retried (conflict or failure)",
     "redis_retries": "Redis calls retried after a transient failure",
     "maintenance_lease_errors": "maintenance lease SET/GET/DEL refused or failed",
+    "stream_trimmed": "acknowledged entries this consumer trimmed from the stream",
+    "dlq_trimmed": "dead letters dropped by the dead-letter stream's bound",
+    "snapshot_closes": "rows closed by complete snapshots (positions and values gone)",
 }
 GAUGES = {
     "lag": "entries the group has not read yet (counted up to 10,000: at least that many)",
@@ -43,6 +46,9 @@ GAUGES = {
     # Its memory is ~8 bytes a key, growing by design up to POSLAKE_DEDUP_INDEX_MAX_KEYS.
     "dedup_index_keys": "keys held by the in-memory dedup index",
     "dedup_index_contracts": "contracts (account, conid) the dedup index holds keys of",
+    "stream_bytes": "the stream's memory in Redis after the last trim (MEMORY USAGE)",
+    "stream_over_cap": "1 while unacknowledged entries alone exceed POSLAKE_STREAM_MAX_BYTES",
+    "trim_seconds": "how long the last trim took",
 }
 
 
@@ -99,6 +105,12 @@ class ConsumerMetrics:
         values["dedup_index_contracts"] = sum(sink.index.contracts for sink in sinks)
         maintainer = self.consumer.maintainer
         values["maintenance_lease_errors"] = maintainer.lease_errors if maintainer else 0
+        trimmer = self.consumer.trimmer
+        values["stream_trimmed"] = trimmer.removed
+        values["stream_bytes"] = trimmer.stream_bytes
+        values["stream_over_cap"] = 1.0 if trimmer.over_cap else 0.0
+        values["trim_seconds"] = trimmer.seconds
+        values["dlq_trimmed"] = self.consumer.settler.dlq_trimmed
         settings = self.consumer.settings
         try:
             for group in self._client.xinfo_groups(settings.stream):
@@ -125,4 +137,9 @@ class ConsumerMetrics:
         age = time.monotonic() - self.consumer.heartbeat
         if age > limit:
             return False, f"consume loop stuck for {age:.0f}s"
+        if self.consumer.trimmer.over_cap:
+            return False, (
+                "unacknowledged entries exceed POSLAKE_STREAM_MAX_BYTES "
+                f"({self.consumer.trimmer.stream_bytes} bytes): consumers are behind"
+            )
         return True, "ok"

@@ -48,6 +48,7 @@ from consumer.settle import DeadLetter, Settler
 from consumer.sink import CommitOutcome, DeltaSink
 from consumer.snapshots import SnapshotCloser
 from consumer.store_check import check_put_if_absent
+from consumer.trim import StreamTrimmer
 from consumer.upsert import UpsertWriter
 from infra.redis_conn import sync_client
 from infra.stopping import take_early
@@ -117,7 +118,16 @@ class Consumer:
             retry=Retry(NoBackoff(), 1),
         )
         self.group = ConsumerGroup(self.client, settings)
-        self.settler = Settler(self.client, settings.stream, settings.group, settings.consumer_name)
+        self.settler = Settler(
+            self.client,
+            settings.stream,
+            settings.group,
+            settings.consumer_name,
+            settings.dlq_max_entries,
+        )
+        self.trimmer = StreamTrimmer(
+            settings, lambda call: self._redis(call, "EVAL", settings.stream), self.client
+        )
         self.stats = ConsumerStats()
         self._stats_lock = threading.Lock()
         self._batches_in_hand = 0  # numbers batches for the crash points
@@ -212,7 +222,10 @@ class Consumer:
             },
         )
         try:
-            return self._consume(self.maintainer, drain)
+            exit_code = self._consume(self.maintainer, drain)
+            if exit_code == ExitCode.OK:
+                self.trimmer.poll(force=True)  # what this run acknowledged, trimmed now
+            return exit_code
         except StreamUnavailable as exc:
             log.error("stopped without redis", extra={"error": str(exc)})
             return ExitCode.FAILED
@@ -255,6 +268,7 @@ class Consumer:
         while upcoming is not None:
             self.heartbeat = time.monotonic()
             maintainer.poll()
+            self.trimmer.poll()
             batch = _wait(upcoming)
             upcoming = None
             if batch.empty:

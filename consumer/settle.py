@@ -9,6 +9,10 @@ MULTI: acknowledging is what frees memory then). A crash before settling
 leaves the entries pending: they are delivered again and the key dedup makes
 the second pass a no-op.
 
+The dead-letter stream is bounded too: at most ``POSLAKE_DLQ_MAX_ENTRIES`` letters,
+the oldest dropped past it in the same transaction (counted in
+``poslake_consumer_dlq_trimmed_total`` and logged).
+
 A dead letter is bounded: an entry of at most ``max_entry_bytes`` and
 :data:`DLQ_MAX_FIELDS` fields is copied whole; a bigger one is cut to its first
 :data:`DLQ_KEEP_FIELDS` fields and :data:`DLQ_KEEP_BYTES` bytes and marked
@@ -71,12 +75,21 @@ class DeadLetter:
 class Settler:
     """Writes dead letters and acknowledges entries for one consumer."""
 
-    def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        dlq_max_entries: int = 100_000,
+    ) -> None:
         self._client = client
         self._stream = stream
         self._group = group
         self._consumer = consumer
         self.dlq_stream = f"{stream}:dlq"
+        self.dlq_max_entries = dlq_max_entries
+        self.dlq_trimmed = 0  # the oldest dead letters the bound dropped
 
     def check_transactions(self) -> None:
         """Raise if Redis refuses MULTI or EXEC (see infra/redis_conn.py)."""
@@ -114,9 +127,18 @@ class Settler:
                 fields[f"{DLQ_PREFIX}original_bytes"] = str(letter.original[0])
                 fields[f"{DLQ_PREFIX}original_fields"] = str(letter.original[1])
             pipe.xadd(self.dlq_stream, fields)  # type: ignore[arg-type]
+        # The dead-letter stream's bound: its oldest letters go, counted.
+        pipe.xtrim(self.dlq_stream, maxlen=self.dlq_max_entries, approximate=False)
         if entry_ids:
             pipe.xack(self._stream, self._group, *entry_ids)
-        pipe.execute()
+        replies = pipe.execute()
+        dropped = int(replies[len(dead)])
+        if dropped:
+            self.dlq_trimmed += dropped
+            log.warning(
+                "dead-letter stream at its bound: oldest letters dropped",
+                extra={"dropped": dropped, "bound": self.dlq_max_entries, "dlq": self.dlq_stream},
+            )
         for letter in dead:
             log.warning(
                 "dead-lettered entry",

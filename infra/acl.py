@@ -138,6 +138,14 @@ _CONSUMER = (
         without="/metrics lacks the lag and pending gauges; warned in the log",
     ),
     _right("ping", "redis-py's health check", rare="a connection was idle for 30 s"),
+    _right("eval", "trim the stream below what every group acknowledged, atomically"),
+    _right(
+        "xinfo|stream",
+        "the stream's first and last entry, when over its memory cap",
+        rare="the stream is over POSLAKE_STREAM_MAX_BYTES",
+    ),
+    _right("memory|usage", "the stream's size against POSLAKE_STREAM_MAX_BYTES"),
+    _right("xtrim", "trim the stream (in the script) and bound <stream>:dlq"),
     *_LEASE,
 )
 _STATUS = (
@@ -163,7 +171,10 @@ _REPLAY = (
     _right("xinfo|groups", "the group's position"),
     _right("xrange", "count the entries delivered again"),
     _right("info", "the server version (ENTRIESREAD needs 7.0)"),
-    _right("xinfo|stream", "entries added, for ENTRIESREAD", rare="Redis 7.0 and newer"),
+    _right(
+        "xinfo|stream",
+        "the first entry kept (a replay from before it is refused); entries added, for ENTRIESREAD",
+    ),
     _right("xrevrange", "the newest ID, for ENTRIESREAD", rare="Redis 7.0 and newer"),
     _right("xgroup|setid", "move the group"),
 )

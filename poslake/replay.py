@@ -9,6 +9,7 @@ ENTRIESREAD is set too, so the group's lag stays right.
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 import redis
@@ -55,6 +56,33 @@ def target_id(args: argparse.Namespace) -> str:
     return f"{ms - 1}-18446744073709551615" if ms > 0 else "0"
 
 
+def _check_replayable(client: Any, stream: str, position: str, beginning: bool) -> None:
+    """Refuse a position older than what the stream still holds: the entries between
+    were trimmed (consumers trim what every group acknowledged, consumer/trim.py), so
+    the replay would silently miss them. ``--beginning`` replays what is kept."""
+    if beginning:
+        return
+    info = client.xinfo_stream(stream)
+    first = info.get("first-entry")
+    if not first:
+        return
+    first_id = first[0].decode() if isinstance(first[0], bytes) else str(first[0])
+    lost = _parse_id(position) < _parse_id(first_id)
+    added = info.get("entries-added")  # Redis 7.0 and newer: were any ever removed?
+    if added is not None:
+        lost = lost and int(added) > int(info["length"])
+    # 6.2 cannot tell trimmed from never written: older than the first is refused.
+    if lost:
+        age_s = max(0.0, time.time() - int(first_id.split("-")[0]) / 1000)
+        raise CommandError(
+            f"{position} is older than the replayable range: stream {stream} holds entries "
+            f"from {first_id} ({age_s:.0f}s ago) on, older ones were trimmed "
+            "(POSLAKE_STREAM_RETENTION_S, POSLAKE_STREAM_MAX_BYTES); replay from a later "
+            "time, or use --beginning to replay what is kept",
+            ExitCode.BAD_INPUT,
+        )
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     group = args.group or settings.group
     new_position = target_id(args)
@@ -78,6 +106,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 "forward would skip entries; replay only moves back",
                 ExitCode.BAD_INPUT,
             )
+        _check_replayable(client, settings.stream, new_position, args.beginning)
         again = count_between(client, settings.stream, new_position, current)
         confirm(
             f"Move group {group} from {current} back to {new_position}: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -64,6 +65,9 @@ class Status:
     maintenance_lease: str = ""  # who holds it and for how long, or why it cannot be read
     # Every kind's tables (shared/kinds.py), None for those not created yet.
     tables: dict[str, TableStatus | None] = field(default_factory=dict)
+    # The replayable range starts at the first entry kept (consumers trim acknowledged
+    # entries past POSLAKE_STREAM_RETENTION_S or the memory cap): its age in seconds.
+    first_age_s: float | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +158,21 @@ def collect(settings: Settings) -> Status:
         lease = lease_status(client, settings)
     tables = {name: table_status(settings, name) for name in all_tables()}
     table = tables[POSITIONS.table]
-    return Status(settings.stream, length, first, last, groups, dead, table, lease, tables)
+    age = entry_age_s(first) if first else None
+    return Status(settings.stream, length, first, last, groups, dead, table, lease, tables, age)
+
+
+def entry_age_s(entry_id: str) -> float:
+    """How long ago an entry ID's time part was (IDs carry milliseconds since the epoch)."""
+    return max(0.0, time.time() - int(entry_id.split("-", maxsplit=1)[0]) / 1000)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds / 3600:.1f}h"
 
 
 def render(status: Status) -> str:
@@ -162,6 +180,11 @@ def render(status: Status) -> str:
         f"stream {status.stream}: {status.length} entries, first {status.first_id or '-'}, "
         f"last {status.last_id or '-'}"
     ]
+    if status.first_id is not None and status.first_age_s is not None:
+        lines.append(
+            f"  replayable from {status.first_id} ({_age(status.first_age_s)} ago): older "
+            "entries were trimmed once every group had acknowledged them"
+        )
     if not status.groups:
         lines.append("  no consumer groups")
     for group in status.groups:

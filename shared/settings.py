@@ -125,6 +125,13 @@ class Settings(BaseSettings):
     # tombstone outlives the history by only TOMBSTONE_MARGIN_HOURS.
     vacuum_interval_s: Annotated[float, Field(ge=60, le=3600)] = 3600.0
 
+    # Consumers trim the stream below what every group acknowledged (consumer/trim.py),
+    # keeping a replay window within a memory cap.
+    stream_retention_s: Annotated[float, Field(ge=0, le=365 * MAX_SECONDS)] = 86_400.0
+    stream_max_bytes: Annotated[int, Field(ge=1_048_576)] = 256 * 1024 * 1024
+    stream_trim_interval_s: Annotated[float, Field(ge=1, le=60)] = 30.0
+    dlq_max_entries: Annotated[int, Field(ge=1)] = 100_000
+
     # Producer side: optional approximate trimming of the stream on XADD.
     stream_maxlen: Annotated[int, Field(ge=1)] | None = None
     stream_min_age_s: Annotated[float, Field(gt=0, le=365 * MAX_SECONDS)] | None = None

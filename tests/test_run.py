@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,6 @@ def test_ctrl_c_stops_everything_in_order(tmp_path: Path) -> None:
 def _position_entries(summary: str) -> int:
     """The summary's count of position entries: "N entries in stream S (A account_value,
     E execution, P position); ..."."""
-    return int(
-        summary.split(" position)", maxsplit=1)[0].rsplit(" ", 1)[-1].rsplit("(", maxsplit=1)[-1]
-    )
+    found = re.search(r"(\d+) position[,)]", summary)
+    assert found is not None, summary
+    return int(found.group(1))
