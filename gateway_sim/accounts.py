@@ -27,6 +27,9 @@ class AccountBook:
     # (account, key) IB no longer sends (a currency no longer held, say): gone from
     # every download from then on.
     withheld: set[tuple[str, str]] = field(default_factory=set)
+    # (account, key) -> value text set behind every client's back: only a new download
+    # (a new subscription) shows it, the periodic resends do not.
+    overrides: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.cash = dict.fromkeys(self.accounts, STARTING_CASH)
@@ -45,8 +48,11 @@ class AccountBook:
         )
         self.book(corrected)
 
-    def values(self, account: str, holdings: Iterable[Holding]) -> list[tuple[str, str, str]]:
-        """``(key, value, currency)`` of every value IB sends for the account."""
+    def values(
+        self, account: str, holdings: Iterable[Holding], download: bool = True
+    ) -> list[tuple[str, str, str]]:
+        """``(key, value, currency)`` of every value IB sends for the account: in a new
+        download, or (``download`` False) in a periodic resend."""
         held = list(holdings)
         market = sum(h.market_value for h in held)
         gross = sum(abs(h.market_value) for h in held)
@@ -64,7 +70,10 @@ class AccountBook:
             "UnrealizedPnL": unrealized,
             "RealizedPnL": self.realized[account],
         }
-        rows = [(key, f"{value:.2f}", "USD") for key, value in money.items()]
+        rows = [
+            (key, (download and self.overrides.get((account, key))) or f"{value:.2f}", "USD")
+            for key, value in money.items()
+        ]
         rows.append(("AccountType", "INDIVIDUAL", ""))
         return [row for row in rows if (account, row[0]) not in self.withheld]
 

@@ -297,14 +297,14 @@ class ClientSession:
 
     # --- account figures (gateway_sim/accounts.py) -------------------------------
 
-    def send_account_values(self, account: str) -> None:
+    def send_account_values(self, account: str, download: bool = True) -> None:
         holdings = self.sim.portfolio.holdings_of(account)
-        for key, value, currency in self.sim.book.values(account, holdings):
+        for key, value, currency in self.sim.book.values(account, holdings, download):
             self.queue(tws.account_value(key, value, currency, account))
 
-    def send_account_multi(self, req_id: int, account: str) -> None:
+    def send_account_multi(self, req_id: int, account: str, download: bool = True) -> None:
         holdings = self.sim.portfolio.holdings_of(account)
-        for key, value, currency in self.sim.book.values(account, holdings):
+        for key, value, currency in self.sim.book.values(account, holdings, download):
             self.queue(tws.account_update_multi(req_id, account, key, value, currency))
 
     def send_account_pnl(self, req_id: int, account: str) -> None:
@@ -315,9 +315,9 @@ class ClientSession:
         """Every account figure this connection is subscribed to, now (IB resends them
         about every 3 minutes)."""
         if self.portfolio_account:
-            self.send_account_values(self.portfolio_account)
+            self.send_account_values(self.portfolio_account, download=False)
         for req_id, account in self.account_multi.items():
-            self.send_account_multi(req_id, account)
+            self.send_account_multi(req_id, account, download=False)
         for req_id, account in self.account_pnl.items():
             self.send_account_pnl(req_id, account)
 

@@ -243,6 +243,32 @@ class GatewaySimulator:
         self.portfolio.closed_today.clear()
         self.blotter.fills.clear()
 
+    # Drift on purpose (``poslake reconcile`` must catch each):
+
+    def fill_unseen(self, account: str, conid: int, change: float) -> None:
+        """A fill that never reaches a client live (its position change does): IB's
+        blotter has it, so only a new reqExecutions shows it."""
+        holding = self.portfolio.holdings[(account, conid)]
+        event = self.portfolio.set_position(account, conid, holding.position + change)
+        for made in self.blotter.fill(event.holding, event.change, 0.0):
+            self.book.book(made)
+        self._emit_without_fills(event)
+
+    def change_without_fill(self, account: str, conid: int, position: float) -> None:
+        """A position change with no execution anywhere (not even in IB's blotter)."""
+        self._emit_without_fills(self.portfolio.set_position(account, conid, position))
+
+    def set_value_quietly(self, account: str, key: str, value: str) -> None:
+        """An account value changes without any message: only a new download shows it."""
+        self.book.overrides[(account, key)] = value
+
+    def _emit_without_fills(self, event: PortfolioEvent) -> None:
+        fills, self.config.fills = self.config.fills, False
+        try:
+            self.emit([event])
+        finally:
+            self.config.fills = fills
+
     def stop_sending_value(self, account: str, key: str) -> None:
         """IB stops sending one of the account's values (no message says so)."""
         self.book.withheld.add((account, key))

@@ -178,6 +178,11 @@ _REPLAY = (
     _right("xrevrange", "the newest ID, for ENTRIESREAD", rare="Redis 7.0 and newer"),
     _right("xgroup|setid", "move the group"),
 )
+_RECONCILE = (
+    _right("xinfo|stream", "the newest entry ID once IB's answer is in"),
+    _right("xinfo|groups", "has the group read past it"),
+    _right("xpending", "has the group acknowledged it", rare="the group holds pending entries"),
+)
 _DLQ_READ = (_right("xrange", "read dead letters"),)
 _TRANSACTION = (
     _right("multi", "one transaction: never in both streams or neither"),
@@ -202,6 +207,7 @@ ROLES: tuple[Role, ...] = (
     ),
     Role("status", "poslake-status", "poslake status", _STATUS, ("{stream}", "{dlq}", "{lease}")),
     Role("replay", "poslake-replay", "poslake replay", _REPLAY, ("{stream}",)),
+    Role("reconcile", "poslake-reconcile", "poslake reconcile", _RECONCILE, ("{stream}",)),
     Role(
         "dlq list",
         "poslake-dlq-list",
@@ -233,6 +239,7 @@ ROLES: tuple[Role, ...] = (
 write only the lake: they need no Redis user."""
 
 LAKE_ONLY_COMMANDS = ("maintain", "query")
+# ``reconcile`` reaches Redis only to wait for the consumers (its role above) and IB.
 
 
 def role(name: str) -> Role:
@@ -244,7 +251,7 @@ def role(name: str) -> Role:
 
 def operator_role() -> Role:
     """Every operator command in one user: the union of their rights and keys."""
-    names = ("status", "replay", "dlq list", "dlq requeue", "dlq purge")
+    names = ("status", "replay", "reconcile", "dlq list", "dlq requeue", "dlq purge")
     rights: dict[str, Right] = {}
     keys: list[str] = []
     for name in names:

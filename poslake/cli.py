@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from consumer import cli as consumer_cli
 from infra.redaction import scrub
-from poslake import dlq, maintain, query, replay, status
+from poslake import dlq, maintain, query, reconcile, replay, status
 from poslake import run as pipeline
 from poslake.command import LAKE_ERRORS, CommandError, ExitCode, lake_failure
 from producer import cli as producer_cli
@@ -40,6 +40,11 @@ OPERATOR_COMMANDS: dict[str, tuple[str, ArgumentAdder, OperatorCommand]] = {
         query.add_arguments,
         query.run,
     ),
+    "reconcile": (
+        "compare the lake with IB: positions, executions, account values, fills",
+        reconcile.add_arguments,
+        reconcile.run,
+    ),
 }
 
 
@@ -48,7 +53,8 @@ EXIT_CODES = (
     f"(argument, ID, time, setting), {ExitCode.NOT_FOUND} not found (table, group, dead "
     f"letter), {ExitCode.UNREACHABLE} unreachable or temporarily unavailable (Redis, "
     f"IB, the lake's store), {ExitCode.CANCELLED} cancelled at the prompt, "
-    f"{ExitCode.REFUSED} refused (password, ACL right, 403, unknown command)"
+    f"{ExitCode.REFUSED} refused (password, ACL right, 403, unknown command), "
+    f"{ExitCode.BEHIND} consumers behind, nothing compared (reconcile)"
 )
 
 

@@ -47,6 +47,8 @@ class ExitCode(IntEnum):
     5     cancelled at the confirmation prompt
     6     refused: Redis or the store denied access (wrong password, missing ACL
           right, 403) or does not know a command; the message names what to check
+    7     behind: the consumers did not catch up in time, nothing was compared
+          (``poslake reconcile``)
     ====  =====================================================================
     """
 
@@ -57,6 +59,7 @@ class ExitCode(IntEnum):
     UNREACHABLE = 4
     CANCELLED = 5
     REFUSED = 6
+    BEHIND = 7
 
 
 class PoslakeError(Exception):

@@ -144,6 +144,8 @@ class Settings(BaseSettings):
     # Accounts to publish (comma-separated); empty: every account of the login. The
     # first one gets IB's portfolio stream; the others positions + PnL-single.
     ib_accounts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # ``poslake reconcile``'s own client ID on the producer's gateway (read-only).
+    reconcile_client_id: Annotated[int, Field(ge=0, le=2**31 - 1)] = 18
     ib_connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
     ib_reconnect_initial_s: Seconds = 1.0
     ib_reconnect_max_s: Seconds = 60.0
@@ -294,6 +296,11 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("POSLAKE_RETRY_MAX_S must be at least POSLAKE_RETRY_INITIAL_S")
+        if self.reconcile_client_id == self.ib_client_id:
+            raise ValueError(
+                "POSLAKE_RECONCILE_CLIENT_ID must differ from POSLAKE_IB_CLIENT_ID "
+                f"({self.ib_client_id}): IB refuses a second connection with one client ID"
+            )
         if self.ib_reconnect_max_s < self.ib_reconnect_initial_s:
             raise ValueError(
                 "POSLAKE_IB_RECONNECT_MAX_S must be at least POSLAKE_IB_RECONNECT_INITIAL_S"
