@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 CAP_TARGET = 0.9  # over the cap, trim down to this share of it
 
-# KEYS[1] the stream; ARGV[1] the replay window in ms, ARGV[2] the cap in bytes.
+# KEYS[1] the stream; ARGV[1] the replay window in ms, ARGV[2] the cap in bytes, ARGV[3]
+# now in ms (the caller's clock: a window of hours tolerates any sane skew).
 # Returns {removed, bytes before, bytes after, target ID, safe ID, clamped (0/1)};
 # safe ID "" when no group exists (nothing is trimmed then).
 TRIM_SCRIPT = """
@@ -98,8 +99,7 @@ for _, group in ipairs(groups) do
 end
 local before, merr = call('MEMORY', 'USAGE', key)
 if not before then return fail('MEMORY USAGE', merr) end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local now_ms = tonumber(ARGV[3])
 local window = string.format('%.0f-0', math.max(0, now_ms - tonumber(ARGV[1]) + 1))
 local cap = tonumber(ARGV[2])
 local size, total, target, clamped = before, 0, window, 0
@@ -147,7 +147,9 @@ class TrimResult:
 def trim_stream(client: redis.Redis, stream: str, retention_s: float, max_bytes: int) -> TrimResult:
     """One trim of ``stream`` (see the module's docstring); raises redis errors as they
     come (NOPERM names the command the script was refused)."""
-    reply: Any = client.eval(TRIM_SCRIPT, 1, stream, str(int(retention_s * 1000)), str(max_bytes))
+    now_ms = str(int(time.time() * 1000))
+    window_ms = str(int(retention_s * 1000))
+    reply: Any = client.eval(TRIM_SCRIPT, 1, stream, window_ms, str(max_bytes), now_ms)
     removed, before, after, target, safe, clamped = reply
     return TrimResult(
         removed=int(removed),

@@ -204,3 +204,16 @@ def test_the_s3_profile_puts_the_lake_on_seaweedfs() -> None:
     assert options["AWS_ACCESS_KEY_ID"] == env["LAKE_S3_ACCESS_KEY"]
     assert options["AWS_SECRET_ACCESS_KEY"] == env["LAKE_S3_SECRET_KEY"]
     assert env["LAKE_S3_SECRET_KEY"] not in (REPO_ROOT / "compose.yaml").read_text()
+
+
+def test_reconcile_runs_periodically_beside_the_producer() -> None:
+    services = _compose()["services"]
+    reconcile = services["reconcile"]
+    assert reconcile["command"][2:5] == ["poslake", "reconcile", "--every"]
+    assert float(reconcile["command"][5]) >= 60
+    env, producer = reconcile["environment"], services["producer"]["environment"]
+    assert env["POSLAKE_IB_HOST"] == producer["POSLAKE_IB_HOST"]
+    assert env["POSLAKE_IB_CLIENT_ID"] == producer["POSLAKE_IB_CLIENT_ID"]
+    assert env["POSLAKE_RECONCILE_CLIENT_ID"] != env["POSLAKE_IB_CLIENT_ID"]
+    assert "lake:/lake:ro" in reconcile["volumes"]  # it only reads the lake
+    assert "healthcheck" in reconcile
