@@ -162,35 +162,11 @@ class DeltaSink:
             return CommitOutcome(0, duplicates, self.table.version(), time.perf_counter() - started)
         if len(fresh) < rows.num_rows:
             rows = rows.take(pa.array(fresh, pa.int64()))
-        commit_id = uuid.uuid4().hex
-        snapshot_version = self.table.version()
-        txn_version = max(self.table.transaction_version(self.app_id) or 0, 0) + 1
-        properties = CommitProperties(
-            app_transactions=[Transaction(self.app_id, txn_version)],
-            custom_metadata={
-                "poslake.commit_id": commit_id,
-                "poslake.consumer": self._settings.consumer_name,
-                "poslake.first_entry": first_entry,
-                "poslake.last_entry": last_entry,
-            },
-        )
-        if self.before_write is not None:
-            self.before_write()
-        try:
-            write_deltalake(
-                self.table,
-                rows,
-                mode="append",
-                commit_properties=properties,
-                post_commithook_properties=NO_CHECKPOINT,
-            )
-        except (DeltaError, OSError) as exc:
-            # A lost race did not land: the winner's rows are read on the next try. Any
-            # other failure's outcome is unknown until the table says.
-            if not landed_despite_error(
-                self.table, self.app_id, txn_version, commit_id, snapshot_version, exc
-            ):
-                raise commit_error(exc, self.kind.table) from exc
+        metadata = {"poslake.first_entry": first_entry, "poslake.last_entry": last_entry}
+        commit_id = append_in_group(
+            self.table, rows, self.app_id, self._settings.consumer_name, self.kind.table,
+            metadata, self.before_write,
+        )  # fmt: skip
         self._own_commit_ids.add(commit_id)
         self.index.add_committed(keys, fresh)
         self.commits += 1
@@ -200,7 +176,6 @@ class DeltaSink:
             extra={
                 "rows": rows.num_rows,
                 "duplicates": duplicates,
-                "snapshot_version": snapshot_version,
                 "commit_id": commit_id,
             },
         )
@@ -226,6 +201,47 @@ class DeltaSink:
         first, rejected_first = self.commit_isolating(rows.slice(0, half))
         second, rejected_second = self.commit_isolating(rows.slice(half))
         return first.then(second), rejected_first + rejected_second
+
+
+def append_in_group(
+    table: DeltaTable,
+    rows: pa.Table,
+    app_id: str,
+    consumer: str,
+    name: str,
+    metadata: dict[str, str],
+    before_write: Callable[[], object] | None = None,
+) -> str:
+    """Append ``rows`` in one commit carrying the group's app transaction; its commit ID.
+
+    Raises :class:`CommitConflict` when another writer of the group committed first
+    (the caller re-reads and retries), :class:`RowsRejected` / :class:`CommitFailed`
+    otherwise; a commit whose reply was lost but which landed counts as done.
+    """
+    commit_id = uuid.uuid4().hex
+    snapshot_version = table.version()
+    txn_version = max(table.transaction_version(app_id) or 0, 0) + 1
+    properties = CommitProperties(
+        app_transactions=[Transaction(app_id, txn_version)],
+        custom_metadata={"poslake.commit_id": commit_id, "poslake.consumer": consumer,
+                         **metadata},
+    )  # fmt: skip
+    if before_write is not None:
+        before_write()
+    try:
+        write_deltalake(
+            table,
+            rows,
+            mode="append",
+            commit_properties=properties,
+            post_commithook_properties=NO_CHECKPOINT,
+        )
+    except (DeltaError, OSError) as exc:
+        # A lost race did not land: the winner's rows are read on the next try. Any
+        # other failure's outcome is unknown until the table says.
+        if not landed_despite_error(table, app_id, txn_version, commit_id, snapshot_version, exc):
+            raise commit_error(exc, name) from exc
+    return commit_id
 
 
 def landed_despite_error(

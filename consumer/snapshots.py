@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,17 +42,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError
 
 from consumer.current import CurrentWriter
-from consumer.sink import (
-    NO_CHECKPOINT,
-    commit_error,
-    group_app_id,
-    landed_despite_error,
-    open_kind_table,
-)
+from consumer.sink import append_in_group, group_app_id, open_kind_table
 from shared.errors import CommitFailed, RowsRejected
 from shared.kinds import EntryKind, SnapshotRule
 from shared.settings import Settings
@@ -277,35 +270,15 @@ class SnapshotCloser:
         if not fresh:
             return 0
         rows = closing.take(pa.array(fresh, pa.int64()))
-        commit_id = uuid.uuid4().hex
-        snapshot_version = self.history.version()
-        txn_version = max(self.history.transaction_version(self.app_id) or 0, 0) + 1
-        properties = CommitProperties(
-            app_transactions=[Transaction(self.app_id, txn_version)],
-            custom_metadata={
-                "poslake.commit_id": commit_id,
-                "poslake.consumer": self.settings.consumer_name,
-                "poslake.snapshot_close": self.kind.tag,
-            },
-        )
         try:
-            write_deltalake(
-                self.history,
-                rows,
-                mode="append",
-                commit_properties=properties,
-                post_commithook_properties=NO_CHECKPOINT,
-            )
-        except (DeltaError, OSError) as exc:
-            if not landed_despite_error(
-                self.history, self.app_id, txn_version, commit_id, snapshot_version, exc
-            ):
-                error = commit_error(exc, kind.table)
-                if isinstance(error, RowsRejected):
-                    # Rows copied from the current table: their paths exist. Never seen;
-                    # retried as a failure of the environment rather than dropped.
-                    raise CommitFailed(str(error)) from exc
-                raise error from exc
+            append_in_group(
+                self.history, rows, self.app_id, self.settings.consumer_name, kind.table,
+                {"poslake.snapshot_close": self.kind.tag},
+            )  # fmt: skip
+        except RowsRejected as exc:
+            # Rows copied from the current table: their paths exist. Never seen; retried
+            # as a failure of the environment rather than dropped.
+            raise CommitFailed(str(exc)) from exc
         appended: int = rows.num_rows
         return appended
 

@@ -97,6 +97,7 @@ class Blotter:
     # a second run on the same lake must not look like the first one's repeats. Only
     # the IDs change with it; the seed still decides everything else.
     run_tag: str = field(default_factory=lambda: f"{secrets.randbits(32):08x}")
+    max_fills: int = 200_000  # the newest kept (a long soak's memory stays bounded)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed + 7)
@@ -145,7 +146,12 @@ class Blotter:
                 )
             )
         self.fills.extend(made)
+        self._bound()
         return made
+
+    def _bound(self) -> None:
+        if len(self.fills) > self.max_fills:
+            del self.fills[: len(self.fills) - self.max_fills]
 
     def combo_order(self) -> int:
         """A new order ID for a combo, whose legs then pass it to :meth:`fill`."""

@@ -220,16 +220,19 @@ class SyntheticPortfolio:
 
     # --- events ---------------------------------------------------------------
 
-    def step(self) -> PortfolioEvent:
-        """One event on one holding; a closed holding leaves the book after it."""
-        event = self._step()
+    def step(self, moves: bool = True) -> PortfolioEvent:
+        """One event on one holding; a closed holding leaves the book after it. Without
+        ``moves`` it is a price move (a budget of position changes is spent)."""
+        event = self._step(moves)
         event.holding.touch()
         return event
 
-    def _step(self) -> PortfolioEvent:
+    def _step(self, moves: bool = True) -> PortfolioEvent:
         rng = self._rng
         below_target = len(self.holdings) < self.target_positions
         roll = rng.random()
+        if self.holdings and not moves:
+            roll = roll * 0.72 + 0.08  # among the price moves' share of the rolls
         if not self.holdings or (below_target and roll < 0.08):
             opened = self._open_random()
             return PortfolioEvent(EventKind.OPEN, opened, opened.position)

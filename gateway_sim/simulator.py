@@ -102,6 +102,10 @@ class SimulatorConfig:
     fill_faults: FillFaults = field(default_factory=FillFaults)
     exec_time_format: str = "utc"  # how execution times are written (gateway_sim/fills.py)
     account_values_every_s: float = 5.0  # IB resends every ~3 min; faster here
+    # At most this many position changes (opens, changes, closes: the fills) a second;
+    # the other events move prices. None: as the seeded rolls fall (~20% of events).
+    position_changes_per_s: float | None = None
+    max_day_fills: int = 200_000  # the blotter keeps the day's newest fills, no more
     # Market data (gateway_sim/market_data.py).
     md_lines: int = md.DEFAULT_LINES  # per connection; error 101 past them
     md_interval_s: float = md.DEFAULT_INTERVAL_S  # between rounds of a streaming line
@@ -129,7 +133,7 @@ class GatewaySimulator:
         self.config = config
         self.accounts = list(config.accounts)
         self.portfolio = SyntheticPortfolio(self.accounts, config.positions, seed=config.seed)
-        self.blotter = Blotter(config.seed, config.fill_faults)
+        self.blotter = Blotter(config.seed, config.fill_faults, max_fills=config.max_day_fills)
         self.book = AccountBook(self.accounts)
         # The book before the first event: what fills change it from (checks of the truth).
         self.initial_positions = {
@@ -151,6 +155,8 @@ class GatewaySimulator:
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._rng = random.Random(config.seed + 1)
+        self._change_tokens = 0.0
+        self._tokens_at = time.monotonic()
         self.market_data = md.MarketData(self)
         self.port = config.port
 
@@ -319,7 +325,23 @@ class GatewaySimulator:
                 emitted += max(due, 0)
                 continue
             emitted += due
-            self.emit(self.portfolio.step() for _ in range(due))
+            self.emit(self._steps(due, now))
+
+    def _steps(self, due: int, now: float) -> Iterable[PortfolioEvent]:
+        budget = self.config.position_changes_per_s
+        for _ in range(due):
+            if budget is None:
+                yield self.portfolio.step()
+                continue
+            # A token bucket of position changes, refilled at the budget's rate.
+            self._change_tokens = min(
+                max(1.0, budget), self._change_tokens + (now - self._tokens_at) * budget
+            )
+            self._tokens_at = now
+            event = self.portfolio.step(moves=self._change_tokens >= 1.0)
+            if event.kind.moves_position:
+                self._change_tokens -= 1.0
+            yield event
 
     def emit(self, events: Iterable[PortfolioEvent]) -> None:
         """Send each event to the connections subscribed to it, in order; a position's
@@ -590,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     fills.add_argument("--correction", type=float, default=0.0)
     fills.add_argument("--combo", type=float, default=0.1)
     fills.add_argument("--no-fills", action="store_true", help="change positions without fills")
+    fills.add_argument("--position-changes-per-s", type=float,
+                       help="at most this many position changes (fills) a second; the other "
+                       "events move prices")  # fmt: skip
     fills.add_argument("--exec-time-format", choices=EXEC_TIME_FORMATS, default="utc")
     md.add_arguments(parser)
     parser.add_argument("--record", type=Path, help="append every sent update here (JSON lines)")
@@ -625,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
                 combo=args.combo,
             ),
             exec_time_format=args.exec_time_format,
+            position_changes_per_s=args.position_changes_per_s,
             **md.config_values(args),
         )
         return asyncio.run(serve(config, args.record, args.final_state, args.stats))

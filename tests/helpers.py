@@ -26,7 +26,7 @@ from infra.stopping import spawn_holding_stops
 from shared.greeks import OptionGreeks
 from shared.model import PositionUpdate
 from shared.table import updates_to_arrow
-from shared.wire import decode_entry
+from shared.wire import decode_entry, encode_update
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_TIME = datetime(2026, 11, 2, 14, 30, tzinfo=UTC)
@@ -158,6 +158,16 @@ def publish(url: str, stream: str, updates: Sequence[PositionUpdate]) -> list[by
     client = redis.Redis.from_url(url)
     try:
         return StreamPublisher(client, stream).publish(updates)
+    finally:
+        client.close()
+
+
+def publish_entries(url: str, stream: str, entries: Sequence[msgspec.Struct]) -> None:
+    """XADD each observation of any kind, one at a time, as a producer would."""
+    client = redis.Redis.from_url(url)
+    try:
+        for entry in entries:
+            client.xadd(stream, encode_update(entry))  # type: ignore[arg-type]
     finally:
         client.close()
 

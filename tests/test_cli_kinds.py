@@ -11,9 +11,9 @@ import redis
 
 from shared.account_values import AccountValue
 from shared.wire import encode_update
-from tests.helpers import consumer_env, make_updates, publish, run_consumer
+from tests.helpers import consumer_env, make_updates, publish, publish_entries, run_consumer
 from tests.test_cli import poslake
-from tests.test_executions import T0, commission, fill, publish_entries
+from tests.test_executions import T0, commission, fill
 
 
 def _loaded(redis_url: str, lake: Path, stream: str, tmp_path: Path) -> dict[str, str]:

@@ -24,8 +24,14 @@ from shared.executions import (
 )
 from shared.kinds import EXECUTIONS
 from shared.settings import load_settings
-from shared.wire import encode_update
-from tests.helpers import Lake, consumer_env, group_pending, read_frame, run_consumer
+from tests.helpers import (
+    Lake,
+    consumer_env,
+    group_pending,
+    publish_entries,
+    read_frame,
+    run_consumer,
+)
 
 T0 = datetime(2026, 12, 2, 14, 30, tzinfo=UTC)
 
@@ -136,15 +142,6 @@ def assert_executions_exact(lake: Path | Lake, entries: list[ExecutionEntry]) ->
         got = actual[base]
         for name, value in want.items():
             assert got[name] == value, (base, name, got[name], value)
-
-
-def publish_entries(url: str, stream: str, entries: list[ExecutionEntry]) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        for entry in entries:
-            client.xadd(stream, encode_update(entry))  # type: ignore[arg-type]
-    finally:
-        client.close()
 
 
 def test_every_case_lands_once_and_a_replay_changes_nothing(

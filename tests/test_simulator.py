@@ -156,3 +156,19 @@ def test_execution_ids_are_new_for_every_run() -> None:
     assert len(first) == len(second) == 20
     assert [f[1:] for f in first] == [f[1:] for f in second]  # the seed still decides
     assert not {f[0] for f in first} & {f[0] for f in second}
+
+
+def test_position_changes_keep_to_their_budget() -> None:
+    """A real account's pace: prices move at the full rate, positions change a few times
+    a second (each change is fills)."""
+
+    async def scenario() -> None:
+        async with running_simulator(accounts=["DU1"], positions=50, rate=500,
+                                     position_changes_per_s=5.0) as sim:  # fmt: skip
+            await asyncio.sleep(2.0)
+            sim.pause()
+            assert sim.events >= 600
+            changes = {f.perm_id for f in sim.blotter.fills}  # one order per change
+            assert 3 <= len(changes) <= 5 * 2 + 2, len(changes)
+
+    asyncio.run(scenario())

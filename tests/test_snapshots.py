@@ -5,7 +5,6 @@ consumer processes (SIGKILLed at the crash points around the closing commit)."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,21 +25,13 @@ from tests.helpers import (
     consumer_env,
     group_pending,
     make_updates,
+    publish_entries,
     read_frame,
     run_consumer,
     start_consumer,
 )
 
 SNAP_AT = BASE_TIME + timedelta(hours=1)
-
-
-def _xadd(url: str, stream: str, entries: Sequence[msgspec.Struct]) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        for entry in entries:
-            client.xadd(stream, encode_update(entry))  # type: ignore[arg-type]
-    finally:
-        client.close()
 
 
 def _newest(updates: list[PositionUpdate]) -> dict[tuple[str, int], PositionUpdate]:
@@ -90,7 +81,7 @@ def test_a_complete_snapshot_closes_what_it_no_longer_lists(
     kept_values = [("NetLiquidation", "USD"), ("TotalCashValue", "USD")]
     entries: list[msgspec.Struct] = [*updates, *values, later, *parts]
     entries += list(account_snapshot(account, SNAP_AT, kept_values, per_part=1))
-    _xadd(redis_url, stream, entries)
+    publish_entries(redis_url, stream, entries)
     # Parts in different batches, and two consumers side by side.
     env = consumer_env(redis_url, lake, "c1", stream, batch_max_entries=3)
     other = start_consumer(consumer_env(redis_url, lake, "c2", stream, batch_max_entries=4),
@@ -145,7 +136,7 @@ def test_an_incomplete_snapshot_closes_nothing_until_its_last_part_lands(
     client = redis.Redis.from_url(redis_url)
     broken = encode_update(third)
     broken["payload"] = broken["payload"].replace(b'"part":3', b'"part":9')
-    _xadd(redis_url, stream, [*updates, first, second])
+    publish_entries(redis_url, stream, [*updates, first, second])
     client.xadd(stream, broken)  # type: ignore[arg-type]
     env = consumer_env(redis_url, lake, "c1", stream, batch_max_entries=50)
     assert run_consumer(env, log=tmp_path / "c1.log") == 0
@@ -155,7 +146,7 @@ def test_an_incomplete_snapshot_closes_nothing_until_its_last_part_lands(
     assert len(letters) == 1 and b"part 9 of" in letters[0][1][b"dlq:reason"]
     # The rest of the parts, sent again as they should be, complete it: now it closes.
     rest = list(position_snapshot(account, SNAP_AT, sorted(keep), per_part=2))[2:]
-    _xadd(redis_url, stream, [*rest])
+    publish_entries(redis_url, stream, [*rest])
     assert run_consumer(env, log=tmp_path / "c1.log") == 0
     newest = _newest(updates)
     expected = [*updates, *(_closed(newest[(account, c)], SNAP_AT) for c in sorted(close))]
@@ -181,9 +172,9 @@ def test_a_snapshot_older_than_an_update_does_not_undo_it(
     stale = PositionSnapshot(account=account, timestamp=SNAP_AT, part=1, parts=1,
                              conids=sorted(keep))  # fmt: skip
     if order == "update first":
-        _xadd(redis_url, stream, [*updates, *reopened, old, stale])
+        publish_entries(redis_url, stream, [*updates, *reopened, old, stale])
     else:
-        _xadd(redis_url, stream, [*updates, old, stale, *reopened])
+        publish_entries(redis_url, stream, [*updates, old, stale, *reopened])
     env = consumer_env(redis_url, lake, "c1", stream, batch_max_entries=40)
     assert run_consumer(env, log=tmp_path / "c1.log") == 0
     # The current table holds the newer updates; the history also holds the snapshot's
@@ -206,7 +197,7 @@ def test_crash_around_the_closing_commit_lands_everything_once(
     entries: list[msgspec.Struct] = [*updates, *values, *parts, *snapshot_values]
     after = make_updates(25, seed=12, start=SNAP_AT + timedelta(minutes=1))
     entries += after
-    _xadd(redis_url, stream, entries)
+    publish_entries(redis_url, stream, entries)
     # The batch holding the last snapshot part, with the account snapshot after it.
     crash_batch = (len(updates) + len(values) + len(parts) - 1) // batch + 1
     env = consumer_env(redis_url, lake, "c1", stream, batch_max_entries=batch)
