@@ -238,6 +238,13 @@ def _exit_code(outcome: Outcome) -> int:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.reconcile_client_id == settings.ib_client_id:
+        # Only here: a producer's own settings may well name either ID.
+        raise CommandError(
+            "POSLAKE_RECONCILE_CLIENT_ID must differ from POSLAKE_IB_CLIENT_ID "
+            f"({settings.ib_client_id}): IB refuses a second connection with one client ID",
+            ExitCode.BAD_INPUT,
+        )
     if args.every is not None:
         return run_every(args, settings)
     outcome = reconcile_once(settings, args)

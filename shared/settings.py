@@ -296,11 +296,6 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("POSLAKE_RETRY_MAX_S must be at least POSLAKE_RETRY_INITIAL_S")
-        if self.reconcile_client_id == self.ib_client_id:
-            raise ValueError(
-                "POSLAKE_RECONCILE_CLIENT_ID must differ from POSLAKE_IB_CLIENT_ID "
-                f"({self.ib_client_id}): IB refuses a second connection with one client ID"
-            )
         if self.ib_reconnect_max_s < self.ib_reconnect_initial_s:
             raise ValueError(
                 "POSLAKE_IB_RECONNECT_MAX_S must be at least POSLAKE_IB_RECONNECT_INITIAL_S"

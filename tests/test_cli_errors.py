@@ -54,7 +54,16 @@ def small(redis_url: str, lake: Path, stream: str) -> dict[str, str]:
 def test_one_exit_code_table_in_help_and_readme() -> None:
     epilog = " ".join((build_parser().epilog or "").split())
     readme = " ".join((REPO_ROOT / "README.md").read_text().split())
-    meaning = ["done", "failed", "bad input", "not found", "unreachable", "cancelled", "refused"]
+    meaning = [
+        "done",
+        "failed",
+        "bad input",
+        "not found",
+        "unreachable",
+        "cancelled",
+        "refused",
+        "consumers behind",
+    ]
     assert len(meaning) == len(ExitCode)
     for code, word in zip(ExitCode, meaning, strict=True):
         for text in (EXIT_CODES, epilog, readme):
