@@ -12,21 +12,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from options_model.classify import STRATEGY_TYPES
 from shared.table import UTC_MICROS
 
-STRATEGY_TYPES = frozenset(
-    {
-        "iron_condor",
-        "vertical_spread",
-        "straddle",
-        "strangle",
-        "butterfly",
-        "calendar_spread",
-        "covered_call",
-        "cash_secured_put",
-        "single_leg",
-    }
-)
 POSITION_STATUSES = frozenset({"open", "closed", "rolling"})
 LEG_STATUSES = frozenset({"open", "closed"})
 ACTIONS = frozenset({"BUY", "SELL", "OPEN", "CLOSE"})
