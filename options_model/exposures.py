@@ -8,7 +8,11 @@ time, not table versions: any time the history holds works). Per open position:
 - an option's Greeks are its newest computation of the first source IB sent of
   model, last, bid, ask (:data:`SOURCE_PREFERENCE`); each Greek x position x
   multiplier adds to the account's and underlying's sum, and delta also x the
-  underlying's price (the computation's ``und_price``): ``delta_dollars``;
+  underlying's price: ``delta_dollars``. IB often leaves ``und_price`` unset in
+  one source's tick and sets it in another's, so the price is the newest
+  ``und_price`` of any source, else the underlying's own position's market
+  price (the newest open stock row of the symbol); an option with neither adds
+  no dollars and is counted in ``options_without_underlying_price``;
 - a stock (any non-derivative) counts as delta 1: ``position`` shares and
   ``position x market_price`` dollars of delta, no gamma, vega or theta;
 - an option without Greeks yet adds nothing and is counted in
@@ -36,6 +40,7 @@ EXPOSURE_COLUMNS = [
     "symbol",
     "positions",
     "options_without_greeks",
+    "options_without_underlying_price",
     "delta_shares",
     "delta_dollars",
     "gamma",
@@ -82,19 +87,25 @@ def exposures(
         raise TableMissing(f"no table {positions_table} under {scrub(lake_uri)}")
     if symbols:
         positions = positions.filter(pl.col("symbol").is_in(symbols))
-    if accounts:
-        positions = positions.filter(pl.col("account").is_in(accounts))
-    held = _newest(positions, ["account", "conid"], at).filter(pl.col("position") != 0)
-    held = held.select("account", "conid", "symbol", "sec_type", "position", "multiplier",
-                       "market_price")  # fmt: skip
+    every = _newest(positions, ["account", "conid"], at).filter(pl.col("position") != 0)
+    every = every.select("account", "conid", "symbol", "sec_type", "position", "multiplier",
+                         "market_price", "timestamp")  # fmt: skip
+    held = every.filter(pl.col("account").is_in(accounts)) if accounts else every
+    option = pl.col("sec_type").is_in(sorted(DERIVATIVE_SEC_TYPES))
+    stock_price = (  # any account's shares price the underlying
+        every.filter(~option & pl.col("market_price").is_not_null())
+        .sort("timestamp", "conid")
+        .group_by("symbol")
+        .agg(pl.col("market_price").last().alias("stock_price"))
+    )
 
     greeks = _scan(f"{base}/{greeks_table}", storage_options)
     if greeks is None:
         chosen = pl.LazyFrame(
             schema={"conid": pl.Int64, "g_time": pl.Datetime("us", "UTC"), "delta": pl.Float64,
-                    "gamma": pl.Float64, "vega": pl.Float64, "theta": pl.Float64,
-                    "und_price": pl.Float64},
+                    "gamma": pl.Float64, "vega": pl.Float64, "theta": pl.Float64},
         )  # fmt: skip
+        underlying = pl.LazyFrame(schema={"conid": pl.Int64, "und_price": pl.Float64})
     else:
         if symbols:
             greeks = greeks.filter(pl.col("symbol").is_in(symbols))
@@ -108,12 +119,23 @@ def exposures(
             ranked.filter(pl.col("rank") == pl.col("rank").min().over("conid"))
             .unique("conid", keep="first")
             .select("conid", pl.col("timestamp").alias("g_time"), "delta", "gamma", "vega",
-                    "theta", "und_price")
+                    "theta")
         )  # fmt: skip
+        underlying = (
+            newest.filter(pl.col("und_price").is_not_null())
+            .sort("timestamp", "source")
+            .group_by("conid")
+            .agg(pl.col("und_price").last())
+        )
 
-    option = pl.col("sec_type").is_in(sorted(DERIVATIVE_SEC_TYPES))
     size = pl.col("position") * pl.col("multiplier")
-    joined = held.join(chosen, on="conid", how="left").with_columns(
+    priced = (
+        held.join(chosen, on="conid", how="left")
+        .join(underlying, on="conid", how="left")
+        .join(stock_price, on="symbol", how="left")
+        .with_columns(pl.coalesce("und_price", "stock_price").alias("und_price"))
+    )
+    joined = priced.with_columns(
         pl.when(option).then(pl.col("delta") * size).otherwise(size).alias("delta_shares"),
         pl.when(option)
         .then(pl.col("delta") * size * pl.col("und_price"))
@@ -124,12 +146,14 @@ def exposures(
             for g in ("gamma", "vega", "theta")
         ),
         (option & pl.col("g_time").is_null()).alias("missing"),
+        (option & pl.col("g_time").is_not_null() & pl.col("und_price").is_null()).alias("unpriced"),
     )
     frame = (
         joined.group_by("account", "symbol")
         .agg(
             pl.len().alias("positions"),
             pl.col("missing").sum().alias("options_without_greeks"),
+            pl.col("unpriced").sum().alias("options_without_underlying_price"),
             *(pl.col(c).sum() for c in _SUMMED),
             pl.col("g_time").min().alias("greeks_oldest"),
         )

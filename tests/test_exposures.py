@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import polars as pl
 import pytest
 import redis
@@ -28,7 +29,10 @@ Sums = dict[tuple[str, str], dict[str, Any]]
 
 
 def greeks_for(updates: list[PositionUpdate], at: datetime, seed: int) -> list[OptionGreeks]:
-    """Model and bid computations for all but one option held (it has no Greeks)."""
+    """Model and bid computations for all but one option held (it has no Greeks). As
+    IB often does, some model ticks leave ``und_price`` unset while the bid's has it,
+    and every fifth option has it in no tick (its underlying's stock price, if held,
+    or nothing: counted)."""
     rng = random.Random(seed)
     options = {u.conid: u for u in updates if u.sec_type == "OPT"}
     made = []
@@ -44,7 +48,9 @@ def greeks_for(updates: list[PositionUpdate], at: datetime, seed: int) -> list[O
                     delta=sign * round(rng.uniform(0.05, 0.95), 4),
                     gamma=round(rng.uniform(0.001, 0.05), 5),
                     vega=round(rng.uniform(0.01, 0.4), 4), theta=-round(rng.uniform(0.01, 0.2), 4),
-                    und_price=round(rng.uniform(90, 400), 2), implied_vol=0.3,
+                    und_price=None if n % 5 == 0 or (tick == 13 and n % 2 == 0)
+                    else round(rng.uniform(90, 400), 2),
+                    implied_vol=0.3,
                 )
             )  # fmt: skip
     return made
@@ -69,9 +75,14 @@ def by_hand(lake: Path, at: datetime | None) -> Sums:
         ):
             computed[key] = row
     sums: Sums = defaultdict(
-        lambda: {"positions": 0, "missing": 0, "delta_shares": 0.0, "delta_dollars": 0.0,
-                 "gamma": 0.0, "vega": 0.0, "theta": 0.0}
+        lambda: {"positions": 0, "missing": 0, "unpriced": 0, "delta_shares": 0.0,
+                 "delta_dollars": 0.0, "gamma": 0.0, "vega": 0.0, "theta": 0.0}
     )  # fmt: skip
+    stock_price: dict[str, tuple[Any, int, float]] = {}  # the newest open stock row's
+    for row in newest.values():
+        if row["position"] != 0 and row["sec_type"] != "OPT" and row["market_price"] is not None:
+            mark = (row["timestamp"], row["conid"], row["market_price"])
+            stock_price[row["symbol"]] = max(stock_price.get(row["symbol"], mark), mark)
     for row in newest.values():
         if row["position"] == 0:
             continue
@@ -92,7 +103,20 @@ def by_hand(lake: Path, at: datetime | None) -> Sums:
             continue
         g = found[0]
         total["delta_shares"] += g["delta"] * size
-        total["delta_dollars"] += g["delta"] * size * g["und_price"]
+        priced = [
+            c for s in ("model", "last", "bid", "ask")
+            if (c := computed.get((row["conid"], s))) and c["und_price"] is not None
+        ]  # fmt: skip
+        if priced:
+            und = max(priced, key=lambda c: (c["timestamp"], c["source"]))["und_price"]
+        elif row["symbol"] in stock_price:
+            und = stock_price[row["symbol"]][2]
+        else:
+            und = None
+        if und is None:
+            total["unpriced"] += 1
+        else:
+            total["delta_dollars"] += g["delta"] * size * und
         for name in ("gamma", "vega", "theta"):
             total[name] += g[name] * size
     return dict(sums)
@@ -105,6 +129,7 @@ def assert_equal(frame: pl.DataFrame, expected: Sums) -> None:
         row = got[key]
         assert row["positions"] == want["positions"], key
         assert row["options_without_greeks"] == want["missing"], key
+        assert row["options_without_underlying_price"] == want["unpriced"], key
         for name in ("delta_shares", "delta_dollars", "gamma", "vega", "theta"):
             assert row[name] == pytest.approx(want[name], rel=1e-9, abs=1e-9), (key, name)
 
@@ -113,6 +138,16 @@ def test_exposures_now_and_at_a_past_time_equal_the_tables_by_hand(
     redis_url: str, lake: Path, stream: str, tmp_path: Path
 ) -> None:
     updates = make_updates(400, seed=23)
+    # Options on an underlying the account holds no shares of: where no tick has
+    # und_price, nothing gives their dollars.
+    updates += [
+        msgspec.structs.replace(
+            u, symbol="NOSTK", conid=900_000 + i, position=float(i + 1),
+            timestamp=u.timestamp + timedelta(seconds=1),
+        )
+        for i, u in enumerate(u for u in updates[:100] if u.sec_type == "OPT")
+    ][:6]  # fmt: skip
+    updates.sort(key=lambda u: u.timestamp)
     first, second = updates[:200], updates[200:]
     between = first[-1].timestamp + timedelta(microseconds=500)
     waves: list[list[PositionUpdate] | list[OptionGreeks]] = [
@@ -130,6 +165,7 @@ def test_exposures_now_and_at_a_past_time_equal_the_tables_by_hand(
 
     now = by_hand(lake, None)
     assert any(v["missing"] for v in now.values()) and any(v["vega"] for v in now.values())
+    assert any(v["unpriced"] for v in now.values())
     assert_equal(exposures(str(lake)), now)
     past = by_hand(lake, between)
     assert past != now
@@ -153,6 +189,7 @@ def test_exposures_now_and_at_a_past_time_equal_the_tables_by_hand(
         frame = pl.DataFrame(
             [{**r, "positions": int(r["positions"]),
               "options_without_greeks": int(r["options_without_greeks"]),
+              "options_without_underlying_price": int(r["options_without_underlying_price"]),
               **{n: float(r[n]) for n in ("delta_shares", "delta_dollars", "gamma", "vega",
                                            "theta")}}
              for r in rows]
