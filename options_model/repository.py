@@ -84,6 +84,9 @@ class TableRepository:
         """Validate rows against the schema and codes; raise RepositoryError naming the row."""
         schema = self.spec.schema
         if isinstance(rows, pa.Table):
+            for column in schema:  # a column the caller left out is null, if it may be
+                if column.name not in rows.column_names and column.nullable:
+                    rows = rows.append_column(column, pa.nulls(rows.num_rows, column.type))
             try:
                 table = rows.select(schema.names).cast(schema)
             except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:

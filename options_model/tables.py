@@ -17,7 +17,8 @@ from shared.table import UTC_MICROS
 
 POSITION_STATUSES = frozenset({"open", "closed", "rolling"})
 LEG_STATUSES = frozenset({"open", "closed"})
-ACTIONS = frozenset({"BUY", "SELL", "OPEN", "CLOSE"})
+SIDES = frozenset({"BUY", "SELL"})
+EFFECTS = frozenset({"OPEN", "CLOSE", "CLOSE_OPEN"})  # CLOSE_OPEN: the fill crossed zero
 RIGHTS = frozenset({"C", "P"})
 
 
@@ -48,6 +49,7 @@ POSITIONS = TableSpec(
     schema=pa.schema(
         [
             _f("strategy_id", pa.string(), True),
+            _f("account", pa.string(), True),
             _f("strategy_type", pa.string(), True),
             _f("symbol", pa.string(), True),
             _f("status", pa.string(), True),
@@ -60,6 +62,17 @@ POSITIONS = TableSpec(
             _f("unrealized_pnl", pa.float64()),
             _f("realized_pnl", pa.float64()),
             _f("timestamp", UTC_MICROS, True),
+            # how the book grouped it, and what it knows of it (options_model/book.py)
+            _f("detail", pa.string()),
+            _f("origin", pa.string()),
+            _f("name", pa.string()),
+            _f("entry_time", UTC_MICROS),
+            _f("exit_time", UTC_MICROS),
+            _f("open_legs", pa.int64()),
+            _f("rolls", pa.int64()),
+            _f("commissions", pa.float64()),
+            _f("missing_commissions", pa.int64()),
+            _f("legs_without_greeks", pa.int64()),
         ]
     ),
     key=("strategy_id",),
@@ -72,16 +85,24 @@ LEGS = TableSpec(
         [
             _f("leg_id", pa.string(), True),
             _f("strategy_id", pa.string(), True),
+            _f("account", pa.string(), True),
             _f("symbol", pa.string(), True),
-            _f("strike", pa.float64(), True),
-            _f("expiry", pa.date32(), True),
-            _f("right", pa.string(), True),
+            _f("strike", pa.float64()),  # null for shares
+            _f("expiry", pa.date32()),
+            _f("right", pa.string()),
             _f("quantity", pa.float64(), True),
             _f("open_price", pa.float64()),
             _f("current_price", pa.float64()),
-            *GREEK_FIELDS,
+            *GREEK_FIELDS,  # position-weighted: per contract x quantity x multiplier
             _f("status", pa.string(), True),
             _f("timestamp", UTC_MICROS, True),
+            _f("conid", pa.int64()),
+            _f("sec_type", pa.string()),
+            _f("multiplier", pa.float64()),
+            _f("realized_pnl", pa.float64()),
+            _f("from_fills", pa.bool_()),
+            _f("opened_at", UTC_MICROS),
+            _f("closed_at", UTC_MICROS),
         ]
     ),
     key=("leg_id",),
@@ -93,6 +114,7 @@ GREEKS = TableSpec(
     schema=pa.schema(
         [
             _f("strategy_id", pa.string(), True),
+            _f("account", pa.string(), True),
             _f("symbol", pa.string(), True),
             *GREEK_FIELDS,
             _f("portfolio_delta", pa.float64()),
@@ -110,17 +132,26 @@ TRANSACTIONS = TableSpec(
         [
             _f("transaction_id", pa.string(), True),
             _f("strategy_id", pa.string(), True),
+            _f("account", pa.string(), True),
             _f("leg_id", pa.string()),
             _f("symbol", pa.string(), True),
-            _f("action", pa.string(), True),
+            _f("side", pa.string(), True),
+            _f("effect", pa.string()),
             _f("quantity", pa.float64(), True),
             _f("price", pa.float64(), True),
             _f("commission", pa.float64()),
             _f("timestamp", UTC_MICROS, True),
+            _f("exec_base", pa.string()),
+            _f("conid", pa.int64()),
+            _f("closed", pa.float64()),
+            _f("opened", pa.float64()),
+            _f("realized_pnl", pa.float64()),  # gross, on the closing part
+            _f("order_ref", pa.string()),
+            _f("perm_id", pa.int64()),
         ]
     ),
     key=("transaction_id",),
-    codes={"action": ACTIONS},
+    codes={"side": SIDES, "effect": EFFECTS},
     unique="transaction_id",
 )
 

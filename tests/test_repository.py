@@ -29,6 +29,7 @@ def position(
 ) -> dict[str, Any]:
     row = {
         "strategy_id": strategy_id,
+        "account": "DU1",
         "strategy_type": "iron_condor",
         "symbol": symbol,
         "status": status,
@@ -55,6 +56,7 @@ def leg(
     row = {
         "leg_id": leg_id,
         "strategy_id": strategy_id,
+        "account": "DU1",
         "symbol": symbol,
         "strike": 450.0,
         "expiry": date(2026, 12, 18),
@@ -168,6 +170,7 @@ def test_legs_and_greeks_read_calls(tmp_path: Path) -> None:
     greek_repo = greeks(str(tmp_path))
     snapshot = {
         "strategy_id": "ic-1",
+        "account": "DU1",
         "symbol": "SPY",
         "delta": 0.1,
         "gamma": 0.01,
@@ -194,8 +197,10 @@ def test_transactions_are_deduplicated_by_id(tmp_path: Path) -> None:
             "transaction_id": f"t{i}",
             "strategy_id": "ic-1",
             "leg_id": "l1",
+            "account": "DU1",
             "symbol": "SPY",
-            "action": "SELL",
+            "side": "SELL",
+            "effect": "OPEN",
             "quantity": 1.0,
             "price": 3.1,
             "commission": 0.65,
@@ -211,7 +216,7 @@ def test_transactions_are_deduplicated_by_id(tmp_path: Path) -> None:
     as_arrow = pa.Table.from_pylist([{**fills[0], "transaction_id": "t9"}])
     assert repo.append(as_arrow) == 1
     with pytest.raises(RepositoryError, match="'HOLD' is not one of"):
-        repo.append([{**fills[0], "transaction_id": "t10", "action": "HOLD"}])
+        repo.append([{**fills[0], "transaction_id": "t10", "side": "HOLD"}])
 
 
 def test_update_refuses_an_ambiguous_latest_row(tmp_path: Path) -> None:
