@@ -52,6 +52,16 @@ _SUMMED = ("delta_shares", "delta_dollars", "gamma", "vega", "theta")
 _GREEKS = ["conid", "source", "timestamp", "delta", "gamma", "vega", "theta", "und_price"]
 
 
+def source_rank() -> pl.Expr:
+    """0 for the most preferred computation source (:data:`SOURCE_PREFERENCE`), as ``rank``."""
+    rank = {source: i for i, source in enumerate(SOURCE_PREFERENCE)}
+    return (
+        pl.col("source")
+        .replace_strict(rank, default=len(rank), return_dtype=pl.Int32)
+        .alias("rank")
+    )
+
+
 def _scan(uri: str, storage_options: dict[str, str] | None) -> pl.LazyFrame | None:
     try:
         table: DeltaTable = open_table_at(uri, storage_options)
@@ -109,12 +119,8 @@ def exposures(
     else:
         if symbols:
             greeks = greeks.filter(pl.col("symbol").is_in(symbols))
-        rank = {source: i for i, source in enumerate(SOURCE_PREFERENCE)}
         newest = _newest(greeks.select(_GREEKS), ["conid", "source"], at)
-        ranked = newest.with_columns(
-            pl.col("source").replace_strict(rank, default=len(rank), return_dtype=pl.Int32)
-            .alias("rank")
-        )  # fmt: skip
+        ranked = newest.with_columns(source_rank())
         chosen = (
             ranked.filter(pl.col("rank") == pl.col("rank").min().over("conid"))
             .unique("conid", keep="first")

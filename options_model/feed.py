@@ -34,7 +34,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.exceptions import TableNotFoundError
 
 from options_model.book import BookRows, Marks, book_rows
-from options_model.exposures import SOURCE_PREFERENCE
+from options_model.exposures import source_rank
 from options_model.fills import Fill, Holding, fills_from_rows, holdings_from_rows
 from options_model.grouping import BookFold, BookRules
 from options_model.tables import LEGS, POSITIONS, TRANSACTIONS, TableSpec
@@ -107,12 +107,11 @@ class BookFeed:
         rows = frame.select(_FILL_COLUMNS).filter(pl.col("side").is_not_null()).collect()
         return fills_from_rows(rows.to_dicts())
 
-    def _holdings(self) -> tuple[list[dict[str, Any]], int | None]:
+    def _holdings(self) -> list[dict[str, Any]]:
         table = self._table(lake_names.POSITIONS_CURRENT)
         if table is None:
-            return [], None
-        rows = pl.scan_delta(table).select(_HOLDING_COLUMNS).collect().to_dicts()
-        return rows, table.version()
+            return []
+        return pl.scan_delta(table).select(_HOLDING_COLUMNS).collect().to_dicts()
 
     def _marks(self, holdings: list[dict[str, Any]]) -> Marks:
         prices = {
@@ -123,15 +122,10 @@ class BookFeed:
         table = self._table(lake_names.OPTION_GREEKS_CURRENT)
         greeks: dict[int, dict[str, float | None]] = {}
         if table is not None:
-            rank = {source: i for i, source in enumerate(SOURCE_PREFERENCE)}
             frame = (
                 pl.scan_delta(table)
                 .select("conid", "source", "timestamp", "delta", "gamma", "theta", "vega")
-                .with_columns(
-                    pl.col("source")
-                    .replace_strict(rank, default=len(rank), return_dtype=pl.Int32)
-                    .alias("rank")
-                )
+                .with_columns(source_rank())
                 .sort("conid", "rank", pl.col("timestamp"), descending=[False, False, True])
                 .unique("conid", keep="first", maintain_order=True)
                 .collect()
@@ -166,7 +160,7 @@ class BookFeed:
         if not self._rows:
             self._load()
             full = True
-        holdings_rows, _ = self._holdings()
+        holdings_rows = self._holdings()
         held = {
             (str(r["account"]), int(r["conid"])): float(r["position"])
             for r in holdings_rows
