@@ -56,6 +56,9 @@ class SimFill:
     commission: float | None  # None: never sent
     realized_pnl: float | None
     commission_sent: bool = False
+    # IB's orderRef: what the trader's application tagged the order with; "" (an order
+    # placed by hand in TWS) for the simulator's own trading, set by its strategy scenario
+    order_ref: str = ""
 
     @property
     def signed_shares(self) -> float:
@@ -67,7 +70,7 @@ class SimFill:
             req_id, self.order_id, i.wire_contract(), self.exec_id,
             format_exec_time(self.time, time_format), self.account, "CBOE" if
             i.sec_type == "OPT" else i.exchange, self.side, self.shares, self.price,
-            self.perm_id, 0, self.cum_qty, self.price, f"sim-{self.perm_id}",
+            self.perm_id, 0, self.cum_qty, self.price, self.order_ref,
         )  # fmt: skip
 
     def commission_report(self) -> bytes:
@@ -196,6 +199,7 @@ class Blotter:
             cum_qty=original.cum_qty,
             commission=round((original.commission or 0.65) + 0.01, 4),
             realized_pnl=original.realized_pnl,
+            order_ref=original.order_ref,
         )
         self.fills.append(corrected)
         return corrected

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,10 +361,10 @@ class GatewaySimulator:
                     continue
                 for made in self.blotter.fill(holding, event.change, event.realized):
                     self.book.book(made)
-                    self._send_fill(made, sessions)
+                    self.send_fill(made, sessions)
             self.book.realized[holding.account] += event.realized
             for session in sessions:
-                self._send_event(session, event.kind, holding)
+                self.send_event(session, event.kind, holding)
         for session in sessions:
             session.flush()
 
@@ -387,13 +387,13 @@ class GatewaySimulator:
             session.queue(report.exec_details(-1, self.config.exec_time_format))
         for made in legs:
             self.book.book(made)
-            self._send_fill(made, sessions)
+            self.send_fill(made, sessions)
         for leg_event in (event, second):
             self.events += leg_event is second
             for session in sessions:
-                self._send_event(session, leg_event.kind, leg_event.holding)
+                self.send_event(session, leg_event.kind, leg_event.holding)
 
-    def _send_fill(self, made: SimFill, sessions: list[ClientSession]) -> None:
+    def send_fill(self, made: SimFill, sessions: list[ClientSession]) -> None:
         """A live fill (req_id -1) to every connection, as to a master client; its
         commission after a delay, before it, or never, by the fault settings."""
         blotter, fmt = self.blotter, self.config.exec_time_format
@@ -452,7 +452,7 @@ class GatewaySimulator:
         return messages
 
     @staticmethod
-    def _send_event(session: ClientSession, kind: EventKind, holding: Holding) -> None:
+    def send_event(session: ClientSession, kind: EventKind, holding: Holding) -> None:
         if session.portfolio_account == holding.account:
             session.send_portfolio(holding)
         if kind.moves_position and session.positions_subscribed:
@@ -506,6 +506,14 @@ class SimulatorThread:
             return getattr(self.simulator, action)(*args)
 
         return asyncio.run_coroutine_threadsafe(invoke(), self._loop).result(timeout=10)
+
+    def do(self, action: Callable[..., object], *args: object) -> object:
+        """Run any callable on the simulator's loop (the strategy scenario's phases)."""
+
+        async def invoke() -> object:
+            return action(*args)
+
+        return asyncio.run_coroutine_threadsafe(invoke(), self._loop).result(timeout=30)
 
     def snapshot(self) -> list[SentUpdate]:
         return list(self.simulator.record)

@@ -22,22 +22,25 @@ inputs writes nothing, and a rebuild gives the same rows.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from options_model.book import BookRows, Marks, book_rows
 from options_model.exposures import source_rank
-from options_model.fills import Fill, Holding, fills_from_rows, holdings_from_rows
+from options_model.fills import Fill, Holding, fills_from_rows, held_before
 from options_model.grouping import BookFold, BookRules
-from options_model.tables import LEGS, POSITIONS, TRANSACTIONS, TableSpec
+from options_model.ledger import FLAT
+from options_model.overrides import Overrides, read_overrides
+from options_model.tables import GREEKS, LEGS, POSITIONS, TRANSACTIONS, TableSpec
 from shared import lake_names
 from shared.table import table_configuration
 
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 APP_ID = "poslake-book"
 FED_TABLES: tuple[TableSpec, ...] = (TRANSACTIONS, LEGS, POSITIONS)  # written in this order
 Partition = tuple[str, str]  # (account, underlying symbol)
-_FILL_COLUMNS = [
+FILL_COLUMNS = [
     "exec_base", "account", "symbol", "conid", "sec_type", "right", "strike", "expiry",
     "multiplier", "side", "shares", "price", "time", "order_id", "perm_id", "order_ref",
     "commission",
@@ -80,6 +83,8 @@ class BookFeed:
         rules: BookRules | None = None,
         snapshot_s: float = 60.0,
         book_uri: str | None = None,
+        on_commit: Callable[[str], None] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.base = lake_uri.rstrip("/")
         self.out = (book_uri or lake_uri).rstrip("/")  # the book's tables (default: beside)
@@ -89,8 +94,13 @@ class BookFeed:
         self._rows: dict[str, dict[str, dict[str, Any]]] = {}  # table -> key -> row
         self._exec_files: set[str] | None = None
         self._held: dict[tuple[str, int], float] = {}
-        self._first_seen: dict[tuple[str, int], datetime] = {}
+        self._first_held: dict[tuple[str, int], dict[str, Any]] = {}  # first position rows
         self._marked_at: float | None = None
+        self._overrides = Overrides()
+        self._grid_symbols: set[str] = set()  # of the last grid snapshot written
+        self._upserted: dict[str, list[dict[str, Any]]] = {}  # by the last write, per table
+        self._clock = clock or time.time
+        self._on_commit = on_commit or (lambda _table: None)  # after each commit (tests crash here)
 
     # --- the inputs ----------------------------------------------------------------
 
@@ -104,7 +114,7 @@ class BookFeed:
         frame = pl.scan_delta(executions)
         if symbols is not None:
             frame = frame.filter(pl.col("symbol").is_in(sorted(symbols)))
-        rows = frame.select(_FILL_COLUMNS).filter(pl.col("side").is_not_null()).collect()
+        rows = frame.select(FILL_COLUMNS).filter(pl.col("side").is_not_null()).collect()
         return fills_from_rows(rows.to_dicts())
 
     def _holdings(self) -> list[dict[str, Any]]:
@@ -134,21 +144,32 @@ class BookFeed:
                 greeks[int(row["conid"])] = {g: row[g] for g in ("delta", "gamma", "theta", "vega")}
         return Marks(prices, greeks)
 
-    def _first_seen_of(self, wanted: set[tuple[str, int]]) -> None:
-        missing = wanted - self._first_seen.keys()
+    def _first_held_of(self, wanted: set[tuple[str, int]]) -> None:
+        """The first non-zero position the lake recorded of each wanted contract (what
+        the account held when the pipeline first saw it), cached: it never changes."""
+        missing = wanted - self._first_held.keys()
         table = self._table(lake_names.POSITION_UPDATES) if missing else None
         if table is None:
             return
         conids = sorted({conid for _, conid in missing})
+        accounts = sorted({account for account, _ in missing})
         frame = (
             pl.scan_delta(table)
-            .filter(pl.col("conid").is_in(conids) & (pl.col("position") != 0))
-            .group_by("account", "conid")
-            .agg(pl.col("timestamp").min())
+            .filter(
+                pl.col("conid").is_in(conids)
+                & pl.col("account").is_in(accounts)
+                & (pl.col("position") != 0)
+            )
+            .select(_HOLDING_COLUMNS)
+            .sort("timestamp")
+            .group_by("account", "conid", maintain_order=True)
+            .first()
             .collect()
         )
         for row in frame.to_dicts():
-            self._first_seen[(row["account"], int(row["conid"]))] = row["timestamp"]
+            key = (str(row["account"]), int(row["conid"]))
+            if key in missing:
+                self._first_held[key] = row
 
     # --- a step ------------------------------------------------------------------
 
@@ -166,12 +187,15 @@ class BookFeed:
             for r in holdings_rows
             if r["position"]
         }
+        overrides = read_overrides(self.base, self.storage)
         symbols: set[str] | None = None
         if not full:
             symbols = self._changed_symbols(executions, holdings_rows, held)
+            symbols |= _changed_overrides(self._overrides, overrides)
         else:
             self._exec_files = set(_files(executions)) if executions is not None else set()
         self._held = held
+        self._overrides = overrides
         marks_due = full or self._marked_at is None or now - self._marked_at >= self.snapshot_s
         if symbols is not None and not symbols and not marks_due:
             return outcome
@@ -187,6 +211,8 @@ class BookFeed:
             FED_TABLES, (rows.transactions, rows.legs, rows.positions), strict=True
         ):
             outcome.written[spec.name] = self._write(spec, produced, scope, version)
+        changed = self._upserted.get(POSITIONS.name, [])
+        outcome.written[GREEKS.name] = self._snapshot(changed, marks_due, version)
         if marks_due:
             self._marked_at = now
         return outcome
@@ -216,26 +242,48 @@ class BookFeed:
         return ""
 
     def _compute(self, fills: list[Fill], holdings_rows: list[dict[str, Any]]) -> BookRows:
+        given = self._overrides
+        fills = [
+            replace(f, group=label) if (label := given.fills.get((f.account, f.exec_base))) else f
+            for f in fills
+        ]
         by_partition: dict[Partition, list[Fill]] = defaultdict(list)
         for one in fills:
             by_partition[(one.account, one.symbol)].append(one)
-        filled = {(f.account, f.contract.conid) for f in fills}
-        self._first_seen_of(
-            {(str(r["account"]), int(r["conid"])) for r in holdings_rows if r["position"]} - filled
-        )
-        holdings = holdings_from_rows(holdings_rows, self._first_seen)
+        # Held before every known fill (opened before the pipeline ran): the position now
+        # less the fills, described by the contract's first row (its first sight).
+        now = {(str(r["account"]), int(r["conid"])): r for r in holdings_rows}
+        residual: dict[tuple[str, int], float] = defaultdict(float)
+        for key, row in now.items():
+            residual[key] += float(row["position"] or 0.0)
+        for one in fills:
+            residual[(one.account, one.contract.conid)] -= one.signed
+        before = {k: q for k, q in residual.items() if abs(q) > FLAT and k in now}
+        self._first_held_of(set(before))
+        holdings = [
+            held_before(self._first_held.get(key, now[key]), quantity)
+            for key, quantity in sorted(before.items())
+        ]
+        holdings = [
+            replace(h, group=label)
+            if (label := given.held.get((h.account, h.contract.conid)))
+            else h
+            for h in holdings
+        ]
         held_by: dict[Partition, list[Holding]] = defaultdict(list)
         for holding in holdings:
             held_by[(holding.account, holding.symbol)].append(holding)
+        seen_at: dict[Partition, list[datetime]] = defaultdict(list)
+        for row in holdings_rows:
+            seen_at[(str(row["account"]), str(row["symbol"]))].append(row["timestamp"])
         marks = self._marks(holdings_rows)
         rows = BookRows()
-        names = {
-            k: r["name"] for k, r in self._rows.get(POSITIONS.name, {}).items() if r.get("name")
-        }
+        names = given.names
         for account, symbol in sorted(by_partition.keys() | held_by.keys()):
             partition_fills = by_partition.get((account, symbol), [])
             partition_held = held_by.get((account, symbol), [])
             times = [f.time for f in partition_fills] + [h.timestamp for h in partition_held]
+            times += seen_at.get((account, symbol), [])
             fold = BookFold(account, symbol, self.rules)
             strategies = fold.run(partition_fills, partition_held, max(times))
             part = book_rows(strategies, marks, names)
@@ -243,6 +291,45 @@ class BookFeed:
             rows.legs += part.legs
             rows.positions += part.positions
         return rows
+
+    def rebuild(self, now: float) -> StepOutcome:
+        """Recompute the whole book and replace each table's rows in one overwrite commit
+        (its history stays: time travel still shows the book as it was)."""
+        outcome = StepOutcome()
+        executions = self._table(lake_names.EXECUTIONS)
+        version = executions.version() if executions is not None else None
+        outcome.executions_version = version
+        self._exec_files = set(_files(executions)) if executions is not None else set()
+        holdings_rows = self._holdings()
+        self._held = {
+            (str(r["account"]), int(r["conid"])): float(r["position"])
+            for r in holdings_rows
+            if r["position"]
+        }
+        self._overrides = read_overrides(self.base, self.storage)
+        rows = self._compute(self._fills(executions, None) if executions else [], holdings_rows)
+        outcome.partitions = len({(r["account"], r["symbol"]) for r in rows.positions})
+        for spec, produced in zip(
+            FED_TABLES, (rows.transactions, rows.legs, rows.positions), strict=True
+        ):
+            key = spec.key[0]
+            wanted = [{n: r.get(n) for n in spec.schema.names} for r in produced]
+            self._create(spec)
+            write_deltalake(
+                f"{self.out}/{spec.name}",
+                pa.Table.from_pylist(wanted, schema=spec.schema),
+                mode="overwrite",
+                partition_by=["symbol"],
+                storage_options=self.storage,
+                commit_properties=CommitProperties(
+                    app_transactions=[Transaction(APP_ID, version if version is not None else 0)]
+                ),
+            )
+            self._rows[spec.name] = {str(r[key]): r for r in wanted}
+            outcome.written[spec.name] = len(wanted)
+            self._on_commit(spec.name)
+        self._marked_at = now
+        return outcome
 
     # --- the tables --------------------------------------------------------------
 
@@ -269,6 +356,7 @@ class BookFeed:
         in_scope = [k for k, r in current.items() if symbols is None or r["symbol"] in symbols]
         upserts = [r for k, r in wanted.items() if current.get(k) != r]
         deletes = [current[k] for k in in_scope if k not in wanted]
+        self._upserted[spec.name] = []
         if not upserts and not deletes:
             return 0
         source = pa.Table.from_pylist(
@@ -295,11 +383,72 @@ class BookFeed:
             .when_not_matched_insert(updates=columns, predicate="NOT s._delete")
             .execute()
         )
+        self._upserted[spec.name] = upserts
         for row in upserts:
             current[str(row[key])] = row
         for row in deletes:
             current.pop(str(row[key]), None)
+        self._on_commit(spec.name)
         return len(upserts) + len(deletes)
+
+    def _snapshot(self, changed: list[dict[str, Any]], marks_due: bool, version: int | None) -> int:
+        """Record the Greeks of strategies: every open one at the snapshot grid's time
+        when marks are due, and each changed one at the time of its change (the first
+        record of that time stays). Keyed by (strategy, time): a step redone after a
+        crash adds nothing twice, and a grid time written again (a restart within one
+        interval) holds the newest step's view, whole, so its portfolio sums agree."""
+        rows: dict[tuple[str, datetime], dict[str, Any]] = {}
+        book = self._rows.get(POSITIONS.name, {})
+        totals: dict[str, dict[str, float]] = defaultdict(lambda: {"delta": 0.0, "gamma": 0.0})
+        for row in book.values():
+            if row["status"] != "closed":
+                for greek in ("delta", "gamma"):
+                    totals[row["account"]][greek] += row[greek] or 0.0
+        for row in changed:
+            moment = row["timestamp"]
+            rows[(row["strategy_id"], moment)] = _greeks_row(row, moment, totals, grid=False)
+        grid: datetime | None = None
+        if marks_due:
+            grid = datetime.fromtimestamp(self.snapshot_s * (self._clock() // self.snapshot_s), UTC)
+            for row in book.values():
+                if row["status"] != "closed":
+                    rows[(row["strategy_id"], grid)] = _greeks_row(row, grid, totals, grid=True)
+        if not rows:
+            return 0
+        source = pa.Table.from_pylist(
+            list(rows.values()), schema=GREEKS.schema.append(pa.field("_grid", pa.bool_()))
+        )
+        symbols = {str(r["symbol"]) for r in rows.values()}
+        touched = sorted(symbols | (self._grid_symbols if grid is not None else set()))
+        quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in touched)
+        columns = {n: f"s.{n}" for n in GREEKS.schema.names}
+        merge = (
+            self._create(GREEKS)
+            .merge(
+                source,
+                predicate=f"t.symbol IN ({quoted}) AND t.symbol = s.symbol "
+                "AND t.strategy_id = s.strategy_id AND t.timestamp = s.timestamp",
+                source_alias="s",
+                target_alias="t",
+                streamed_exec=False,
+                commit_properties=CommitProperties(
+                    app_transactions=[Transaction(APP_ID, version if version is not None else 0)]
+                ),
+            )
+            .when_matched_update(updates=columns, predicate="s._grid")
+            .when_not_matched_insert(updates=columns)
+        )
+        if grid is not None:
+            self._grid_symbols = {str(r["symbol"]) for k, r in rows.items() if k[1] == grid}
+            merge = merge.when_not_matched_by_source_delete(
+                predicate=f"t.symbol IN ({quoted}) AND t.timestamp = '{grid.isoformat()}'"
+            )
+        metrics = merge.execute()
+        self._on_commit(GREEKS.name)
+        return sum(
+            int(metrics.get(f"num_target_rows_{what}", 0))
+            for what in ("inserted", "updated", "deleted")
+        )
 
     def _book_table(self, spec: TableSpec) -> DeltaTable | None:
         try:
@@ -321,6 +470,56 @@ class BookFeed:
                 configuration=table_configuration(100),
                 storage_options=self.storage,
             )
+
+
+def _greeks_row(
+    row: Mapping[str, Any],
+    moment: datetime,
+    totals: Mapping[str, Mapping[str, float]],
+    grid: bool,
+) -> dict[str, Any]:
+    account = row["account"]
+    return {
+        "strategy_id": row["strategy_id"],
+        "account": account,
+        "symbol": row["symbol"],
+        **{g: row[g] for g in ("delta", "gamma", "theta", "vega")},
+        "portfolio_delta": totals[account]["delta"] if account in totals else None,
+        "portfolio_gamma": totals[account]["gamma"] if account in totals else None,
+        "timestamp": moment,
+        "_grid": grid,
+    }
+
+
+def _changed_overrides(before: Overrides, after: Overrides) -> set[str]:
+    """The underlyings whose overrides changed (given, changed or withdrawn)."""
+    old, new = before.in_force, after.in_force
+    symbols = before.symbols | after.symbols
+    return {symbols.get(k, "") for k in old.keys() | new.keys() if old.get(k) != new.get(k)} - {""}
+
+
+def book_progress(
+    lake_uri: str, storage_options: dict[str, str] | None = None
+) -> tuple[int | None, int | None]:
+    """(executions version the book last committed at, executions' own version); None
+    where a table does not exist yet."""
+    base = lake_uri.rstrip("/")
+    try:
+        executions: int | None = DeltaTable(
+            f"{base}/{lake_names.EXECUTIONS}", storage_options=storage_options
+        ).version()
+    except TableNotFoundError:
+        executions = None
+    reflected: int | None = None
+    for spec in FED_TABLES:
+        try:
+            table = DeltaTable(f"{base}/{spec.name}", storage_options=storage_options)
+        except TableNotFoundError:
+            continue
+        version = table.transaction_version(APP_ID)
+        if version is not None:
+            reflected = version if reflected is None else max(reflected, version)
+    return reflected, executions
 
 
 def _files(table: DeltaTable) -> dict[str, str]:

@@ -2,9 +2,13 @@
 
 A :class:`Fill` is one row of ``executions`` after corrections (the consumer keeps
 the newest revision's details and its commission, shared/executions.py); a
-:class:`Holding` is one row of ``positions_current`` with the first time the lake
-saw the contract held. Both are plain values, so the book (options_model/book.py)
-is a pure function of them and a rebuild gives the same rows.
+:class:`Holding` is what an account held of a contract before every fill the lake
+knows of it: its position now (``positions_current``) less the sum of those fills,
+non-zero for positions opened before the pipeline ran. It needs no comparison of
+fill and position times (IB's execution times have whole seconds, a correction
+may move one), so a fill is never counted twice. Both are plain values, so the
+book (options_model/book.py) is a pure function of them and a rebuild gives the
+same rows.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from typing import Any
 from options_model.classify import Leg
 
 SIGNED_SIDE = {"BOT": 1.0, "SLD": -1.0}
+# What a fill needs to be booked: a row lacking any is left out (its details have not
+# landed yet, or another producer sent less than the wire format asks).
+_NEEDED = ("exec_base", "account", "symbol", "conid", "sec_type", "shares", "price", "time")
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,9 @@ class Fill:
     perm_id: int | None = None
     order_ref: str | None = None
     commission: float | None = None  # None until IB's report lands
+    group: str | None = (
+        None  # a trader's label (options_model/overrides.py): the strongest evidence
+    )
 
     @property
     def signed(self) -> float:
@@ -62,16 +72,17 @@ class Fill:
 
 @dataclass(frozen=True)
 class Holding:
-    """A contract an account holds now, per ``positions_current``."""
+    """What an account held of a contract before the fills the lake knows of it."""
 
     account: str
     symbol: str
     contract: Contract
-    position: float
+    position: float  # signed, before every known fill
     average_cost: float | None  # IB's: the multiplier included for options
     market_price: float | None
     first_seen: datetime  # the first time the lake recorded it held
     timestamp: datetime  # of the newest position row
+    group: str | None = None  # a trader's label for what is held without a known fill
 
     @property
     def open_price(self) -> float | None:
@@ -111,30 +122,22 @@ def fills_from_rows(rows: Iterable[Mapping[str, Any]]) -> list[Fill]:
             commission=row.get("commission"),
         )
         for row in rows
-        if row.get("side") in SIGNED_SIDE and row.get("shares") is not None
+        if row.get("side") in SIGNED_SIDE and all(row.get(c) is not None for c in _NEEDED)
     ]
     return sorted(fills, key=lambda fill: fill.sort_key)
 
 
-def holdings_from_rows(
-    rows: Iterable[Mapping[str, Any]], first_seen: Mapping[tuple[str, int], datetime]
-) -> list[Holding]:
-    """Holdings from ``positions_current`` rows (non-zero ones)."""
-    held = []
-    for row in rows:
-        if not row.get("position"):
-            continue
-        key = (str(row["account"]), int(row["conid"]))
-        held.append(
-            Holding(
-                account=key[0],
-                symbol=str(row["symbol"]),
-                contract=_contract(row),
-                position=float(row["position"]),
-                average_cost=row.get("average_cost"),
-                market_price=row.get("market_price"),
-                first_seen=first_seen.get(key, row["timestamp"]),
-                timestamp=row["timestamp"],
-            )
-        )
-    return sorted(held, key=lambda h: (h.account, h.symbol, h.contract.conid))
+def held_before(row: Mapping[str, Any], position: float) -> Holding:
+    """A contract held before the fills the lake knows (``position``: what they do not
+    explain), described by its first ``position_updates`` row (its first sight, and
+    IB's average cost then)."""
+    return Holding(
+        account=str(row["account"]),
+        symbol=str(row["symbol"]),
+        contract=_contract(row),
+        position=position,
+        average_cost=row.get("average_cost"),
+        market_price=row.get("market_price"),
+        first_seen=row["timestamp"],
+        timestamp=row["timestamp"],
+    )

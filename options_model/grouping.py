@@ -2,6 +2,8 @@
 
 Evidence, strongest first (the issue's order):
 
+0. a trader's override (options_model/overrides.py): fills and holdings given one
+   label are one strategy (``user:<label>``), whatever else says;
 1. the order reference (IB's ``orderRef``): fills with one reference belong to one
    strategy, across orders and days (``ref:<reference>``; a reference used again
    after its strategy closed and the roll window passed starts ``ref:<reference>#2``);
@@ -14,8 +16,9 @@ Evidence, strongest first (the issue's order):
    (options_model/classify.py) and each becomes a strategy (``fills:<exec id>``),
    what is left a single leg.
 
-Positions the account holds beyond what the known fills explain (opened before the
-pipeline ran) are grouped the same way into ``held:<conid>`` strategies at the start,
+Positions held before the known fills (opened before the pipeline ran: the position
+now less every known fill) are grouped the same way into ``held:<conid>`` strategies
+at the start,
 open at IB's average cost. A ``rolling`` strategy (reference or combo) had a leg
 closed while others stay open; it is ``open`` again when new legs join within
 ``roll_window_s`` (a roll: counted), or once the window passes without one.
@@ -138,13 +141,15 @@ class BookFold:
             (f for f in fills if f.contract.sec_type != "BAG"), key=lambda f: f.sort_key
         )
         self._hold(ordered, list(holdings))
-        combos = _combo_fills(ordered)
+        combos = _combo_fills([f for f in ordered if not f.group])
         done: set[str] = set()
         for fill in ordered:
             if fill.exec_base in done:
                 continue
             self._close_cluster_if(fill)
-            if fill.perm_id is not None and fill.perm_id in combos:
+            if fill.group:
+                self._to(self._user_strategy(fill.group), fill, fill.signed)
+            elif fill.perm_id is not None and fill.perm_id in combos:
                 legs = combos[fill.perm_id]
                 self._combo(legs)
                 done.update(f.exec_base for f in legs)
@@ -164,6 +169,10 @@ class BookFold:
         strategy = StrategyLedger(sid, self.account, self.symbol, origin)
         self.strategies[sid] = strategy
         return strategy
+
+    def _user_strategy(self, label: str) -> StrategyLedger:
+        sid = strategy_id(self.account, self.symbol, f"user:{label}")
+        return self.strategies.get(sid) or self._new(f"user:{label}")
 
     def _ref_strategy(self, fill: Fill) -> StrategyLedger:
         ref = fill.order_ref or ""
@@ -286,13 +295,11 @@ class BookFold:
         legs: list[tuple[Contract, float]] = []
         info: dict[int, Holding] = {}
         for holding in holdings:
-            explained = sum(
-                f.signed
-                for f in fills
-                if f.contract.conid == holding.contract.conid and f.time <= holding.timestamp
-            )
-            residual = holding.position - explained
-            if abs(residual) > FLAT:
+            residual = holding.position  # held before every known fill (options_model/fills.py)
+            if abs(residual) > FLAT and holding.group:
+                strategy = self._user_strategy(holding.group)
+                strategy.hold(holding.contract, residual, holding.open_price, holding.first_seen)
+            elif abs(residual) > FLAT:
                 legs.append((holding.contract, residual))
                 info[holding.contract.conid] = holding
         quantity = dict((c.conid, q) for c, q in legs)

@@ -103,7 +103,8 @@ class StrategyLedger:
     opening_notional: float = 0.0  # signed quantity x price of opening parts
     closing_notional: float = 0.0
     peak_units: float = 0.0
-    peak: Classification | None = None  # what it held at its most units
+    peak_legs: int = 0
+    peak: Classification | None = None  # what it held at its fullest (_units)
     entry_time: datetime | None = None
     exit_time: datetime | None = None
     rolls: int = 0
@@ -150,9 +151,17 @@ class StrategyLedger:
         return done
 
     def _units(self) -> None:
+        """Keep the structure at its fullest: the most open legs, then the most units.
+        Legging in completes it (shares, then the call: a covered call, not 200 shares);
+        legging out of it or a partial close does not replace it. Units of different
+        structures (shares, spreads) are not compared."""
         now = self.classification
-        if now.quantity > FLAT and now.quantity >= self.peak_units:
-            self.peak_units, self.peak = now.quantity, now
+        legs = len(self.open_legs)
+        if now.quantity > FLAT and (
+            legs > self.peak_legs
+            or (legs == self.peak_legs and now.quantity > self.peak_units + FLAT)
+        ):
+            self.peak_units, self.peak, self.peak_legs = now.quantity, now, legs
 
     @property
     def open_legs(self) -> list[LegLedger]:

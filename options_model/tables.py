@@ -155,4 +155,22 @@ TRANSACTIONS = TableSpec(
     unique="transaction_id",
 )
 
-ALL_TABLES = {spec.name: spec for spec in (POSITIONS, LEGS, GREEKS, TRANSACTIONS)}
+OVERRIDES = TableSpec(  # a trader's corrections to the grouping (options_model/overrides.py)
+    name="book_overrides",
+    schema=pa.schema(
+        [
+            _f("override_id", pa.string(), True),
+            _f("account", pa.string(), True),
+            _f("symbol", pa.string(), True),
+            _f("kind", pa.string(), True),
+            _f("subject", pa.string(), True),
+            _f("value", pa.string()),
+            _f("timestamp", UTC_MICROS, True),
+        ]
+    ),
+    key=("override_id",),
+    codes={"kind": frozenset({"assign", "name"})},
+    unique="override_id",
+)
+
+ALL_TABLES = {spec.name: spec for spec in (POSITIONS, LEGS, GREEKS, TRANSACTIONS, OVERRIDES)}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from consumer import cli as consumer_cli
 from infra.redaction import scrub
-from poslake import dlq, maintain, query, reconcile, replay, status
+from poslake import book, dlq, maintain, query, reconcile, replay, status
 from poslake import run as pipeline
 from poslake.command import LAKE_ERRORS, CommandError, ExitCode, lake_failure
 from producer import cli as producer_cli
@@ -39,6 +39,11 @@ OPERATOR_COMMANDS: dict[str, tuple[str, ArgumentAdder, OperatorCommand]] = {
         "current positions or a contract's history, now or in the past",
         query.add_arguments,
         query.run,
+    ),
+    "book": (
+        "feed the strategy book from the lake's tables: for ever, --once or --rebuild",
+        book.add_arguments,
+        book.run,
     ),
     "reconcile": (
         "compare the lake with IB: positions, executions, account values, fills",

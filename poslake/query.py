@@ -22,6 +22,7 @@ from infra.time_travel import RETENTION_HINT, open_table_at
 from options_model.exposures import exposures
 from options_model.repository import TableRepository
 from options_model.tables import ALL_TABLES
+from poslake import book_query
 from poslake.command import CommandError, ExitCode
 from shared.errors import RepositoryError, TableMissing
 from shared.kinds import ACCOUNT_VALUES, EXECUTIONS, POSITIONS, all_tables, kind_of_table
@@ -90,10 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="exposures as they stood at this time (ISO 8601, UTC if naive): the newest "
         "positions and Greeks observed by then, from the history tables",
     )
+    book = book_query.add_parsers(what)
     model.add_argument("name", choices=[*sorted(ALL_TABLES), *all_tables()])
     model.add_argument("--history", action="store_true", help="every row, not the latest")
     model.add_argument("--strategy", help="only this strategy_id")
-    for sub in (current, history, model, fills, values, exposure):
+    for sub in (current, history, model, fills, values, exposure, *book):
         sub.add_argument("--symbol", action="append", default=[], help="repeatable")
         sub.add_argument("--account", action="append", default=[], help="repeatable")
         if sub is not exposure:  # its --at is the observation time, across tables
@@ -332,6 +334,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError("--format parquet needs --output FILE", ExitCode.BAD_INPUT)
     if args.what == "table":
         write(query_model_table(args, settings), args.format, args.output)
+        return ExitCode.OK
+    if args.what in book_query.BOOK_QUERIES:
+        name = book_query.table_of(args.what)
+        try:
+            table = open_table(settings, args.version, args.at, uri=settings.lake_table_uri(name))
+        except CommandError as exc:
+            if exc.code != ExitCode.NOT_FOUND:
+                raise
+            raise CommandError(book_query.NOT_FED.format(table=name), exc.code) from None
+        as_of = getattr(args, "as_of", None)
+        frame = book_query.book_frame(args, table, parse_time(as_of) if as_of else None)
+        write(frame, args.format, args.output)
         return ExitCode.OK
     if args.what == "exposures":
         write(query_exposures(args, settings), args.format, args.output)

@@ -299,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
                 for i in range(args.consumers)
             ]
             producer = _spawn("producer", ["producer"], producer_env, logs, stack)
+            book = _spawn("book", ["poslake", "book"], env, logs, stack)
             client: Any = sync_client(url)
             _wait_for_first_entry(client, settings, producer, settings.ib_connect_timeout_s + 20)
         except StartupError as exc:
@@ -309,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"poslake run: redis: {failure}", file=sys.stderr)
             return failure.code
         view_settings = settings.model_copy(update={"redis_url": url, "lake_uri": lake_uri})
-        parts = [p for p in (simulator, producer, *consumers) if p is not None]
+        parts = [p for p in (simulator, producer, *consumers, book) if p is not None]
         view = LiveView(live=not args.no_live and sys.stdout.isatty())
         started = time.monotonic()
         failed: Part | None = None
@@ -338,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
             _stop(simulator)
         _stop(producer)
         drained = _wait_drained(client, settings, timeout=120)
+        _stop(book)
+        booked = _book_once(env, logs)  # the book up to date with what the consumers wrote
         kinds = _kind_counts(client, settings.stream)
         try:
             final = _collect(view_settings)
@@ -351,8 +354,22 @@ def run(args: argparse.Namespace) -> int:
         drained,
         data_dir,
         kinds,
+        booked,
     )
-    return ExitCode.OK if drained else ExitCode.FAILED
+    return ExitCode.OK if drained and booked is not None else ExitCode.FAILED
+
+
+def _book_once(env: dict[str, str], logs: Path) -> str | None:
+    """Run ``poslake book --once``; its report line, or None (its log says why)."""
+    with (logs / "book.log").open("ab") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "poslake", "book", "--once"],
+            env=env, stdout=subprocess.PIPE, stderr=out, text=True, timeout=600, check=False,
+        )  # fmt: skip
+    if done.returncode != 0:
+        print(f"poslake run: the book failed (exit {done.returncode}), see {logs / 'book.log'}")
+        return None
+    return done.stdout.strip()
 
 
 def print_summary(
@@ -362,6 +379,7 @@ def print_summary(
     drained: bool,
     data_dir: Path,
     kinds: dict[str, int] | None = None,
+    booked: str | None = None,
 ) -> None:
     """Where the tables are and how to query them; ``redis_shown`` is the redacted URL
     of a configured Redis (``None`` for the private one, gone with the run)."""
@@ -377,6 +395,8 @@ def print_summary(
         f"{held}; dead letters: {final.dead_letters}"
         f"{'' if drained else '; NOT fully drained'}."
     ]
+    if booked:
+        lines.append(f"The strategy book: {booked}.")
     state = data_dir / "simulator-final-state.json"
     if state.exists():
         lines.append(
@@ -388,6 +408,7 @@ def print_summary(
         f"  POSLAKE_LAKE_URI={lake} poslake query positions",
         f"  POSLAKE_LAKE_URI={lake} poslake query positions --symbol AAPL --format csv",
         f"  POSLAKE_LAKE_URI={lake} poslake query history --conid <conid> --version 3",
+        f"  POSLAKE_LAKE_URI={lake} poslake query strategies --status open",
     ]
     if redis_shown:
         lines.append(

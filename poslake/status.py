@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,8 +17,9 @@ from deltalake.exceptions import TableNotFoundError
 from infra.redaction import scrub
 from infra.redis_errors import refusal
 from infra.stream_lag import group_lag
+from options_model.feed import book_progress
 from poslake.command import ExitCode, redis_client
-from shared.kinds import POSITIONS, all_tables
+from shared.kinds import EXECUTIONS, POSITIONS, all_tables
 from shared.settings import Settings
 
 # status counts a lag up to this many entries (100 XRANGE pages at most).
@@ -54,6 +56,17 @@ class TableStatus:
 
 
 @dataclass
+class BookStatus:
+    """How far the strategy book (poslake book) is behind ``executions``."""
+
+    reflected_version: int | None  # the executions version of the book's last commit
+    executions_version: int | None
+    behind_versions: int  # executions commits the book has not reflected yet
+    behind_s: float | None  # age of the oldest of them
+    lease: str  # who feeds it now
+
+
+@dataclass
 class Status:
     stream: str
     length: int
@@ -68,6 +81,7 @@ class Status:
     # The replayable range starts at the first entry kept (consumers trim acknowledged
     # entries past POSLAKE_STREAM_RETENTION_S or the memory cap): its age in seconds.
     first_age_s: float | None = None
+    book: BookStatus | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,9 +137,10 @@ def group_status(client: Any, settings: Settings) -> list[GroupStatus]:
     return groups
 
 
-def lease_status(client: Any, settings: Settings) -> str:
-    """The consumers' maintenance lease: its holder and TTL, free, or why unreadable."""
-    key = settings.maintenance_lease_key
+def lease_status(client: Any, settings: Settings, key: str | None = None) -> str:
+    """A lease (the consumers' maintenance lease unless ``key``): its holder and TTL,
+    free, or why unreadable."""
+    key = key or settings.maintenance_lease_key
     try:
         holder = client.get(key)
         ttl_ms = int(client.pttl(key)) if holder is not None else 0
@@ -150,16 +165,45 @@ def table_status(settings: Settings, name: str = POSITIONS.table) -> TableStatus
     return TableStatus(name, shown, table.version(), rows, actions.num_rows, when)
 
 
+def book_status(settings: Settings, lease: str, noted: Any) -> BookStatus | None:
+    """The book's progress: the executions version its last step reflected (noted in
+    Redis by ``poslake book``, else its tables' app transaction); None before its first
+    commit."""
+    reflected, current = book_progress(settings.lake_uri, settings.storage_options or None)
+    if reflected is None:
+        return None
+    with contextlib.suppress(ValueError, IndexError):  # not ours: the tables' figure stands
+        reflected = max(reflected, int(_text(noted).split()[0])) if noted else reflected
+    behind = max(0, (current or 0) - reflected)
+    behind_s = None
+    if behind:
+        table = DeltaTable(
+            settings.lake_table_uri(EXECUTIONS.table),
+            storage_options=settings.storage_options or None,
+        )
+        oldest = min(table.history(min(behind, 1000)), key=lambda c: int(c["version"]))
+        behind_s = max(0.0, time.time() - int(oldest["timestamp"]) / 1000)
+    return BookStatus(reflected, current, behind, behind_s, lease)
+
+
 def collect(settings: Settings) -> Status:
     with redis_client(settings) as client:
         length, first, last = stream_status(client, settings)
         groups = group_status(client, settings)
         dead = int(client.xlen(settings.dlq_stream))
         lease = lease_status(client, settings)
+        book_lease = lease_status(client, settings, settings.book_lease_key)
+        try:
+            noted = client.get(settings.book_progress_key)
+        except redis.ResponseError:  # no right to read it: the tables' figure is used
+            noted = None
     tables = {name: table_status(settings, name) for name in all_tables()}
     table = tables[POSITIONS.table]
     age = entry_age_s(first) if first else None
-    return Status(settings.stream, length, first, last, groups, dead, table, lease, tables, age)
+    book = book_status(settings, book_lease, noted)
+    return Status(
+        settings.stream, length, first, last, groups, dead, table, lease, tables, age, book
+    )
 
 
 def entry_age_s(entry_id: str) -> float:
@@ -212,6 +256,20 @@ def render(status: Status) -> str:
         lines.append(
             f"table {table.uri}: version {table.version}, {table.rows} rows, "
             f"{table.active_files} active files, last commit {table.last_commit}"
+        )
+    book = status.book
+    if book is None:
+        lines.append("strategy book: not fed yet (poslake book)")
+    else:
+        behind = (
+            "up to date"
+            if not book.behind_versions
+            else f"{book.behind_versions} executions commits behind"
+            + (f", the oldest {_age(book.behind_s)} old" if book.behind_s is not None else "")
+        )
+        lines.append(
+            f"strategy book: at executions version {book.reflected_version} of "
+            f"{book.executions_version}: {behind}; lease {book.lease}"
         )
     return "\n".join(lines)
 

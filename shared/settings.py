@@ -218,9 +218,17 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
 
+    # The strategy book (poslake book): untagged fills this close together form one
+    # strategy; a close and an open this close together are a roll.
+    book_group_window_s: Seconds = 60.0
+    book_roll_window_s: Seconds = 3_600.0
+    book_snapshot_s: Annotated[float, Field(ge=1, le=MAX_SECONDS)] = 60.0  # marks and Greeks
+    book_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0  # between steps
+
     # Testing only: the consumer SIGKILLs itself at this point of the given batch.
     fault_crash_at: CrashPoint | None = None
     fault_crash_on_batch: Annotated[int, Field(ge=1)] = 1
+    fault_book_crash_after_commits: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("redis_url")
     @classmethod
@@ -333,6 +341,17 @@ class Settings(BaseSettings):
     def maintenance_lease_key(self) -> str:
         """The key a consumer holds while it runs table maintenance (one at a time)."""
         return f"poslake:{self.stream}:{self.group}:maintenance"
+
+    @property
+    def book_lease_key(self) -> str:
+        """The key ``poslake book`` holds while it feeds the book (one at a time)."""
+        return f"poslake:{self.stream}:book"
+
+    @property
+    def book_progress_key(self) -> str:
+        """Where ``poslake book`` notes the executions version its last step reflected
+        and when (``<version> <unix time>``; shown by ``poslake status``)."""
+        return f"poslake:{self.stream}:book:progress"
 
     @property
     def spool_path(self) -> Path:

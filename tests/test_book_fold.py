@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -152,20 +153,8 @@ def test_positions_held_before_any_fill_are_grouped_and_closed_by_fills() -> Non
     assert condor.legs[held[1].contract.conid].open_price == pytest.approx(1.20)
     # one condor bought back, untagged, after the holdings were recorded
     later = [fill(h.contract, -h.position / 3, 0.1, 60) for h in held]
-    remaining = [
-        Holding(
-            "DU1",
-            "SPY",
-            h.contract,
-            h.position * 2 / 3,
-            h.average_cost,
-            0.1,
-            T0,
-            T0 + timedelta(seconds=61),  # IB's position update follows the fills
-        )
-        for h in held
-    ]
-    (after,) = run(later, remaining)
+    # what was held before the known fills stays what it was: the fills close part
+    (after,) = run(later, held)
     assert after.classification.quantity == 2
     assert all(t.effect == "CLOSE" for t in after.transactions)
 
@@ -276,3 +265,19 @@ def test_split_structures_pairs_calendars_across_expiries() -> None:
     assert sorted(map(sorted, groups)) == sorted(
         [sorted([near.conid, far.conid]), [option("P", 80).conid]]
     )
+
+
+def test_a_trader_label_beats_every_other_evidence() -> None:
+    """Overrides (options_model/overrides.py): a label groups fills across references,
+    combos and time, and takes held positions with it; unlabelled fills group as before."""
+    tagged = [replace(f, group="mine") for f in condor_fills(1, 0, ref="IC-1")[:2]]
+    rest = condor_fills(1, 0, ref="IC-1")[2:]
+    far = replace(fill(option("C", 120), 1, 0.2, 7_200, perm=77), group="mine")
+    held = Holding("DU1", "SPY", option("P", 80), -1.0, 30.0, 0.3, T0, T0, group="mine")
+    strategies = {s.origin: s for s in run([*tagged, *rest, far], [held])}
+    assert set(strategies) == {"user:mine", "ref:IC-1"}
+    mine = strategies["user:mine"]
+    assert mine.strategy_id == strategy_id("DU1", "SPY", "user:mine")
+    labelled = [tagged[0].contract, tagged[1].contract, far.contract, held.contract]
+    assert sorted(mine.legs) == sorted(c.conid for c in labelled)
+    assert sorted(strategies["ref:IC-1"].legs) == sorted(f.contract.conid for f in rest)

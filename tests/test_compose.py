@@ -217,3 +217,16 @@ def test_reconcile_runs_periodically_beside_the_producer() -> None:
     assert env["POSLAKE_RECONCILE_CLIENT_ID"] != env["POSLAKE_IB_CLIENT_ID"]
     assert "lake:/lake:ro" in reconcile["volumes"]  # it only reads the lake
     assert "healthcheck" in reconcile
+
+
+def test_the_book_runs_as_a_service_on_the_lake() -> None:
+    services = _compose()["services"]
+    book = services["book"]
+    assert book["command"][2:4] == ["poslake", "book"] and "--once" not in book["command"]
+    assert "lake:/lake" in book["volumes"]  # it writes the book's tables beside the others
+    assert (
+        book["environment"]["POSLAKE_LAKE_URI"]
+        == services["consumer"]["environment"]["POSLAKE_LAKE_URI"]
+    )
+    assert "healthcheck" in book and book["restart"] == "unless-stopped"
+    assert book["depends_on"]["redis"]["condition"] == "service_healthy"

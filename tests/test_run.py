@@ -40,6 +40,11 @@ def test_run_then_query_matches_the_simulators_final_book(tmp_path: Path) -> Non
     assert table.height == _position_entries(summary) > 0
     assert "dead letters: 0" in summary
     assert pl.read_delta(str(data / "lake" / "executions")).height > 0
+    # The book ran beside the consumers and was brought up to date at the end: each
+    # held contract is in it, its legs adding up to the position.
+    assert "The strategy book: book up to date" in result.stdout
+    legs = pl.read_delta(str(data / "lake" / "legs"))
+    held_by_book = legs.group_by("account", "conid").agg(pl.col("quantity").sum())
 
     query = subprocess.run(
         [sys.executable, "-m", "poslake", "query", "positions", "--format", "csv"],
@@ -53,6 +58,11 @@ def test_run_then_query_matches_the_simulators_final_book(tmp_path: Path) -> Non
     assert {(r["account"], r["conid"], r["position"]) for r in shown.iter_rows(named=True)} == {
         (r["account"], r["conid"], r["position"]) for r in book
     }
+    assert {
+        (r["account"], r["conid"], r["quantity"])
+        for r in held_by_book.iter_rows(named=True)
+        if r["quantity"]
+    } == {(r["account"], r["conid"], r["position"]) for r in book}
 
 
 def test_run_says_which_part_failed(tmp_path: Path) -> None:
