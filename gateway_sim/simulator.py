@@ -140,6 +140,7 @@ class GatewaySimulator:
             key: holding.position for key, holding in self.portfolio.holdings.items()
         }
         self.record: list[SentUpdate] = []
+        self.fills_sent: list[tuple[str, int]] = []  # (exec_id, send time in ns), if recording
         self.sent_count: Counter[str] = Counter()
         self.first_sent_ns: dict[str, int] = {}
         self.last_sent_ns: dict[str, int] = {}
@@ -397,6 +398,8 @@ class GatewaySimulator:
         """A live fill (req_id -1) to every connection, as to a master client; its
         commission after a delay, before it, or never, by the fault settings."""
         blotter, fmt = self.blotter, self.config.exec_time_format
+        if self.config.record:
+            self.fills_sent.append((made.exec_id, time.time_ns()))
         first = made.commission is not None and blotter.wants("commission_first")
         for session in sessions:
             if first:
@@ -558,7 +561,7 @@ async def serve(
     release_held_stops()  # a stop sent while it started is delivered now
     port = await simulator.start()
     print(f"gateway simulator listening on {config.host}:{port}", flush=True)
-    written = 0
+    written = fills_written = 0
     record_file = record_path.open("a") if record_path else None
     try:
         while not stop.is_set():
@@ -567,8 +570,14 @@ async def serve(
             if record_file is not None:
                 pending = simulator.record[written:]
                 record_file.writelines(_record_line(u) + "\n" for u in pending)
+                fills = simulator.fills_sent[fills_written:]
+                record_file.writelines(
+                    json.dumps({"kind": "fill", "exec_id": e, "sent_ns": ns}) + "\n"
+                    for e, ns in fills
+                )
                 record_file.flush()
                 written += len(pending)
+                fills_written += len(fills)
     finally:
         await simulator.stop()
         if record_file is not None:

@@ -33,6 +33,7 @@ type with ``detail`` "broken wing", a reversed one (long inside) "reverse".
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -128,7 +129,19 @@ def common_unit(quantities: Sequence[float]) -> float:
 
 def classify(legs: Iterable[Leg]) -> Classification:
     """The structure the open legs form (see the module's table)."""
-    held = net_legs(legs)
+    return _classify(tuple(net_legs(legs)))
+
+
+def classify_distinct(legs: Iterable[Leg]) -> Classification:
+    """:func:`classify` for legs known to be distinct contracts (a ledger's open legs):
+    no netting needed."""
+    return _classify(tuple(sorted((leg for leg in legs if abs(leg.quantity) > 1e-9), key=_order)))
+
+
+@functools.lru_cache(maxsize=65_536)
+def _classify(held: tuple[Leg, ...]) -> Classification:
+    """Memoized: a book classifies the same leg sets again and again (after every fill
+    of a strategy, in every rebuild)."""
     if not held:
         return Classification("custom", 0.0, "flat")
     options = [leg for leg in held if leg.is_option]

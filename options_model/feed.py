@@ -60,6 +60,11 @@ _HOLDING_COLUMNS = [
 ]  # fmt: skip
 
 
+_EMPTY_HELD = pl.DataFrame(
+    schema={"account": pl.String, "conid": pl.Int64, "symbol": pl.String, "position": pl.Float64}
+)
+
+
 @dataclass
 class StepOutcome:
     """What one step did: underlyings recomputed, rows written per table."""
@@ -92,8 +97,9 @@ class BookFeed:
         self.rules = rules or BookRules()
         self.snapshot_s = snapshot_s
         self._rows: dict[str, dict[str, dict[str, Any]]] = {}  # table -> key -> row
+        self._by_symbol: dict[str, dict[str, set[str]]] = {}  # table -> symbol -> keys
         self._exec_files: set[str] | None = None
-        self._held: dict[tuple[str, int], float] = {}
+        self._held = _EMPTY_HELD  # account, conid, symbol, position at the last step
         self._first_held: dict[tuple[str, int], dict[str, Any]] = {}  # first position rows
         self._marked_at: float | None = None
         self._overrides = Overrides()
@@ -117,11 +123,15 @@ class BookFeed:
         rows = frame.select(FILL_COLUMNS).filter(pl.col("side").is_not_null()).collect()
         return fills_from_rows(rows.to_dicts())
 
-    def _holdings(self) -> list[dict[str, Any]]:
+    def _holdings(self, symbols: set[str] | None) -> list[dict[str, Any]]:
+        """``positions_current``'s rows (of ``symbols`` only, if given: partitions pruned)."""
         table = self._table(lake_names.POSITIONS_CURRENT)
         if table is None:
             return []
-        return pl.scan_delta(table).select(_HOLDING_COLUMNS).collect().to_dicts()
+        frame = pl.scan_delta(table)
+        if symbols is not None:
+            frame = frame.filter(pl.col("symbol").is_in(sorted(symbols)))
+        return frame.select(_HOLDING_COLUMNS).collect().to_dicts()
 
     def _marks(self, holdings: list[dict[str, Any]]) -> Marks:
         prices = {
@@ -181,16 +191,11 @@ class BookFeed:
         if not self._rows:
             self._load()
             full = True
-        holdings_rows = self._holdings()
-        held = {
-            (str(r["account"]), int(r["conid"])): float(r["position"])
-            for r in holdings_rows
-            if r["position"]
-        }
+        held = self._held_now()
         overrides = read_overrides(self.base, self.storage)
         symbols: set[str] | None = None
         if not full:
-            symbols = self._changed_symbols(executions, holdings_rows, held)
+            symbols = self._changed_symbols(executions, held)
             symbols |= _changed_overrides(self._overrides, overrides)
         else:
             self._exec_files = set(_files(executions)) if executions is not None else set()
@@ -201,12 +206,10 @@ class BookFeed:
             return outcome
         version = executions.version() if executions is not None else None
         outcome.executions_version = version
-        fills = self._fills(executions, None if marks_due else symbols) if executions else []
-        if not marks_due and symbols is not None:
-            holdings_rows = [r for r in holdings_rows if r["symbol"] in symbols]
-        rows = self._compute(fills, holdings_rows)
-        outcome.partitions = len({(r["account"], r["symbol"]) for r in rows.positions})
         scope = None if marks_due else symbols
+        fills = self._fills(executions, scope) if executions else []
+        rows = self._compute(fills, self._holdings(scope))
+        outcome.partitions = len({(r["account"], r["symbol"]) for r in rows.positions})
         for spec, produced in zip(
             FED_TABLES, (rows.transactions, rows.legs, rows.positions), strict=True
         ):
@@ -217,29 +220,32 @@ class BookFeed:
             self._marked_at = now
         return outcome
 
-    def _changed_symbols(
-        self,
-        executions: DeltaTable | None,
-        holdings: list[dict[str, Any]],
-        held: dict[tuple[str, int], float],
-    ) -> set[str]:
+    def _held_now(self) -> pl.DataFrame:
+        """Every contract's position now (account, conid, symbol, position): the only
+        columns read of the whole table each step (prices move all the time; held
+        quantities seldom)."""
+        table = self._table(lake_names.POSITIONS_CURRENT)
+        if table is None:
+            return _EMPTY_HELD
+        return pl.scan_delta(table).select(_EMPTY_HELD.columns).collect()
+
+    def _changed_symbols(self, executions: DeltaTable | None, held: pl.DataFrame) -> set[str]:
+        """Underlyings with new executions files (by partition), or whose held
+        quantities changed since the last step."""
         symbols: set[str] = set()
         if executions is not None:
             files = _files(executions)
             added = files.keys() - (self._exec_files or set())
             self._exec_files = set(files)
             symbols |= {files[path] for path in added}
-        symbol_of = {(str(r["account"]), int(r["conid"])): str(r["symbol"]) for r in holdings}
-        for key in held.keys() | self._held.keys():
-            if held.get(key) != self._held.get(key):
-                symbols.add(symbol_of.get(key) or self._symbol_of_old(key))
+        before = self._held.rename({"position": "before", "symbol": "symbol_before"})
+        moved = (
+            held.join(before, on=["account", "conid"], how="full", coalesce=True)
+            .filter(pl.col("position").fill_null(0.0) != pl.col("before").fill_null(0.0))
+            .select(pl.coalesce("symbol", "symbol_before"))
+        )
+        symbols |= set(moved.to_series().drop_nulls().to_list())
         return {s for s in symbols if s}
-
-    def _symbol_of_old(self, key: tuple[str, int]) -> str:
-        for row in self._rows.get(LEGS.name, {}).values():
-            if (row["account"], row["conid"]) == key:
-                return str(row["symbol"])
-        return ""
 
     def _compute(self, fills: list[Fill], holdings_rows: list[dict[str, Any]]) -> BookRows:
         given = self._overrides
@@ -300,19 +306,14 @@ class BookFeed:
         version = executions.version() if executions is not None else None
         outcome.executions_version = version
         self._exec_files = set(_files(executions)) if executions is not None else set()
-        holdings_rows = self._holdings()
-        self._held = {
-            (str(r["account"]), int(r["conid"])): float(r["position"])
-            for r in holdings_rows
-            if r["position"]
-        }
+        holdings_rows = self._holdings(None)
+        self._held = self._held_now()
         self._overrides = read_overrides(self.base, self.storage)
         rows = self._compute(self._fills(executions, None) if executions else [], holdings_rows)
         outcome.partitions = len({(r["account"], r["symbol"]) for r in rows.positions})
         for spec, produced in zip(
             FED_TABLES, (rows.transactions, rows.legs, rows.positions), strict=True
         ):
-            key = spec.key[0]
             wanted = [{n: r.get(n) for n in spec.schema.names} for r in produced]
             self._create(spec)
             write_deltalake(
@@ -325,7 +326,7 @@ class BookFeed:
                     app_transactions=[Transaction(APP_ID, version if version is not None else 0)]
                 ),
             )
-            self._rows[spec.name] = {str(r[key]): r for r in wanted}
+            self._keep(spec, wanted)
             outcome.written[spec.name] = len(wanted)
             self._on_commit(spec.name)
         self._marked_at = now
@@ -337,10 +338,16 @@ class BookFeed:
         for spec in FED_TABLES:
             table = self._book_table(spec)
             frame = pl.scan_delta(table).collect() if table is not None else None
-            key = spec.key[0]
-            self._rows[spec.name] = (
-                {str(r[key]): r for r in frame.to_dicts()} if frame is not None else {}
-            )
+            self._keep(spec, frame.to_dicts() if frame is not None else [])
+
+    def _keep(self, spec: TableSpec, rows: list[dict[str, Any]]) -> None:
+        """The table's rows as the feed knows them, indexed by underlying."""
+        key = spec.key[0]
+        self._rows[spec.name] = {str(r[key]): r for r in rows}
+        index: dict[str, set[str]] = defaultdict(set)
+        for row in rows:
+            index[str(row["symbol"])].add(str(row[key]))
+        self._by_symbol[spec.name] = index
 
     def _write(
         self,
@@ -352,8 +359,13 @@ class BookFeed:
         key = spec.key[0]
         names = spec.schema.names
         current = self._rows.setdefault(spec.name, {})
+        index = self._by_symbol.setdefault(spec.name, defaultdict(set))
         wanted = {str(r[key]): {n: r.get(n) for n in names} for r in produced}
-        in_scope = [k for k, r in current.items() if symbols is None or r["symbol"] in symbols]
+        in_scope = (
+            list(current)
+            if symbols is None
+            else [k for symbol in symbols for k in index.get(symbol, ())]
+        )
         upserts = [r for k, r in wanted.items() if current.get(k) != r]
         deletes = [current[k] for k in in_scope if k not in wanted]
         self._upserted[spec.name] = []
@@ -386,8 +398,10 @@ class BookFeed:
         self._upserted[spec.name] = upserts
         for row in upserts:
             current[str(row[key])] = row
+            index[str(row["symbol"])].add(str(row[key]))
         for row in deletes:
             current.pop(str(row[key]), None)
+            index[str(row["symbol"])].discard(str(row[key]))
         self._on_commit(spec.name)
         return len(upserts) + len(deletes)
 

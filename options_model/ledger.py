@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from options_model.classify import Classification, classify
+from options_model.classify import Classification, classify_distinct
 from options_model.fills import Contract, Fill
 
 FLAT = 1e-9
@@ -177,7 +177,7 @@ class StrategyLedger:
         peak, with quantity 0."""
         if self.is_flat and self.peak is not None:
             return Classification(self.peak.strategy_type, 0.0, self.peak.detail)
-        return classify(leg.contract.leg(leg.quantity) for leg in self.open_legs)
+        return classify_distinct(leg.contract.leg(leg.quantity) for leg in self.open_legs)
 
     @property
     def realized_pnl(self) -> float:

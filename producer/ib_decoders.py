@@ -117,7 +117,7 @@ def make_decoders(sink: PositionSink) -> dict[int, Callable[[list[str]], None]]:
                 strike,
                 right,
                 multiplier,
-                _primary_exchange,
+                primary_exchange,
                 currency,
                 _local_symbol,
                 _trading_class,
@@ -130,8 +130,9 @@ def make_decoders(sink: PositionSink) -> dict[int, Callable[[list[str]], None]]:
                 account,
             ) = fields
             contract = contracts.get(
-                conid, symbol, sec_type, expiry, strike, right, multiplier, currency
-            )
+                conid, symbol, sec_type, expiry, strike, right, multiplier, currency,
+                primary_exchange,
+            )  # fmt: skip
             values = [
                 _value(text)
                 for text in (market_price, market_value, average_cost, unrealized_pnl, realized_pnl)
@@ -155,7 +156,7 @@ def make_decoders(sink: PositionSink) -> dict[int, Callable[[list[str]], None]]:
                 strike,
                 right,
                 multiplier,
-                _exchange,
+                exchange,
                 currency,
                 _local_symbol,
                 _trading_class,
@@ -165,7 +166,7 @@ def make_decoders(sink: PositionSink) -> dict[int, Callable[[list[str]], None]]:
             if not sink.wants_positions_of(account):
                 return  # e.g. the portfolio account, covered by updatePortfolio
             contract = contracts.get(
-                conid, symbol, sec_type, expiry, strike, right, multiplier, currency
+                conid, symbol, sec_type, expiry, strike, right, multiplier, currency, exchange
             )
             sink.on_position(account, contract, float(quantity or 0), _value(average_cost))
         except MappingError as exc:

@@ -64,6 +64,9 @@ class ContractInfo(msgspec.Struct, frozen=True, gc=False):
     strike: float | None
     expiry: date | None
     multiplier: float
+    # Where IB lists it (a position's exchange, a portfolio item's primary exchange):
+    # futures options are quoted only there, not on SMART. Often '' for options.
+    exchange: str = ""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -99,6 +102,7 @@ def map_contract(
     right: str,
     multiplier: str,
     currency: str,
+    exchange: str = "",
 ) -> ContractInfo:
     """Map IB's contract fields; raises :class:`MappingError` for what cannot be kept."""
     try:
@@ -130,6 +134,7 @@ def map_contract(
         strike=strike_value if derivative else None,
         expiry=mapped_expiry if derivative else None,
         multiplier=multiplier_value,
+        exchange=exchange or "",
     )
 
 
@@ -144,6 +149,7 @@ def map_ib_contract(contract: Any) -> ContractInfo:
         contract.right,
         contract.multiplier,
         contract.currency,
+        contract.exchange or contract.primaryExchange or "",
     )
 
 

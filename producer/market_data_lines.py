@@ -62,9 +62,14 @@ class LineStats:
     snapshot_timeouts: int = 0
 
 
+_QUOTED_ON = {"OPT": "SMART", "STK": "SMART"}  # others: their own exchange
+
+
 def ib_contract(contract: ContractInfo) -> Contract:
-    """The contract to ask market data for: positions' contracts come without an
-    exchange, and IB wants one besides the conId; options are quoted on SMART."""
+    """The contract to ask market data for: IB wants an exchange besides the conId.
+    Stock options are quoted on SMART (their positions come without an exchange);
+    futures options are not routed by SMART: they are asked on their own exchange
+    (the one their position or portfolio item names)."""
     expiry = contract.expiry.strftime("%Y%m%d") if contract.expiry else ""
     multiplier = contract.multiplier
     return Contract(
@@ -75,7 +80,7 @@ def ib_contract(contract: ContractInfo) -> Contract:
         strike=contract.strike or 0.0,
         right=contract.right or "",
         multiplier=str(int(multiplier)) if multiplier == int(multiplier) else str(multiplier),
-        exchange="SMART",
+        exchange=_QUOTED_ON.get(contract.sec_type, contract.exchange or "SMART"),
         currency=contract.currency,
     )
 

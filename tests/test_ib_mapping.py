@@ -20,6 +20,7 @@ from producer.ib_mapping import (
     number,
     price_from_value,
 )
+from producer.market_data_lines import ib_contract
 from shared.model import PositionUpdate
 from shared.wire import decode_entry, encode_update
 from tests.helpers import REPO_ROOT
@@ -111,3 +112,14 @@ def test_bad_producer_setting_stops_at_start(name: str, value: str) -> None:
     )
     assert done.returncode == 2
     assert name in done.stderr
+
+
+def test_market_data_is_asked_where_the_contract_is_quoted() -> None:
+    """Stock options on SMART (their positions name no exchange); futures options on
+    their own exchange, which SMART does not route (the position or portfolio item
+    names it)."""
+    option = map_contract("11", "SPY", "OPT", "20270115", "560", "C", "100", "USD", "")
+    assert ib_contract(option).exchange == "SMART"
+    fop = map_contract("12", "ES", "FOP", "20270115", "6000", "P", "50", "USD", "CME")
+    assert (fop.exchange, ib_contract(fop).exchange) == ("CME", "CME")
+    assert ib_contract(fop).conId == 12 and ib_contract(fop).secType == "FOP"
