@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from poslake.status import Status, TableStatus
+from poslake.status import Status, TableStatus, book_summary
 from shared.kinds import POSITIONS, kind_of_table
 
 
@@ -61,7 +61,8 @@ class LiveView:
             print(
                 f"in {rate_in:.0f}/s out {rate_out:.0f}/s | stream {status.length} | "
                 f"pending {sum(g.pending for g in status.groups)} | dead letters "
-                f"{status.dead_letters} | {tables or 'no table yet'}",
+                f"{status.dead_letters} | {tables or 'no table yet'}"
+                + (f" | book: {book_summary(status.book)}" if status.book is not None else ""),
                 flush=True,
             )
 
@@ -81,6 +82,8 @@ def render(status: Status, rate_in: float, rate_out: float) -> Table:
                 f"pending {consumer.pending}, idle {consumer.idle_ms / 1000:.1f}s",
             )
     grid.add_row("dead letters", str(status.dead_letters))
+    if status.book is not None:
+        grid.add_row("strategy book", book_summary(status.book))
     for name, table in _tables(status).items():
         if table is None:
             grid.add_row(name, "not created yet")

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import polars as pl
 import redis
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
@@ -18,6 +19,7 @@ from infra.redaction import scrub
 from infra.redis_errors import refusal
 from infra.stream_lag import group_lag
 from options_model.feed import book_progress
+from options_model.tables import POSITIONS as BOOK_POSITIONS
 from poslake.command import ExitCode, redis_client
 from shared.kinds import EXECUTIONS, POSITIONS, all_tables
 from shared.settings import Settings
@@ -64,6 +66,9 @@ class BookStatus:
     behind_versions: int  # executions commits the book has not reflected yet
     behind_s: float | None  # age of the oldest of them
     lease: str  # who feeds it now
+    # strategies by status (open, rolling, closed), and the open ones by type
+    strategies: dict[str, int] = field(default_factory=dict)
+    open_by_type: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -183,7 +188,18 @@ def book_status(settings: Settings, lease: str, noted: Any) -> BookStatus | None
         )
         oldest = min(table.history(min(behind, 1000)), key=lambda c: int(c["version"]))
         behind_s = max(0.0, time.time() - int(oldest["timestamp"]) / 1000)
-    return BookStatus(reflected, current, behind, behind_s, lease)
+    strategies: dict[str, int] = {}
+    open_by_type: dict[str, int] = {}
+    with contextlib.suppress(TableNotFoundError):
+        positions = DeltaTable(
+            settings.lake_table_uri(BOOK_POSITIONS.name),
+            storage_options=settings.storage_options or None,
+        )
+        frame = pl.scan_delta(positions).select("status", "strategy_type").collect()
+        strategies = dict(frame.group_by("status").len().iter_rows())
+        live = frame.filter(pl.col("status") != "closed")
+        open_by_type = dict(live.group_by("strategy_type").len().sort("strategy_type").iter_rows())
+    return BookStatus(reflected, current, behind, behind_s, lease, strategies, open_by_type)
 
 
 def collect(settings: Settings) -> Status:
@@ -217,6 +233,14 @@ def _age(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}min"
     return f"{seconds / 3600:.1f}h"
+
+
+def book_summary(book: BookStatus) -> str:
+    """``3 open (iron_condor 2, vertical_spread 1), 1 rolling, 5 closed``."""
+    kinds = ", ".join(f"{kind} {n}" for kind, n in book.open_by_type.items())
+    parts = [f"{book.strategies.get('open', 0)} open" + (f" ({kinds})" if kinds else "")]
+    parts += [f"{book.strategies[s]} {s}" for s in ("rolling", "closed") if book.strategies.get(s)]
+    return ", ".join(parts)
 
 
 def render(status: Status) -> str:
@@ -271,6 +295,7 @@ def render(status: Status) -> str:
             f"strategy book: at executions version {book.reflected_version} of "
             f"{book.executions_version}: {behind}; lease {book.lease}"
         )
+        lines.append(f"  strategies: {book_summary(book)}")
     return "\n".join(lines)
 
 

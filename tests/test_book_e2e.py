@@ -170,6 +170,8 @@ def test_book_survives_sigkill_and_equals_a_rebuild(
     shown = run_python(["-m", "poslake", "status"], env)
     assert shown.returncode == 0, shown.stderr
     assert "strategy book: at executions version" in shown.stdout and "up to date" in shown.stdout
+    still = positions.filter(pl.col("status") == "open").height
+    assert f"strategies: {still} open (" in shown.stdout
     listed = _query(env, "strategies")
     assert sorted(listed["strategy_id"].to_list()) == sorted(positions["strategy_id"].to_list())
     opened = _query(env, "strategies", "--status", "open")

@@ -23,6 +23,8 @@ import pytest
 from gateway_sim.fills import FillFaults, SimFill
 from gateway_sim.simulator import SimulatorConfig, SimulatorThread
 from gateway_sim.strategies import PARTLY_CLOSED, STRUCTURES, StrategyScenario, expected
+from options_model.repository import StrategyPositionRepository
+from options_model.repository import legs as legs_repository
 from tests.helpers import (
     REPO_ROOT,
     consumer_env,
@@ -125,6 +127,15 @@ def test_the_book_holds_every_strategy_the_simulator_traded(
         assert held == {c: q for c, q in made.held.items() if q}, key
     # nothing else: one book strategy per strategy made
     assert found == set(positions)
+    # the options model's repositories read the fed tables
+    repository = StrategyPositionRepository(str(lake))
+    opened = {k for k, r in positions.items() if r["status"] == "open"}
+    assert set(repository.open_positions()["strategy_id"].to_list()) == opened
+    some = next(iter(sorted(opened)))
+    assert (
+        legs_repository(str(lake)).latest(strategy_id=some).height
+        == legs.filter(pl.col("strategy_id") == some).height
+    )
     # side, effect and commission of every fill, against a replay of the scenario's record
     position: dict[tuple[str, int], float] = defaultdict(float)
     for made in scenario.made.values():
