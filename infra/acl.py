@@ -12,8 +12,10 @@ code fails the tests until it is declared here.
 
 Keys are templates over the settings: ``{stream}`` (``POSLAKE_STREAM``),
 ``{dlq}`` (``<stream>:dlq``), ``{lease}`` (the consumers' maintenance lease,
-``poslake:<stream>:<group>:maintenance``). Every role logs in with AUTH, which
-needs no right; a URL with a database other than 0 needs ``+select`` too.
+``poslake:<stream>:<group>:maintenance``), ``{book_lease}`` and ``{book_progress}``
+(``poslake book``'s lease and progress note, ``poslake:<stream>:book[:progress]``).
+Every role logs in with AUTH, which needs no right; a URL with a database other
+than 0 needs ``+select`` too.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Role:
             "stream": settings.stream,
             "dlq": settings.dlq_stream,
             "lease": settings.maintenance_lease_key,
+            "book_lease": settings.book_lease_key,
+            "book_progress": settings.book_progress_key,
         }
         return [template.format(**names) for template in self.keys]
 
@@ -183,6 +187,13 @@ _RECONCILE = (
     _right("xinfo|groups", "has the group read past it"),
     _right("xpending", "has the group acknowledged it", rare="the group holds pending entries"),
 )
+_BOOK = (
+    _right("set", "take the book's lease (NX, with a TTL); note the version a step reflected"),
+    _right("eval", "renew and release the lease only while it holds this instance's token"),
+    _right("get", "the script's check that the lease is still this instance's"),
+    _right("pexpire", "the script's renewal of the lease", rare="a step runs (renewed every 10 s)"),
+    _right("del", "the script's release of the lease at stop"),
+)
 _DLQ_READ = (_right("xrange", "read dead letters"),)
 _TRANSACTION = (
     _right("multi", "one transaction: never in both streams or neither"),
@@ -205,9 +216,22 @@ ROLES: tuple[Role, ...] = (
         _CONSUMER,
         ("{stream}", "{dlq}", "{lease}"),
     ),
-    Role("status", "poslake-status", "poslake status", _STATUS, ("{stream}", "{dlq}", "{lease}")),
+    Role(
+        "status",
+        "poslake-status",
+        "poslake status",
+        _STATUS,
+        ("{stream}", "{dlq}", "{lease}", "{book_lease}", "{book_progress}"),
+    ),
     Role("replay", "poslake-replay", "poslake replay", _REPLAY, ("{stream}",)),
     Role("reconcile", "poslake-reconcile", "poslake reconcile", _RECONCILE, ("{stream}",)),
+    Role(
+        "book",
+        "poslake-book",
+        "poslake book (its overrides and queries need only the lake)",
+        _BOOK,
+        ("{book_lease}", "{book_progress}"),
+    ),
     Role(
         "dlq list",
         "poslake-dlq-list",
@@ -251,7 +275,7 @@ def role(name: str) -> Role:
 
 def operator_role() -> Role:
     """Every operator command in one user: the union of their rights and keys."""
-    names = ("status", "replay", "reconcile", "dlq list", "dlq requeue", "dlq purge")
+    names = ("status", "replay", "reconcile", "book", "dlq list", "dlq requeue", "dlq purge")
     rights: dict[str, Right] = {}
     keys: list[str] = []
     for name in names:

@@ -9,8 +9,8 @@ equal to the book of the pipeline's tables (options_model/feed.py).
   (one overwrite commit per table; time travel still shows the book before).
 
 One instance at a time: each holds a lease in Redis (``Settings.book_lease_key``,
-renewed every step, gone ``_LEASE_MS`` after its holder died), and a second one
-waits for it. Every row a step writes is computed from the base tables alone, and
+renewed by a thread every 10 s, gone ``_LEASE_MS`` after its holder died), and a
+second one waits for it. Every row a step writes is computed from the base tables alone, and
 an instance starts by writing the difference between the tables and the whole
 book, so whatever ran before (a crash, an instance that lost its lease while
 paused) is made right by the next holder's first step; a holder that finds its
@@ -20,6 +20,7 @@ lease lost reloads the tables before it writes again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
@@ -31,8 +32,10 @@ from typing import Any
 import redis
 from prometheus_client import CollectorRegistry
 
+from infra.logs import configure_logging
 from infra.metrics import MetricsServer, StatsCollector
 from infra.redaction import scrub
+from infra.redis_errors import kind_of
 from infra.stopping import release_held_stops
 from options_model.feed import BookFeed, StepOutcome
 from options_model.grouping import BookRules
@@ -86,21 +89,60 @@ def feed_of(settings: Settings) -> BookFeed:
 
 
 class Lease:
-    """The book's lease: one holder at a time, renewed while it works."""
+    """The book's lease: one holder at a time, renewed by a thread while it is held
+    (a step may take longer than the lease: a first step over a large lake)."""
 
     def __init__(self, client: Any, key: str) -> None:
         self._client = client
         self.key = key
         self._token = secrets.token_hex(8)
+        self._renewing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+        self.refused: redis.RedisError | None = None  # a fatal reply (NOPERM): not retried
 
     def take(self) -> bool:
-        return bool(self._client.set(self.key, self._token, nx=True, px=_LEASE_MS))
+        taken = bool(self._client.set(self.key, self._token, nx=True, px=_LEASE_MS))
+        if taken:
+            self.lost = False
+            self._start_renewing()
+        return taken
 
-    def renew(self) -> bool:
-        return bool(self._client.eval(_RENEW, 1, self.key, self._token, _LEASE_MS))
+    def _start_renewing(self) -> None:
+        self._renewing.set()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._renew, name="book-lease", daemon=True)
+            self._thread.start()
+
+    def _renew(self) -> None:
+        renewed_at = time.monotonic()
+        while self._renewing.is_set() and not self.lost:
+            time.sleep(_LEASE_MS / 3000)
+            if not self._renewing.is_set():
+                return
+            try:
+                if self._client.eval(_RENEW, 1, self.key, self._token, _LEASE_MS):
+                    renewed_at = time.monotonic()
+                else:
+                    self.lost = True  # expired and taken, or deleted
+            except redis.RedisError as exc:
+                if kind_of(exc) == "fatal":  # no right to EVAL: the main thread stops
+                    self.refused, self.lost = exc, True
+                elif time.monotonic() - renewed_at >= _LEASE_MS / 1000:
+                    self.lost = True  # Redis away: the lease lasts its TTL, no longer
+
+    def release_if_held(self) -> None:
+        if self._renewing.is_set():
+            self.release()
 
     def release(self) -> None:
-        self._client.eval(_RELEASE, 1, self.key, self._token)
+        self._renewing.clear()
+        try:
+            self._client.eval(_RELEASE, 1, self.key, self._token)
+        except redis.RedisError as exc:
+            if kind_of(exc) == "fatal":  # no right: one line and exit 6, as everywhere
+                raise
+            # unreachable: the lease expires by itself
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -121,14 +163,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 _note_progress(client, settings, outcome)
                 _report("rebuilt", outcome)
                 return ExitCode.OK
-            outcome = feed.step(time.monotonic(), full=True)
-            _note_progress(client, settings, outcome)
             if args.once:
+                outcome = feed.step(time.monotonic(), full=True)
+                _note_progress(client, settings, outcome)
                 _report("up to date", outcome)
                 return ExitCode.OK
+            configure_logging(settings.log_level, settings.log_json)  # a service from here
             return _loop(feed, lease, client, settings, stop)
+        except BaseException:
+            with contextlib.suppress(redis.RedisError):  # the first failure is the one told
+                lease.release()
+            raise
         finally:
-            lease.release()
+            lease.release_if_held()
 
 
 def _wait_for(lease: Lease, stop: threading.Event) -> bool:
@@ -190,11 +237,13 @@ def _loop(
     gauges = _Gauges(settings)
     server = MetricsServer(gauges.registry(), gauges.health)
     server.start(settings.metrics_host, settings.metrics_port)
-    delay = settings.book_interval_s
+    delay = 0.0  # the first step (the whole book) at once
     try:
         while not stop.wait(delay):
             try:
-                if not lease.renew():
+                if lease.refused is not None:
+                    raise lease.refused
+                if lease.lost:
                     log.warning("the book lease was lost: waiting to take it again")
                     if not _wait_for(lease, stop):
                         break
@@ -202,6 +251,8 @@ def _loop(
                 outcome = feed.step(time.monotonic())
                 _note_progress(client, settings, outcome)
             except _RETRIED as exc:
+                if kind_of(exc) == "fatal":  # no right, wrong password: not retried
+                    raise
                 # The environment, not the data: retried, from the tables as they are
                 # (a step cut short may have left the feed's view of them behind).
                 gauges.values["failures"] += 1
@@ -210,7 +261,7 @@ def _loop(
                     extra={"error": one_line(scrub(str(exc))), "retry_in_s": delay},
                 )
                 feed = feed_of(settings)
-                delay = min(delay * 2, 30.0)
+                delay = min(max(delay, settings.book_interval_s) * 2, 30.0)
                 continue
             delay = settings.book_interval_s
             gauges.last_ok = time.monotonic()

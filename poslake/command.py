@@ -103,6 +103,8 @@ def _command_and_key(args: tuple[Any, ...]) -> tuple[str | None, str | None]:
     rest = head[1:] + words[1:]
     if command in _CONTAINERS and rest:
         command, rest = f"{command} {rest[0].upper()}", rest[1:]
+    if command in ("EVAL", "EVALSHA"):  # script, numkeys, keys...: name the first key
+        return command, rest[2] if len(rest) > 2 and rest[1] != "0" else None
     key = rest[0] if rest and command.split()[0] not in _KEYLESS else None
     return command, key
 
