@@ -233,6 +233,18 @@ def run_consumer(env: dict[str, str], *, timeout: float = 120, log: Path | None 
         raise
 
 
+def stop(*procs: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM each program, wait for it to end (30 s), SIGKILL it if it does not."""
+    for proc in procs:
+        if proc is None:
+            continue
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            kill(proc)
+
+
 def kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)

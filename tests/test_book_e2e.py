@@ -31,10 +31,10 @@ from tests.helpers import (
     REPO_ROOT,
     consumer_env,
     group_pending,
-    kill,
     run_consumer,
     run_python,
     start_consumer,
+    stop,
     wait_until,
 )
 
@@ -90,12 +90,7 @@ def test_book_survives_sigkill_and_equals_a_rebuild(
         running.send_signal(signal.SIGTERM)
         assert running.wait(timeout=60) == 0
     finally:
-        for proc in (producer, consumer):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            finally:
-                kill(proc)
+        stop(producer, consumer)
         thread.stop()
     assert run_consumer(env) == 0
     once = run_python(["-m", "poslake", "book", "--once"], book_env)

@@ -17,10 +17,10 @@ from shared.settings import Settings
 from tests.helpers import (
     REPO_ROOT,
     consumer_env,
-    kill,
     make_updates,
     publish,
     run_consumer,
+    stop,
     wait_until,
 )
 
@@ -79,11 +79,5 @@ def test_a_second_instance_waits_then_takes_over(
         progress = client.get(settings.book_progress_key)
         assert progress is not None and progress.split()[0].isdigit()
     finally:
-        for proc in (first, second):
-            if proc is not None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                finally:
-                    kill(proc)
+        stop(first, second)
         client.close()

@@ -10,7 +10,6 @@ is one ``transactions`` row with its side, effect and commission.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -29,9 +28,9 @@ from tests.helpers import (
     REPO_ROOT,
     consumer_env,
     group_pending,
-    kill,
     run_python,
     start_consumer,
+    stop,
     wait_until,
 )
 
@@ -74,12 +73,7 @@ def test_the_book_holds_every_strategy_the_simulator_traded(
         wait_until(lambda: _all_final(lake, blotter.final()), 60, interval=0.3)
         wait_until(lambda: group_pending(redis_url, stream) == 0, 60)
     finally:
-        for proc in (book, producer, consumer):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            finally:
-                kill(proc)
+        stop(book, producer, consumer)
         thread.stop()
     once = run_python(["-m", "poslake", "book", "--once"], book_env)
     assert once.returncode == 0, once.stderr
