@@ -27,6 +27,7 @@ import time
 
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
 
 from bench.common import log, private_redis, verdict, work_dir
 from bench.latency import _kill_all, percentile, start
@@ -43,17 +44,17 @@ def poll_book(lake: str, until_s: float, seen: dict[str, float]) -> int:
     steps = 0
     while time.time() < until_s:
         time.sleep(0.02)
-        try:
+        try:  # each opened once it exists (one step creates them one after the other)
             if transactions is None:
                 transactions = DeltaTable(f"{lake}/transactions")
-                positions = DeltaTable(f"{lake}/positions")
             else:
                 transactions.update_incremental()
-                assert positions is not None
+            if positions is None:
+                positions = DeltaTable(f"{lake}/positions")
+            else:
                 positions.update_incremental()
-        except Exception:
+        except TableNotFoundError:
             continue  # not created yet
-        assert positions is not None
         now, version = time.time(), positions.version()
         files = set(transactions.file_uris())
         new = files - known
@@ -87,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.5, help="POSLAKE_BOOK_INTERVAL_S")
     parser.add_argument("--positions", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="20 s run")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs)")
     args = parser.parse_args(argv)
     seconds = 20.0 if args.quick else args.seconds
 
     with (
-        work_dir("book-latency") as folder,
+        work_dir("book-latency", args.keep) as folder,
         private_redis(folder / "redis") as server,
         contextlib.ExitStack() as stack,
     ):

@@ -25,9 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 
-import pyarrow as pa
 import redis
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
@@ -36,37 +34,12 @@ from consumer.vacuum import vacuum_table
 from infra.redis_errors import refusal
 from shared.kinds import KINDS, all_tables
 from shared.settings import Settings
+from shared.table import compact_partitions, partitions_to_compact
 
 log = logging.getLogger(__name__)
 
 LEASE_MS = 10 * 60 * 1000
 _LEASE_WARNING_EVERY_S = 600.0
-
-
-def partitions_to_compact(
-    table: DeltaTable, small_bytes: int, min_files: int, column: str = "symbol"
-) -> list[str]:
-    """Values of the partition ``column`` whose partition holds at least ``min_files``
-    files under ``small_bytes``."""
-    actions = pa.table(table.get_add_actions(flatten=True))
-    if actions.num_rows == 0:
-        return []
-    symbols = actions.column(f"partition.{column}").to_pylist()
-    sizes = actions.column("size_bytes").to_pylist()
-    small = Counter(s for s, size in zip(symbols, sizes, strict=True) if size < small_bytes)
-    # A null partition (executions whose commission came first) is rewritten by its
-    # MERGEs and left alone here: a partition filter cannot name it.
-    return sorted(s for s, n in small.items() if n >= min_files and s is not None)
-
-
-def compact_partitions(
-    table: DeltaTable, symbols: list[str], target_bytes: int, column: str = "symbol"
-) -> dict[str, object]:
-    """Compact the given partitions in one commit (insertion order is kept)."""
-    metrics: dict[str, object] = table.optimize.compact(
-        partition_filters=[(column, "in", symbols)], target_size=target_bytes
-    )
-    return metrics
 
 
 class TableMaintainer:

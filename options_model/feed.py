@@ -42,11 +42,15 @@ from options_model.ledger import FLAT
 from options_model.overrides import Overrides, read_overrides
 from options_model.tables import GREEKS, LEGS, POSITIONS, TRANSACTIONS, TableSpec
 from shared import lake_names
-from shared.table import table_configuration
+from shared.table import compact_partitions, partitions_to_compact, table_configuration
 
 log = logging.getLogger(__name__)
 
 APP_ID = "poslake-book"
+UPKEEP_EVERY_COMMITS = 50
+UPKEEP_MIN_FILES = 16
+UPKEEP_SMALL_FILE_BYTES = 4 * 1024 * 1024
+UPKEEP_TARGET_FILE_BYTES = 16 * 1024 * 1024
 FED_TABLES: tuple[TableSpec, ...] = (TRANSACTIONS, LEGS, POSITIONS)  # written in this order
 Partition = tuple[str, str]  # (account, underlying symbol)
 FILL_COLUMNS = [
@@ -103,6 +107,9 @@ class BookFeed:
         self._first_held: dict[tuple[str, int], dict[str, Any]] = {}  # first position rows
         self._marked_at: float | None = None
         self._overrides = Overrides()
+        self._greeks: dict[int, dict[str, float | None]] | None = None  # of the last marks
+        self._commits: dict[str, int] = {}  # per table, for upkeep
+        self._dirty: dict[str, set[str]] = {}  # partitions written since the last upkeep
         self._grid_symbols: set[str] = set()  # of the last grid snapshot written
         self._upserted: dict[str, list[dict[str, Any]]] = {}  # by the last write, per table
         self._clock = clock or time.time
@@ -133,12 +140,16 @@ class BookFeed:
             frame = frame.filter(pl.col("symbol").is_in(sorted(symbols)))
         return frame.select(_HOLDING_COLUMNS).collect().to_dicts()
 
-    def _marks(self, holdings: list[dict[str, Any]]) -> Marks:
+    def _marks(self, holdings: list[dict[str, Any]], fresh: bool) -> Marks:
+        """Prices from the holdings read; Greeks read again only when marks are due
+        (``fresh``: the whole table), else those of the last marks."""
         prices = {
             int(r["conid"]): float(r["market_price"])
             for r in holdings
             if r.get("market_price") is not None
         }
+        if not fresh and self._greeks is not None:
+            return Marks(prices, self._greeks)
         table = self._table(lake_names.OPTION_GREEKS_CURRENT)
         greeks: dict[int, dict[str, float | None]] = {}
         if table is not None:
@@ -152,6 +163,7 @@ class BookFeed:
             )
             for row in frame.to_dicts():
                 greeks[int(row["conid"])] = {g: row[g] for g in ("delta", "gamma", "theta", "vega")}
+        self._greeks = greeks
         return Marks(prices, greeks)
 
     def _first_held_of(self, wanted: set[tuple[str, int]]) -> None:
@@ -208,7 +220,7 @@ class BookFeed:
         outcome.executions_version = version
         scope = None if marks_due else symbols
         fills = self._fills(executions, scope) if executions else []
-        rows = self._compute(fills, self._holdings(scope))
+        rows = self._compute(fills, self._holdings(scope), fresh_marks=marks_due)
         outcome.partitions = len({(r["account"], r["symbol"]) for r in rows.positions})
         for spec, produced in zip(
             FED_TABLES, (rows.transactions, rows.legs, rows.positions), strict=True
@@ -247,7 +259,9 @@ class BookFeed:
         symbols |= set(moved.to_series().drop_nulls().to_list())
         return {s for s in symbols if s}
 
-    def _compute(self, fills: list[Fill], holdings_rows: list[dict[str, Any]]) -> BookRows:
+    def _compute(
+        self, fills: list[Fill], holdings_rows: list[dict[str, Any]], fresh_marks: bool = True
+    ) -> BookRows:
         given = self._overrides
         fills = [
             replace(f, group=label) if (label := given.fills.get((f.account, f.exec_base))) else f
@@ -282,7 +296,7 @@ class BookFeed:
         seen_at: dict[Partition, list[datetime]] = defaultdict(list)
         for row in holdings_rows:
             seen_at[(str(row["account"]), str(row["symbol"]))].append(row["timestamp"])
-        marks = self._marks(holdings_rows)
+        marks = self._marks(holdings_rows, fresh_marks)
         rows = BookRows()
         names = given.names
         for account, symbol in sorted(by_partition.keys() | held_by.keys()):
@@ -403,7 +417,29 @@ class BookFeed:
             current.pop(str(row[key]), None)
             index[str(row["symbol"])].discard(str(row[key]))
         self._on_commit(spec.name)
+        self._upkeep(spec.name, target, touched)
         return len(upserts) + len(deletes)
+
+    def _upkeep(self, name: str, table: DeltaTable, symbols: list[str]) -> None:
+        """Every step adds a file to each partition it touches (one a second, all day):
+        every ``UPKEEP_EVERY_COMMITS`` commits of a table, its partitions with many small
+        files are compacted (no app transaction: it rewrites, never changes, rows) and
+        a checkpoint written, so a MERGE's cost stays that of the partition's rows."""
+        self._commits[name] = self._commits.get(name, 0) + 1
+        self._dirty.setdefault(name, set()).update(symbols)
+        if self._commits[name] % UPKEEP_EVERY_COMMITS:
+            return
+        table.update_incremental()
+        crowded = [
+            s
+            for s in partitions_to_compact(table, UPKEEP_SMALL_FILE_BYTES, UPKEEP_MIN_FILES)
+            if s in self._dirty[name]
+        ]
+        if crowded:
+            compact_partitions(table, crowded, UPKEEP_TARGET_FILE_BYTES)
+        table.create_checkpoint()
+        table.cleanup_metadata()
+        self._dirty[name] = set()
 
     def _snapshot(self, changed: list[dict[str, Any]], marks_due: bool, version: int | None) -> int:
         """Record the Greeks of strategies: every open one at the snapshot grid's time
@@ -459,6 +495,7 @@ class BookFeed:
             )
         metrics = merge.execute()
         self._on_commit(GREEKS.name)
+        self._upkeep(GREEKS.name, self._create(GREEKS), touched)
         return sum(
             int(metrics.get(f"num_target_rows_{what}", 0))
             for what in ("inserted", "updated", "deleted")

@@ -248,7 +248,9 @@ def _loop(
                     if not _wait_for(lease, stop):
                         break
                     feed = feed_of(settings)  # another instance wrote: start from the tables
-                outcome = feed.step(time.monotonic())
+                began = time.monotonic()
+                outcome = feed.step(began)
+                took = time.monotonic() - began
                 _note_progress(client, settings, outcome)
             except _RETRIED as exc:
                 if kind_of(exc) == "fatal":  # no right, wrong password: not retried
@@ -275,6 +277,7 @@ def _loop(
                     extra={
                         "underlyings": outcome.partitions,
                         "executions_version": outcome.executions_version,
+                        "step_s": round(took, 3),
                         **outcome.written,
                     },
                 )

@@ -8,6 +8,7 @@ protocol 1: a tz-naive column would silently require ``timestampNtz``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import msgspec
@@ -145,3 +146,29 @@ def updates_to_arrow(updates: Sequence[PositionUpdate], stream_ids: Sequence[byt
         else:
             arrays.append(parsed.column(fld.name).cast(fld.type))
     return pa.Table.from_arrays(arrays, schema=POSITION_UPDATES_SCHEMA)
+
+
+def partitions_to_compact(
+    table: DeltaTable, small_bytes: int, min_files: int, column: str = "symbol"
+) -> list[str]:
+    """Values of the partition ``column`` whose partition holds at least ``min_files``
+    files under ``small_bytes``."""
+    actions = pa.table(table.get_add_actions(flatten=True))
+    if actions.num_rows == 0:
+        return []
+    symbols = actions.column(f"partition.{column}").to_pylist()
+    sizes = actions.column("size_bytes").to_pylist()
+    small = Counter(s for s, size in zip(symbols, sizes, strict=True) if size < small_bytes)
+    # A null partition (executions whose commission came first) is rewritten by its
+    # MERGEs and left alone here: a partition filter cannot name it.
+    return sorted(s for s, n in small.items() if n >= min_files and s is not None)
+
+
+def compact_partitions(
+    table: DeltaTable, symbols: list[str], target_bytes: int, column: str = "symbol"
+) -> dict[str, object]:
+    """Compact the given partitions in one commit (insertion order is kept)."""
+    metrics: dict[str, object] = table.optimize.compact(
+        partition_filters=[(column, "in", symbols)], target_size=target_bytes
+    )
+    return metrics

@@ -16,13 +16,13 @@ from deltalake import DeltaTable
 
 from consumer.current import CurrentWriter
 from consumer.dedup import BatchKeys, CommittedKeyIndex
-from consumer.maintenance import TableMaintainer, partitions_to_compact
+from consumer.maintenance import TableMaintainer
 from consumer.sink import DeltaSink
 from consumer.vacuum import history_hours, interval_seconds, sweep_orphans, vacuum_retired
 from shared.errors import CommitConflict
 from shared.model import PositionUpdate
 from shared.settings import TOMBSTONE_MARGIN_HOURS, Settings
-from shared.table import updates_to_arrow
+from shared.table import partitions_to_compact, updates_to_arrow
 from tests.helpers import assert_current_exact, assert_table_exact, make_updates
 
 
