@@ -446,8 +446,9 @@ class BookFeed:
         when marks are due, and each changed one at the time of its change (the first
         record of that time stays). Keyed by (strategy, time): a step redone after a
         crash adds nothing twice, and a grid time written again (a restart within one
-        interval) holds the newest step's view, whole, so its portfolio sums agree."""
-        rows: dict[tuple[str, datetime], dict[str, Any]] = {}
+        interval) holds the newest step's view, whole, so its portfolio sums agree. The
+        two are told apart by ``trigger``: a change may fall on a grid time."""
+        rows: dict[tuple[str, datetime, bool], dict[str, Any]] = {}
         book = self._rows.get(POSITIONS.name, {})
         totals: dict[str, dict[str, float]] = defaultdict(lambda: {"delta": 0.0, "gamma": 0.0})
         for row in book.values():
@@ -456,13 +457,15 @@ class BookFeed:
                     totals[row["account"]][greek] += row[greek] or 0.0
         for row in changed:
             moment = row["timestamp"]
-            rows[(row["strategy_id"], moment)] = _greeks_row(row, moment, totals, grid=False)
+            rows[(row["strategy_id"], moment, False)] = _greeks_row(row, moment, totals, grid=False)
         grid: datetime | None = None
         if marks_due:
             grid = datetime.fromtimestamp(self.snapshot_s * (self._clock() // self.snapshot_s), UTC)
             for row in book.values():
                 if row["status"] != "closed":
-                    rows[(row["strategy_id"], grid)] = _greeks_row(row, grid, totals, grid=True)
+                    rows[(row["strategy_id"], grid, True)] = _greeks_row(
+                        row, grid, totals, grid=True
+                    )
         if not rows:
             return 0
         source = pa.Table.from_pylist(
@@ -477,7 +480,8 @@ class BookFeed:
             .merge(
                 source,
                 predicate=f"t.symbol IN ({quoted}) AND t.symbol = s.symbol "
-                "AND t.strategy_id = s.strategy_id AND t.timestamp = s.timestamp",
+                "AND t.strategy_id = s.strategy_id AND t.timestamp = s.timestamp "
+                "AND t.trigger = s.trigger",
                 source_alias="s",
                 target_alias="t",
                 streamed_exec=False,
@@ -489,9 +493,10 @@ class BookFeed:
             .when_not_matched_insert(updates=columns)
         )
         if grid is not None:
-            self._grid_symbols = {str(r["symbol"]) for k, r in rows.items() if k[1] == grid}
+            self._grid_symbols = {str(r["symbol"]) for k, r in rows.items() if k[2]}
             merge = merge.when_not_matched_by_source_delete(
-                predicate=f"t.symbol IN ({quoted}) AND t.timestamp = '{grid.isoformat()}'"
+                predicate=f"t.symbol IN ({quoted}) AND t.timestamp = '{grid.isoformat()}' "
+                "AND t.trigger = 'interval'"
             )
         metrics = merge.execute()
         self._on_commit(GREEKS.name)
@@ -538,6 +543,7 @@ def _greeks_row(
         "portfolio_delta": totals[account]["delta"] if account in totals else None,
         "portfolio_gamma": totals[account]["gamma"] if account in totals else None,
         "timestamp": moment,
+        "trigger": "interval" if grid else "change",
         "_grid": grid,
     }
 

@@ -120,10 +120,13 @@ GREEKS = TableSpec(
             _f("portfolio_delta", pa.float64()),
             _f("portfolio_gamma", pa.float64()),
             _f("timestamp", UTC_MICROS, True),
+            # "interval": every open strategy on the POSLAKE_BOOK_SNAPSHOT_S grid;
+            # "change": one strategy at the time of the fill or position that changed it
+            _f("trigger", pa.string()),
         ]
     ),
     key=("strategy_id",),
-    codes={},
+    codes={"trigger": frozenset({"interval", "change"})},
 )
 
 TRANSACTIONS = TableSpec(

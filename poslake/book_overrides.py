@@ -101,7 +101,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         sid = strategy["strategy_id"]
         for exec_base in sorted(set(lake.rows(TRANSACTIONS.name, sid)["exec_base"].to_list())):
             overrides.append(_assign(strategy, exec_base, label))
-        held = lake.rows(LEGS.name, sid).filter(~pl.col("from_fills") & (pl.col("quantity") != 0))
+        held = lake.rows(LEGS.name, sid).filter(
+            ~pl.col("from_fills")
+        )  # held before, even if closed
         for conid in sorted(held["conid"].to_list()):
             overrides.append(_assign(strategy, f"{HELD_PREFIX}{conid}", label))
     return _record(lake, settings, overrides, label)

@@ -42,7 +42,7 @@ TRANSACTION_SHOWN = [
 
 GREEKS_SHOWN = [
     "timestamp", "strategy_id", "account", "symbol", "delta", "gamma", "theta", "vega",
-    "portfolio_delta", "portfolio_gamma",
+    "portfolio_delta", "portfolio_gamma", "trigger",
 ]  # fmt: skip
 
 BOOK_QUERIES: dict[str, tuple[TableSpec, list[str], list[str]]] = {
@@ -94,9 +94,10 @@ def book_frame(
     if args.what == "greeks":
         if as_of is not None:
             frame = frame.filter(pl.col("timestamp") <= as_of)
-        if not args.history:
-            newest = pl.col("timestamp").max().over("strategy_id")
-            frame = frame.filter(pl.col("timestamp") == newest)
+        if not args.history:  # one row per strategy: its newest ("interval" on a tie)
+            frame = frame.sort("timestamp", "trigger").unique(
+                "strategy_id", keep="last", maintain_order=True
+            )
     result = frame.select(shown).sort(order, nulls_last=True).collect()
     if args.strategy and result.is_empty():
         raise CommandError(

@@ -58,11 +58,12 @@ def test_run_then_query_matches_the_simulators_final_book(tmp_path: Path) -> Non
     assert {(r["account"], r["conid"], r["position"]) for r in shown.iter_rows(named=True)} == {
         (r["account"], r["conid"], r["position"]) for r in book
     }
-    assert {
-        (r["account"], r["conid"], r["quantity"])
-        for r in held_by_book.iter_rows(named=True)
-        if r["quantity"]
-    } == {(r["account"], r["conid"], r["position"]) for r in book}
+    # Every contract held is in the book with its position. (Fills of the run's last
+    # moment may land without any position of their contract: the book keeps them as
+    # booked; reconcile reports such fills.)
+    booked = {(r["account"], r["conid"]): r["quantity"] for r in held_by_book.iter_rows(named=True)}
+    for held in book:
+        assert booked.get((held["account"], held["conid"])) == held["position"], held
 
 
 def test_run_says_which_part_failed(tmp_path: Path) -> None:
