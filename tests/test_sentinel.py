@@ -140,7 +140,10 @@ def test_failover_mid_run(
                 await asyncio.sleep(0.3)  # the link is down
                 (cut_at,) = replica.xrevrange(stream, count=1)
                 await asyncio.sleep(1.0)  # ~150 updates the replica never gets
-                unreplicated.extend(_entries(old_master, stream, cut_at[0].decode()))
+                # (a loaded machine may take longer to publish the first of them)
+                after_cut = cut_at[0].decode()
+                await until(lambda: bool(_entries(old_master, stream, after_cut)), 15)
+                unreplicated.extend(_entries(old_master, stream, after_cut))
                 assert unreplicated, "the old master accepted nothing after the cut"
                 ha.master.kill()  # type: ignore[union-attr]
                 await until(lambda: ha.current_master() == ("127.0.0.1", ha.replica.port), 20)  # type: ignore[union-attr]
