@@ -19,17 +19,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from bench.common import log, private_redis, verdict, work_dir
+from bench.common import consumer_env, log, private_redis, start_simulator, verdict, work_dir
 from bench.latency import _kill_all, percentile, start
 
 GOAL_P99_S = 2.0
@@ -99,26 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     ):
         lake = str(folder / "lake")
         record = folder / "record.jsonl"
-        sim = subprocess.Popen(
-            [sys.executable, "-m", "gateway_sim", "--port", "0", "--accounts", "DU100001",
-             "--positions", str(args.positions), "--rate", str(args.rate),
-             "--position-changes-per-s", str(args.fills_per_s), "--record", str(record)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        sim, port = start_simulator(
+            ["--accounts", "DU100001", "--positions", str(args.positions),
+             "--rate", str(args.rate), "--position-changes-per-s", str(args.fills_per_s),
+             "--record", str(record)]
         )  # fmt: skip
-        assert sim.stdout is not None
-        port = int(sim.stdout.readline().rsplit(":", 1)[1])
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POSLAKE_")}
-        env.update(
-            {
-                "POSLAKE_REDIS_URL": server.url,
-                "POSLAKE_LAKE_URI": lake,
-                "POSLAKE_IB_PORT": str(port),
-                "POSLAKE_PRODUCER_SPOOL_DIR": str(folder / "spool"),
-                "POSLAKE_BATCH_MAX_WAIT_S": str(args.batch_wait),
-                "POSLAKE_BOOK_INTERVAL_S": str(args.interval),
-                "POSLAKE_CONSUMER_NAME": "book-latency",
-            }
-        )
+        env = consumer_env(
+            server.url, folder / "lake", "book-latency", "positions",
+            ib_port=port, producer_spool_dir=folder / "spool",
+            batch_max_wait_s=args.batch_wait, book_interval_s=args.interval,
+        )  # fmt: skip
         parts = [
             start(["consumer"], env, folder / "consumer.log"),
             start(["producer"], env, folder / "producer.log"),

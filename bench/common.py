@@ -381,6 +381,16 @@ def consumer_env(
     return env
 
 
+def start_simulator(args: list[str]) -> tuple[subprocess.Popen[str], int]:
+    """``python -m gateway_sim --port 0 <args>`` and the port it listens on."""
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "gateway_sim", "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert sim.stdout is not None
+    return sim, int(sim.stdout.readline().rsplit(":", 1)[1])
+
+
 def start_module(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """``python -m <args>`` with its output in ``log_path``."""
     with log_path.open("wb") as out:

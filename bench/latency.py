@@ -39,6 +39,7 @@ from bench.common import (
     parse_log,
     private_redis,
     private_seaweed,
+    start_simulator,
     storage_env,
     verdict,
     work_dir,
@@ -125,13 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             lake_uri, options = "s3://lake/latency", store.storage_options()
         table_uri = f"{lake_uri}/position_updates"
         record = folder / "record.jsonl"
-        sim = subprocess.Popen(
-            [sys.executable, "-m", "gateway_sim", "--port", "0", "--accounts", "DU100001",
-             "--positions", str(args.positions), "--rate", str(args.rate), "--record", str(record)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        sim, port = start_simulator(
+            ["--accounts", "DU100001", "--positions", str(args.positions),
+             "--rate", str(args.rate), "--record", str(record)]
         )  # fmt: skip
-        assert sim.stdout is not None
-        port = int(sim.stdout.readline().rsplit(":", 1)[1])
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSLAKE_")}
         env.update(
             {
