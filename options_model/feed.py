@@ -113,15 +113,26 @@ class BookFeed:
         self._grid_symbols: set[str] = set()  # of the last grid snapshot written
         self._upserted: dict[str, list[dict[str, Any]]] = {}  # by the last write, per table
         self._clock = clock or time.time
+        self._handles: dict[str, DeltaTable] = {}  # by URI (_open)
         self._on_commit = on_commit or (lambda _table: None)  # after each commit (tests crash here)
 
     # --- the inputs ----------------------------------------------------------------
 
     def _table(self, name: str) -> DeltaTable | None:
+        return self._open(f"{self.base}/{name}")
+
+    def _open(self, uri: str) -> DeltaTable | None:
+        """A table at its newest version; each is opened once and then brought up to
+        date (a log replay on every open would cost each step more as logs grow)."""
+        table = self._handles.get(uri)
         try:
-            return DeltaTable(f"{self.base}/{name}", storage_options=self.storage)
+            if table is None:
+                table = self._handles[uri] = DeltaTable(uri, storage_options=self.storage)
+            else:
+                table.update_incremental()
         except TableNotFoundError:
             return None
+        return table
 
     def _fills(self, executions: DeltaTable, symbols: set[str] | None) -> list[Fill]:
         frame = pl.scan_delta(executions)
@@ -199,20 +210,10 @@ class BookFeed:
         """Bring the tables up to date with the inputs as they are; ``now`` (a monotonic
         clock) decides when marks are due."""
         outcome = StepOutcome()
-        executions = self._table(lake_names.EXECUTIONS)
         if not self._rows:
             self._load()
             full = True
-        held = self._held_now()
-        overrides = read_overrides(self.base, self.storage)
-        symbols: set[str] | None = None
-        if not full:
-            symbols = self._changed_symbols(executions, held)
-            symbols |= _changed_overrides(self._overrides, overrides)
-        else:
-            self._exec_files = set(_files(executions)) if executions is not None else set()
-        self._held = held
-        self._overrides = overrides
+        executions, symbols = self._observe(full)
         marks_due = full or self._marked_at is None or now - self._marked_at >= self.snapshot_s
         if symbols is not None and not symbols and not marks_due:
             return outcome
@@ -231,6 +232,22 @@ class BookFeed:
         if marks_due:
             self._marked_at = now
         return outcome
+
+    def _observe(self, full: bool) -> tuple[DeltaTable | None, set[str] | None]:
+        """Read what tells a step what changed (the executions' files, held quantities,
+        overrides) and keep it for the next; the underlyings changed since the last
+        step, or None (``full``: everything)."""
+        executions = self._table(lake_names.EXECUTIONS)
+        held = self._held_now()
+        overrides = read_overrides(self.base, self.storage)
+        symbols: set[str] | None = None
+        if full:
+            self._exec_files = set(_files(executions)) if executions is not None else set()
+        else:
+            symbols = self._changed_symbols(executions, held)
+            symbols |= _changed_overrides(self._overrides, overrides)
+        self._held, self._overrides = held, overrides
+        return executions, symbols
 
     def _held_now(self) -> pl.DataFrame:
         """Every contract's position now (account, conid, symbol, position): the only
@@ -302,7 +319,7 @@ class BookFeed:
         for account, symbol in sorted(by_partition.keys() | held_by.keys()):
             partition_fills = by_partition.get((account, symbol), [])
             partition_held = held_by.get((account, symbol), [])
-            times = [f.time for f in partition_fills] + [h.timestamp for h in partition_held]
+            times = [f.time for f in partition_fills] + [h.first_seen for h in partition_held]
             times += seen_at.get((account, symbol), [])
             fold = BookFold(account, symbol, self.rules)
             strategies = fold.run(partition_fills, partition_held, max(times))
@@ -316,14 +333,12 @@ class BookFeed:
         """Recompute the whole book and replace each table's rows in one overwrite commit
         (its history stays: time travel still shows the book as it was)."""
         outcome = StepOutcome()
-        executions = self._table(lake_names.EXECUTIONS)
+        executions, _ = self._observe(full=True)
         version = executions.version() if executions is not None else None
         outcome.executions_version = version
-        self._exec_files = set(_files(executions)) if executions is not None else set()
-        holdings_rows = self._holdings(None)
-        self._held = self._held_now()
-        self._overrides = read_overrides(self.base, self.storage)
-        rows = self._compute(self._fills(executions, None) if executions else [], holdings_rows)
+        rows = self._compute(
+            self._fills(executions, None) if executions else [], self._holdings(None)
+        )
         outcome.partitions = len({(r["account"], r["symbol"]) for r in rows.positions})
         for spec, produced in zip(
             FED_TABLES, (rows.transactions, rows.legs, rows.positions), strict=True
@@ -475,9 +490,9 @@ class BookFeed:
         touched = sorted(symbols | (self._grid_symbols if grid is not None else set()))
         quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in touched)
         columns = {n: f"s.{n}" for n in GREEKS.schema.names}
+        target = self._create(GREEKS)
         merge = (
-            self._create(GREEKS)
-            .merge(
+            target.merge(
                 source,
                 predicate=f"t.symbol IN ({quoted}) AND t.symbol = s.symbol "
                 "AND t.strategy_id = s.strategy_id AND t.timestamp = s.timestamp "
@@ -500,32 +515,30 @@ class BookFeed:
             )
         metrics = merge.execute()
         self._on_commit(GREEKS.name)
-        self._upkeep(GREEKS.name, self._create(GREEKS), touched)
+        self._upkeep(GREEKS.name, target, touched)
         return sum(
             int(metrics.get(f"num_target_rows_{what}", 0))
             for what in ("inserted", "updated", "deleted")
         )
 
     def _book_table(self, spec: TableSpec) -> DeltaTable | None:
-        try:
-            return DeltaTable(f"{self.out}/{spec.name}", storage_options=self.storage)
-        except TableNotFoundError:
-            return None
+        return self._open(f"{self.out}/{spec.name}")
 
     def _create(self, spec: TableSpec) -> DeltaTable:
+        table = self._book_table(spec)
+        if table is not None:
+            return table
         uri = f"{self.out}/{spec.name}"
-        try:
-            return DeltaTable(uri, storage_options=self.storage)
-        except TableNotFoundError:
-            return DeltaTable.create(
-                uri,
-                spec.schema,
-                mode="ignore",
-                partition_by=["symbol"],
-                name=spec.name,
-                configuration=table_configuration(100),
-                storage_options=self.storage,
-            )
+        self._handles[uri] = DeltaTable.create(
+            uri,
+            spec.schema,
+            mode="ignore",
+            partition_by=["symbol"],
+            name=spec.name,
+            configuration=table_configuration(100),
+            storage_options=self.storage,
+        )
+        return self._handles[uri]
 
 
 def _greeks_row(

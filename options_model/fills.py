@@ -81,7 +81,6 @@ class Holding:
     average_cost: float | None  # IB's: the multiplier included for options
     market_price: float | None
     first_seen: datetime  # the first time the lake recorded it held
-    timestamp: datetime  # of the newest position row
     group: str | None = None  # a trader's label for what is held without a known fill
 
     @property
@@ -139,5 +138,4 @@ def held_before(row: Mapping[str, Any], position: float) -> Holding:
         average_cost=row.get("average_cost"),
         market_price=row.get("market_price"),
         first_seen=row["timestamp"],
-        timestamp=row["timestamp"],
     )

@@ -141,7 +141,7 @@ def test_an_untagged_iron_condor_in_four_orders() -> None:
 
 def test_positions_held_before_any_fill_are_grouped_and_closed_by_fills() -> None:
     held = [
-        Holding("DU1", "SPY", f.contract, f.signed, f.price * 100, f.price, T0, T0)
+        Holding("DU1", "SPY", f.contract, f.signed, f.price * 100, f.price, T0)
         for f in condor_fills(3, 0)
     ]
     (condor,) = run([], held)
@@ -273,7 +273,7 @@ def test_a_trader_label_beats_every_other_evidence() -> None:
     tagged = [replace(f, group="mine") for f in condor_fills(1, 0, ref="IC-1")[:2]]
     rest = condor_fills(1, 0, ref="IC-1")[2:]
     far = replace(fill(option("C", 120), 1, 0.2, 7_200, perm=77), group="mine")
-    held = Holding("DU1", "SPY", option("P", 80), -1.0, 30.0, 0.3, T0, T0, group="mine")
+    held = Holding("DU1", "SPY", option("P", 80), -1.0, 30.0, 0.3, T0, group="mine")
     strategies = {s.origin: s for s in run([*tagged, *rest, far], [held])}
     assert set(strategies) == {"user:mine", "ref:IC-1"}
     mine = strategies["user:mine"]
