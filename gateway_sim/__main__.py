@@ -1,3 +1,3 @@
-from gateway_sim.simulator import main
+from gateway_sim.cli import main
 
 raise SystemExit(main())

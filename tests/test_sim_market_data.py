@@ -17,9 +17,10 @@ import pytest
 from ib_async import IB, Contract
 
 from gateway_sim import market_data as md
+from gateway_sim.cli import build_parser
 from gateway_sim.portfolio import Instrument
 from gateway_sim.protocol import UNSET_DOUBLE
-from gateway_sim.simulator import GatewaySimulator, SimulatorConfig, SimulatorThread, build_parser
+from gateway_sim.simulator import GatewaySimulator, SimulatorConfig, SimulatorThread
 from tests.producer_harness import running_simulator, until
 
 pytestmark = pytest.mark.usefixtures("no_decoder_errors")
