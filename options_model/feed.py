@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import polars as pl
@@ -37,12 +37,18 @@ from deltalake.exceptions import TableNotFoundError
 from options_model.book import BookRows, Marks, book_rows
 from options_model.exposures import source_rank
 from options_model.fills import Fill, Holding, fills_from_rows, held_before
+from options_model.greeks_log import GreeksLog
 from options_model.grouping import BookFold, BookRules
 from options_model.ledger import FLAT
 from options_model.overrides import Overrides, read_overrides
 from options_model.tables import GREEKS, LEGS, POSITIONS, TRANSACTIONS, TableSpec
 from shared import lake_names
-from shared.table import compact_partitions, partitions_to_compact, table_configuration
+from shared.table import (
+    compact_partitions,
+    partitions_to_compact,
+    sql_strings,
+    table_configuration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +116,8 @@ class BookFeed:
         self._greeks: dict[int, dict[str, float | None]] | None = None  # of the last marks
         self._commits: dict[str, int] = {}  # per table, for upkeep
         self._dirty: dict[str, set[str]] = {}  # partitions written since the last upkeep
-        self._grid_symbols: set[str] = set()  # of the last grid snapshot written
         self._upserted: dict[str, list[dict[str, Any]]] = {}  # by the last write, per table
-        self._clock = clock or time.time
+        self._greeks_log = GreeksLog(snapshot_s, clock or time.time)
         self._handles: dict[str, DeltaTable] = {}  # by URI (_open)
         self._on_commit = on_commit or (lambda _table: None)  # after each commit (tests crash here)
 
@@ -405,7 +410,7 @@ class BookFeed:
             schema=spec.schema.append(pa.field("_delete", pa.bool_())),
         )
         touched = sorted({str(r["symbol"]) for r in upserts + deletes})
-        quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in touched)
+        quoted = sql_strings(touched)
         target = self._create(spec)
         columns = {n: f"s.{n}" for n in names}
         (
@@ -457,69 +462,16 @@ class BookFeed:
         self._dirty[name] = set()
 
     def _snapshot(self, changed: list[dict[str, Any]], marks_due: bool, version: int | None) -> int:
-        """Record the Greeks of strategies: every open one at the snapshot grid's time
-        when marks are due, and each changed one at the time of its change (the first
-        record of that time stays). Keyed by (strategy, time): a step redone after a
-        crash adds nothing twice, and a grid time written again (a restart within one
-        interval) holds the newest step's view, whole, so its portfolio sums agree. The
-        two are told apart by ``trigger``: a change may fall on a grid time."""
-        rows: dict[tuple[str, datetime, bool], dict[str, Any]] = {}
-        book = self._rows.get(POSITIONS.name, {})
-        totals: dict[str, dict[str, float]] = defaultdict(lambda: {"delta": 0.0, "gamma": 0.0})
-        for row in book.values():
-            if row["status"] != "closed":
-                for greek in ("delta", "gamma"):
-                    totals[row["account"]][greek] += row[greek] or 0.0
-        for row in changed:
-            moment = row["timestamp"]
-            rows[(row["strategy_id"], moment, False)] = _greeks_row(row, moment, totals, grid=False)
-        grid: datetime | None = None
-        if marks_due:
-            grid = datetime.fromtimestamp(self.snapshot_s * (self._clock() // self.snapshot_s), UTC)
-            for row in book.values():
-                if row["status"] != "closed":
-                    rows[(row["strategy_id"], grid, True)] = _greeks_row(
-                        row, grid, totals, grid=True
-                    )
+        """The Greeks log's rows of this step (options_model/greeks_log.py), one commit."""
+        book = self._rows.get(POSITIONS.name, {}).values()
+        rows, grid = self._greeks_log.rows(book, changed, marks_due)
         if not rows:
             return 0
-        source = pa.Table.from_pylist(
-            list(rows.values()), schema=GREEKS.schema.append(pa.field("_grid", pa.bool_()))
-        )
-        symbols = {str(r["symbol"]) for r in rows.values()}
-        touched = sorted(symbols | (self._grid_symbols if grid is not None else set()))
-        quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in touched)
-        columns = {n: f"s.{n}" for n in GREEKS.schema.names}
         target = self._create(GREEKS)
-        merge = (
-            target.merge(
-                source,
-                predicate=f"t.symbol IN ({quoted}) AND t.symbol = s.symbol "
-                "AND t.strategy_id = s.strategy_id AND t.timestamp = s.timestamp "
-                "AND t.trigger = s.trigger",
-                source_alias="s",
-                target_alias="t",
-                streamed_exec=False,
-                commit_properties=CommitProperties(
-                    app_transactions=[Transaction(APP_ID, version if version is not None else 0)]
-                ),
-            )
-            .when_matched_update(updates=columns, predicate="s._grid")
-            .when_not_matched_insert(updates=columns)
-        )
-        if grid is not None:
-            self._grid_symbols = {str(r["symbol"]) for k, r in rows.items() if k[2]}
-            merge = merge.when_not_matched_by_source_delete(
-                predicate=f"t.symbol IN ({quoted}) AND t.timestamp = '{grid.isoformat()}' "
-                "AND t.trigger = 'interval'"
-            )
-        metrics = merge.execute()
+        written, touched = self._greeks_log.write(target, rows, grid, APP_ID, version)
         self._on_commit(GREEKS.name)
         self._upkeep(GREEKS.name, target, touched)
-        return sum(
-            int(metrics.get(f"num_target_rows_{what}", 0))
-            for what in ("inserted", "updated", "deleted")
-        )
+        return written
 
     def _book_table(self, spec: TableSpec) -> DeltaTable | None:
         return self._open(f"{self.out}/{spec.name}")
@@ -539,26 +491,6 @@ class BookFeed:
             storage_options=self.storage,
         )
         return self._handles[uri]
-
-
-def _greeks_row(
-    row: Mapping[str, Any],
-    moment: datetime,
-    totals: Mapping[str, Mapping[str, float]],
-    grid: bool,
-) -> dict[str, Any]:
-    account = row["account"]
-    return {
-        "strategy_id": row["strategy_id"],
-        "account": account,
-        "symbol": row["symbol"],
-        **{g: row[g] for g in ("delta", "gamma", "theta", "vega")},
-        "portfolio_delta": totals[account]["delta"] if account in totals else None,
-        "portfolio_gamma": totals[account]["gamma"] if account in totals else None,
-        "timestamp": moment,
-        "trigger": "interval" if grid else "change",
-        "_grid": grid,
-    }
 
 
 def _changed_overrides(before: Overrides, after: Overrides) -> set[str]:

@@ -172,3 +172,8 @@ def compact_partitions(
         partition_filters=[(column, "in", symbols)], target_size=target_bytes
     )
     return metrics
+
+
+def sql_strings(values: Sequence[str]) -> str:
+    """``'a', 'b'``: string literals for a Delta MERGE predicate's ``IN (...)``."""
+    return ", ".join("'" + value.replace("'", "''") + "'" for value in values)
